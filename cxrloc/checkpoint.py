@@ -1,0 +1,121 @@
+"""Checkpoint files: what a run saves, and how every command loads a model back.
+
+A checkpoint is a ``dict`` that ``torch.load(weights_only=True)`` can read (tensors and
+plain Python types only). Keys:
+
+- ``format``: ``"cxrloc-checkpoint"``; ``version``: the cxrloc version that wrote it.
+- ``config``: the fully resolved :class:`cxrloc.config.Config` as a dict.
+- ``model``: the model's ``state_dict`` (threshold buffers included).
+- ``meta``: what inference needs, see :func:`make_meta`.
+- training state, when saved by ``train``: ``optimizer``, ``scheduler``, ``scaler``,
+  ``rng``, ``epoch``, ``best_metric``, ``history``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrloc import __version__
+from cxrloc.classes import CLASSES
+from cxrloc.config import Config
+from cxrloc.utils import CxrlocError, atomic_path
+
+FORMAT = "cxrloc-checkpoint"
+
+NORMALISATION: dict[str, Any] = {
+    "description": "grey level g in [0, 1] (read_image convention) -> x = 2 g - 1 in [-1, 1]",
+    "scale": 2.0,
+    "offset": -1.0,
+}
+"""How a [0, 1] grey image becomes the network input in [-1, 1] (paper, section 4)."""
+
+
+def make_meta(cfg: Config, thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inference metadata carried by every checkpoint and ONNX file."""
+    return {
+        "classes": list(CLASSES),
+        "image_size": cfg.image_size,
+        "patch_grid": cfg.patch_grid,
+        "normalisation": dict(NORMALISATION),
+        "thresholds": thresholds,
+        "version": __version__,
+        "arch": cfg.arch,
+        "crf": cfg.crf,
+        "antialias": cfg.antialias,
+        "loss": cfg.loss,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically (temporary name, then rename)."""
+    state = {"format": FORMAT, "version": __version__, **state}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlocError(f"Checkpoint not found: {path}.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt, truncated or unsafe pickle
+        raise CxrlocError(f"Cannot read checkpoint {path}: {exc}. Is it a cxrloc checkpoint?") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CxrlocError(f"{path} is not a cxrloc checkpoint (no '{FORMAT}' marker).")
+    return state
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], fold: int | None = None, which: str = "best") -> Path:
+    """Find the checkpoint meant by a run folder, a fold folder or a ``.pt`` file.
+
+    ``RUN_DIR`` with a single ``fold_K`` uses it; with several, ``fold`` must be given.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CxrlocError(f"No run folder or checkpoint at {path}.")
+    if (path / "checkpoints").is_dir():
+        ckpt = path / "checkpoints" / f"{which}.pt"
+        if not ckpt.is_file():
+            raise CxrlocError(f"{ckpt} does not exist: has training finished an epoch in {path}?")
+        return ckpt
+    folds = sorted(p for p in path.glob("fold_*") if (p / "checkpoints").is_dir())
+    if fold is not None:
+        return resolve_checkpoint(path / f"fold_{fold}", which=which)
+    if len(folds) == 1:
+        return resolve_checkpoint(folds[0], which=which)
+    if not folds:
+        raise CxrlocError(f"{path} holds no trained fold (no fold_*/checkpoints). Run 'cxrloc train' first.")
+    names = ", ".join(p.name for p in folds)
+    raise CxrlocError(f"{path} holds several folds ({names}); pick one with --fold N.")
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    fold: int | None = None,
+    which: str = "best",
+) -> tuple[torch.nn.Module, dict[str, Any], Config]:
+    """Load a trained model in eval mode from a run folder or checkpoint file.
+
+    Returns:
+        ``(model, meta, config)``.
+    """
+    from cxrloc.model.net import build_model
+
+    ckpt_path = resolve_checkpoint(path, fold=fold, which=which)
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    cfg = Config.from_dict(state["config"])
+    cfg.init = "scratch"  # weights come from the checkpoint, never from the network
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, state["meta"], cfg

@@ -1,0 +1,64 @@
+"""The ``cxrloc`` command line (typer + rich).
+
+Each command lives in its own module of this package with a ``register(app)``
+function; the modules only parse options and call one library function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from cxrloc import __version__
+from cxrloc.utils import CxrlocError, console
+
+app = typer.Typer(
+    name="cxrloc",
+    help="Localize chest X-ray findings with limited box annotation (Rozenberg et al. 2019).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that define working commands, in the order of the pipeline.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxrloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """cxrloc: localization with limited annotation for chest X-rays."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"cxrloc.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one clear line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except CxrlocError as exc:
+        console.print(f"[bold red]Error:[/] {exc}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("Aborted.")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,268 @@
+"""Typed training configuration, named presets and ``key=value`` overrides.
+
+One flat dataclass holds every knob of a run, so that ``--set key=value`` can
+change any of them and the fully resolved config can be written into the run
+folder. Unknown keys are rejected with a close-match suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxrloc.utils import CxrlocError
+
+
+@dataclass
+class Config:
+    """Every setting of a cxrloc model and training run.
+
+    The defaults are the paper's (the ``paper`` preset); other presets change a few fields.
+    """
+
+    # --- network -------------------------------------------------------------
+    arch: str = "resnet50"
+    """Backbone: ``resnet18``, ``resnet34`` or ``resnet50`` (torchvision layout)."""
+    width: int = 64
+    """Channels of the backbone stem (64 is torchvision's; smaller makes narrow test models)."""
+    antialias: bool = True
+    """Blur-pool before every downsampling of the backbone (Zhang 2019)."""
+    blur_size: int = 3
+    """Size of the binomial anti-aliasing filter (3 to 5)."""
+    init: str = "imagenet"
+    """``scratch``, ``imagenet`` (torchvision weights) or a path to a weights file."""
+    image_size: int = 512
+    """Input side in pixels; must match the prepared cache (resized on the fly otherwise)."""
+    patch_grid: int = 20
+    """P: the output is a P x P grid of patches per class."""
+    head_channels: int = 512
+    """Channels of the first of the two head convolutions."""
+    crf: bool = True
+    """Use the PAC-CRF on the patch grid."""
+    crf_window: int = 19
+    """Side of the PAC-CRF window Omega, in patches (odd)."""
+    crf_iterations: int = 5
+    """Mean-field iterations."""
+    crf_feature_dim: int = 16
+    """Channels of the guidance features f of the CRF's second branch."""
+    crf_branch_channels: int = 32
+    """Width of the CRF's small image branch."""
+
+    # --- loss ----------------------------------------------------------------
+    loss: str = "threshold"
+    """``threshold`` (eq. 12), ``threshold-sigmoid`` (eqs. 5 and 8) or ``li2018``."""
+    lambda_ann: float = 70.0
+    """Weight of annotated terms (lambda_ann)."""
+    gamma: str = "per-class"
+    """Negative-example weight gamma of eq. 11: ``per-class``, ``global`` or ``none`` (gamma = 1)."""
+    sigmoid_temperature: float = 1.0
+    """Temperature (in patches) of the sigmoids of ``threshold-sigmoid``."""
+    li2018_rescale: bool = False
+    """Li et al.'s heuristic: squeeze patch probabilities into [0.98, 1] (faithful reproduction)."""
+    thresholds_file: str = ""
+    """A ``thresholds.json`` to start from (empty: initial values from the training boxes)."""
+
+    # --- optimisation --------------------------------------------------------
+    epochs: int = 30
+    batch_size: int = 48
+    optimizer: str = "adam"
+    """``adam`` (L2 weight decay as in the paper) or ``adamw`` (decoupled)."""
+    lr: float = 1e-3
+    lr_decay: float = 0.95
+    """Exponential learning-rate decay per epoch."""
+    weight_decay: float = 0.01
+    annotated_per_batch: int = 0
+    """Minimum annotated images in every batch (0: their share of the training set, at least 1)."""
+    val_fraction: float = 0.1
+    """Share of the fold's training patients held out for model selection (never test images)."""
+    augment: bool = True
+    aug_scale: float = 0.1
+    """Random zoom range (+/-) of the augmentation; boxes move with the pixels."""
+    aug_translate: float = 0.05
+    """Random shift range (+/-, fraction of the side)."""
+    hflip: bool = False
+    """Left-right flips (off: anatomy is not symmetric)."""
+
+    # --- execution -----------------------------------------------------------
+    device: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``."""
+    amp: str = "auto"
+    """``auto`` (bf16 on CUDA when supported, off on CPU), ``bf16``, ``fp16`` or ``off``."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA."""
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic algorithms (bit-exact resume on CPU)."""
+    eval_threshold: float = 0.1
+    """T of the validation localization accuracy used for model selection."""
+    max_steps_per_epoch: int = 0
+    """Stop an epoch after this many steps (0: full epoch); for quick tests."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes carried into the run folder (not used by the code)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise CxrlocError(_unknown_key_message(unknown[0], names))
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        # A recipe that trains one fold of the 704 annotated NIH images on 2 CPU cores.
+        "arch": "resnet18",
+        "width": 32,
+        "init": "scratch",
+        "image_size": 256,
+        "patch_grid": 16,
+        "head_channels": 128,
+        "crf_window": 9,
+        "crf_iterations": 3,
+        "batch_size": 16,
+        "epochs": 12,
+        "lr": 1e-3,
+        "lr_decay": 0.9,
+        "workers": 1,
+    },
+    "tiny": {
+        # For tests: a narrow network on 64 px images, a few steps.
+        "arch": "resnet18",
+        "width": 8,
+        "init": "scratch",
+        "image_size": 64,
+        "patch_grid": 8,
+        "head_channels": 16,
+        "crf_window": 5,
+        "crf_iterations": 2,
+        "crf_feature_dim": 4,
+        "crf_branch_channels": 8,
+        "batch_size": 8,
+        "epochs": 2,
+        "workers": 0,
+        "amp": "off",
+    },
+}
+"""Named presets: field overrides applied to the ``Config`` defaults."""
+
+
+def _unknown_key_message(key: str, names: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"Unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(names - {'extra'}))}."
+
+
+def _parse_value(key: str, raw: str, current: Any) -> Any:
+    kind = type(current)
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is dict:
+            return json.loads(raw)
+        return raw
+    except (ValueError, json.JSONDecodeError):
+        raise CxrlocError(
+            f"Bad value for '{key}': {raw!r} is not a valid {kind.__name__}."
+        ) from None
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied (strings are parsed by type)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    data = cfg.to_dict()
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise CxrlocError(f"Bad --set '{item}': use key=value, e.g. --set epochs=5.")
+            key, raw = item.split("=", 1)
+            items.append((key.strip(), raw))
+    for key, value in items:
+        if key not in names:
+            raise CxrlocError(_unknown_key_message(key, names))
+        if isinstance(value, str) and not isinstance(data[key], str):
+            value = _parse_value(key, value, data[key])
+        data[key] = value
+    new = Config(**data)
+    validate(new)
+    return new
+
+
+def make_config(preset: str = "paper", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build the config of a named preset with optional ``key=value`` overrides.
+
+    Example:
+        >>> make_config("tiny", ["epochs=1"]).epochs
+        1
+    """
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, list(PRESETS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise CxrlocError(f"Unknown preset '{preset}'.{hint} Presets: {', '.join(PRESETS)}.")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "arch": ("resnet18", "resnet34", "resnet50"),
+    "loss": ("threshold", "threshold-sigmoid", "li2018"),
+    "gamma": ("per-class", "global", "none"),
+    "optimizer": ("adam", "adamw"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Raise ``CxrlocError`` naming the first invalid field of ``cfg``."""
+    for key, choices in _CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in choices:
+            raise CxrlocError(f"Invalid {key}={value!r}: choose one of {', '.join(choices)}.")
+    if cfg.crf_window % 2 == 0 or cfg.crf_window < 1:
+        raise CxrlocError(f"Invalid crf_window={cfg.crf_window}: it must be a positive odd number.")
+    if not 2 <= cfg.blur_size <= 7:
+        raise CxrlocError(f"Invalid blur_size={cfg.blur_size}: use 2 to 7 (the paper uses 3 to 5).")
+    if cfg.patch_grid < 1 or cfg.image_size < 32:
+        raise CxrlocError("patch_grid must be >= 1 and image_size >= 32.")
+    if not 0 <= cfg.val_fraction < 1:
+        raise CxrlocError(f"Invalid val_fraction={cfg.val_fraction}: use a value in [0, 1).")
+    if cfg.batch_size < 1 or cfg.epochs < 0:
+        raise CxrlocError("batch_size must be >= 1 and epochs >= 0.")
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the fully resolved config as JSON (atomically)."""
+    from cxrloc.utils import write_json_atomic
+
+    return write_json_atomic(path, cfg.to_dict())
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config written by ``save_config``."""
+    return Config.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

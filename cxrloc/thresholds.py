@@ -1,0 +1,175 @@
+"""Per-class thresholds tau, rho, tau_hat, rho_hat of the threshold loss (eq. 12).
+
+- ``tau[k]`` in [0, 1]: share of the box of class k that must be detected.
+- ``rho[k]`` in [0, 1]: share of the box's complement that may be detected.
+- ``tau_hat[k]`` in [0, P^2]: soft patch count 1'z above which an image is positive.
+- ``rho_hat[k]`` in [0, P^2]: soft patch count below which an image is negative.
+
+They live in the model's state (buffers of :class:`ThresholdBuffers`, saved in every
+checkpoint) and in ``thresholds.json`` files, which ``cxrloc fit-thresholds`` writes
+and ``cxrloc train --set thresholds_file=...`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.utils import CxrlocError, write_json_atomic
+
+# Bounds keep fitted thresholds away from the degenerate values (tau, tau_hat -> 0;
+# rho -> 1; rho_hat -> P^2) that minimise the loss without localizing anything.
+TAU_BOUNDS: tuple[float, float] = (0.3, 1.0)
+RHO_BOUNDS: tuple[float, float] = (0.0, 0.3)
+TAU_HAT_MIN: float = 1.0
+"""tau_hat is at least one patch, and at most P^2 / 2."""
+RHO_HAT_MAX_FRACTION: float = 0.25
+"""rho_hat is at most this share of P^2 (and at least 0)."""
+
+DEFAULT_TAU: float = 0.7
+DEFAULT_RHO: float = 0.05
+DEFAULT_TAU_HAT_FRACTION: float = 0.5
+"""Initial tau_hat = this share of the class's median box size in patches."""
+DEFAULT_RHO_HAT: float = 1.0
+"""Initial rho_hat, in patches: a negative image should detect (softly) under one patch."""
+
+
+@dataclass
+class Thresholds:
+    """Per-class thresholds, each an array of shape ``(K,)`` (float64)."""
+
+    tau: np.ndarray
+    rho: np.ndarray
+    tau_hat: np.ndarray
+    rho_hat: np.ndarray
+    patch_grid: int
+    info: dict[str, Any] | None = None
+    """How they were obtained (criterion, data, round); written to JSON."""
+
+    def __post_init__(self) -> None:
+        for name in ("tau", "rho", "tau_hat", "rho_hat"):
+            arr = np.asarray(getattr(self, name), dtype=np.float64).reshape(-1)
+            if arr.shape != (NUM_CLASSES,):
+                raise CxrlocError(f"Threshold '{name}' must have {NUM_CLASSES} values, got {arr.shape[0]}.")
+            if not np.all(np.isfinite(arr)):
+                raise CxrlocError(f"Threshold '{name}' holds a non-finite value.")
+            setattr(self, name, arr)
+
+    def clipped(self) -> Thresholds:
+        """Return a copy inside the documented bounds."""
+        n = float(self.patch_grid**2)
+        return Thresholds(
+            tau=np.clip(self.tau, *TAU_BOUNDS),
+            rho=np.clip(self.rho, *RHO_BOUNDS),
+            tau_hat=np.clip(self.tau_hat, TAU_HAT_MIN, n / 2),
+            rho_hat=np.clip(self.rho_hat, 0.0, RHO_HAT_MAX_FRACTION * n),
+            patch_grid=self.patch_grid,
+            info=self.info,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "patch_grid": self.patch_grid,
+            "classes": {
+                name: {
+                    "tau": float(self.tau[k]),
+                    "rho": float(self.rho[k]),
+                    "tau_hat": float(self.tau_hat[k]),
+                    "rho_hat": float(self.rho_hat[k]),
+                }
+                for k, name in enumerate(CLASSES)
+            },
+            "info": self.info or {},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Thresholds:
+        try:
+            per = data["classes"]
+            missing = [c for c in CLASSES if c not in per]
+            if missing:
+                raise CxrlocError(f"thresholds file lacks classes: {', '.join(missing)}.")
+            return cls(
+                tau=np.array([per[c]["tau"] for c in CLASSES]),
+                rho=np.array([per[c]["rho"] for c in CLASSES]),
+                tau_hat=np.array([per[c]["tau_hat"] for c in CLASSES]),
+                rho_hat=np.array([per[c]["rho_hat"] for c in CLASSES]),
+                patch_grid=int(data["patch_grid"]),
+                info=data.get("info") or {},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CxrlocError(f"Malformed thresholds data ({exc!r}); expected the format written by fit-thresholds.") from None
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        path = Path(path)
+        if not path.is_file():
+            raise CxrlocError(f"Thresholds file not found: {path}. Run 'cxrloc fit-thresholds RUN_DIR' to make one.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CxrlocError(f"{path} is not valid JSON ({exc}).") from None
+        return cls.from_json(data)
+
+    @classmethod
+    def initial(cls, patch_grid: int, box_patch_counts: dict[int, list[float]] | None = None) -> Thresholds:
+        """Initial thresholds before any fitting.
+
+        Args:
+            patch_grid: P.
+            box_patch_counts: for each class index, the sizes |b| (in patches) of its
+                training boxes. tau_hat starts at ``DEFAULT_TAU_HAT_FRACTION`` times the
+                class's median box size (the median over all boxes for classes without
+                boxes; 2 patches when there are no boxes at all).
+        """
+        all_sizes = [s for sizes in (box_patch_counts or {}).values() for s in sizes]
+        fallback = float(np.median(all_sizes)) if all_sizes else 4.0
+        tau_hat = np.empty(NUM_CLASSES)
+        for k in range(NUM_CLASSES):
+            sizes = (box_patch_counts or {}).get(k) or []
+            med = float(np.median(sizes)) if sizes else fallback
+            tau_hat[k] = DEFAULT_TAU_HAT_FRACTION * med
+        return cls(
+            tau=np.full(NUM_CLASSES, DEFAULT_TAU),
+            rho=np.full(NUM_CLASSES, DEFAULT_RHO),
+            tau_hat=tau_hat,
+            rho_hat=np.full(NUM_CLASSES, DEFAULT_RHO_HAT),
+            patch_grid=patch_grid,
+            info={"criterion": "initial", "tau_hat_fraction_of_median_box": DEFAULT_TAU_HAT_FRACTION},
+        ).clipped()
+
+
+class ThresholdBuffers(nn.Module):
+    """Holds thresholds as non-trainable buffers so they travel with the model's state."""
+
+    def __init__(self, patch_grid: int) -> None:
+        super().__init__()
+        init = Thresholds.initial(patch_grid)
+        self.patch_grid = patch_grid
+        for name in ("tau", "rho", "tau_hat", "rho_hat"):
+            self.register_buffer(name, torch.tensor(getattr(init, name), dtype=torch.float32))
+
+    def set(self, thresholds: Thresholds) -> None:
+        if thresholds.patch_grid != self.patch_grid:
+            raise CxrlocError(
+                f"Thresholds were made for P={thresholds.patch_grid} but the model has P={self.patch_grid}."
+            )
+        for name in ("tau", "rho", "tau_hat", "rho_hat"):
+            getattr(self, name).copy_(torch.as_tensor(getattr(thresholds, name), dtype=torch.float32))
+
+    def get(self) -> Thresholds:
+        return Thresholds(
+            **{n: getattr(self, n).detach().cpu().double().numpy() for n in ("tau", "rho", "tau_hat", "rho_hat")},
+            patch_grid=self.patch_grid,
+        )
