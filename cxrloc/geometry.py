@@ -1,0 +1,83 @@
+"""Exact geometry of boxes and patch grids, in normalised image coordinates.
+
+Coordinates are fractions of the image side: ``(x0, y0, x1, y1)`` with
+``0 <= x0 < x1 <= 1``. Patch ``(r, c)`` of a P x P grid is the square
+``[c/P, (c+1)/P] x [r/P, (r+1)/P]`` (row ``r`` is y, column ``c`` is x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+Box = tuple[float, float, float, float]
+
+
+def patch_box_overlap(box: Sequence[float], patch_grid: int) -> np.ndarray:
+    """Area of the intersection of ``box`` with every patch, as a fraction of the patch's area.
+
+    Returns:
+        ``(P, P)`` float64 array with values in [0, 1], indexed ``[row, col]``.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    edges = np.arange(patch_grid + 1, dtype=np.float64) / patch_grid
+    # 1-D overlaps of the box's extent with each patch interval, in units of the patch side.
+    ox = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0.0, None) * patch_grid
+    oy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0.0, None) * patch_grid
+    return np.outer(oy, ox)
+
+
+def box_patch_mask(box: Sequence[float], patch_grid: int) -> np.ndarray:
+    """Patches that belong to a box, for the losses' ``b_k``.
+
+    A patch belongs to the box when its centre lies inside the box. A box too small to
+    contain any patch centre gets the single patch with the largest overlap, so that
+    every box covers at least one patch (documented in ``docs/method.md``).
+
+    Returns:
+        ``(P, P)`` bool array.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    centres = (np.arange(patch_grid, dtype=np.float64) + 0.5) / patch_grid
+    in_x = (centres >= x0) & (centres <= x1)
+    in_y = (centres >= y0) & (centres <= y1)
+    mask = np.outer(in_y, in_x)
+    if not mask.any():
+        overlap = patch_box_overlap(box, patch_grid)
+        mask = np.zeros_like(mask)
+        mask[np.unravel_index(int(np.argmax(overlap)), overlap.shape)] = True
+    return mask
+
+
+def union_patch_mask(boxes: Iterable[Sequence[float]], patch_grid: int) -> np.ndarray:
+    """Union of :func:`box_patch_mask` over several boxes (one class on one image)."""
+    mask = np.zeros((patch_grid, patch_grid), dtype=bool)
+    for box in boxes:
+        mask |= box_patch_mask(box, patch_grid)
+    return mask
+
+
+def region_box_iou_ior(region: np.ndarray, box: Sequence[float]) -> tuple[float, float]:
+    """Exact IoU and IoR of a detected region (a union of grid patches) and a box.
+
+    Args:
+        region: ``(P, P)`` bool array of positive patches.
+        box: ``(x0, y0, x1, y1)`` normalised.
+
+    Returns:
+        ``(iou, ior)``; IoR is 0 for an empty region, IoU is 0 when both areas are 0.
+    """
+    region = np.asarray(region, dtype=bool)
+    p = region.shape[0]
+    if region.shape != (p, p):
+        raise ValueError(f"region must be square (P, P), got {region.shape}")
+    patch_area = 1.0 / (p * p)
+    inter = float(patch_box_overlap(box, p)[region].sum()) * patch_area
+    region_area = float(region.sum()) * patch_area
+    x0, y0, x1, y1 = (float(v) for v in box)
+    box_area = max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
+    union = region_area + box_area - inter
+    iou = inter / union if union > 0 else 0.0
+    ior = inter / region_area if region_area > 0 else 0.0
+    return iou, ior
