@@ -1,0 +1,94 @@
+"""Batched inference of a trained model on images of a prepared folder.
+
+Used by threshold fitting and evaluation: both need the CRF output ``z`` of many
+cached images, never a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cxrloc.classes import NUM_CLASSES
+from cxrloc.utils import CxrlocError, console
+
+
+def uint8_to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """Turn cached uint8 images ``(B, S, S)`` into the network input ``(B, 1, size, size)``.
+
+    ``x = u8 / 127.5 - 1`` (the cache's convention, see ``checkpoint.NORMALISATION``),
+    resized with an area filter when the cache size differs from ``image_size``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(torch.float32)
+    x = (x / 127.5 - 1.0).unsqueeze(1)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        # Area interpolation = box filter, the same filter that made the cache.
+        x = F.interpolate(x, size=(image_size, image_size), mode="area")
+    return x
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def predict_prepared(
+    model: torch.nn.Module,
+    prepared: Any,
+    image_ids: Sequence[str],
+    *,
+    image_size: int,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "Predicting",
+) -> np.ndarray:
+    """Run ``model`` on cached images and return its output probabilities ``z``.
+
+    Args:
+        model: a ``CXRLocNet`` (its first output is ``z``); put in eval mode here.
+        prepared: an opened prepared folder (``cxrloc.data.prepared.Prepared``); only
+            ``.image(image_id) -> uint8 (S, S)`` is used.
+        image_ids: images to run, in the order of the result.
+        image_size: the model's input side (``cfg.image_size``).
+        device: torch device.
+        batch_size: images per forward pass.
+        progress: show a progress bar on stderr.
+        description: label of the progress bar.
+
+    Returns:
+        ``(N, 14, P, P)`` float32 array of ``z``.
+    """
+    if batch_size < 1:
+        raise CxrlocError(f"batch_size must be at least 1, got {batch_size}.")
+    ids = list(image_ids)
+    device = torch.device(device)
+    model.eval()
+    outputs: list[np.ndarray] = []
+    with _progress(progress and len(ids) > 0) as bar, torch.inference_mode():
+        task = bar.add_task(description, total=len(ids))
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            images = np.stack([np.asarray(prepared.image(i)) for i in chunk])
+            x = uint8_to_input(images, image_size).to(device)
+            out = model(x)
+            z = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(z.float().cpu().numpy())
+            bar.advance(task, len(chunk))
+    if not outputs:
+        # No image to run: an empty array with the model's grid, so callers can still index it.
+        p = int(getattr(getattr(model, "thresholds", None), "patch_grid", 0))
+        return np.zeros((0, NUM_CLASSES, p, p), dtype=np.float32)
+    return np.concatenate(outputs, axis=0).astype(np.float32, copy=False)

@@ -1,0 +1,199 @@
+"""The paper's localization metrics (IoU / IoR accuracy) and the image-level AUROC.
+
+Protocol (METHOD.md, "Evaluation protocol"):
+
+- the detected region of class k is the union of the patches with ``z[k] >= 0.5``;
+- for every ground-truth box of class k, IoU and IoR of that region and the box are
+  computed with exact rectangle geometry in normalised image coordinates
+  (:func:`cxrloc.geometry.region_box_iou_ior`); IoR is 0 for an empty region;
+- a box is correctly localized at T when IoU >= T (IoU accuracy) or IoR >= T (IoR accuracy);
+- per-class accuracy = correct boxes / boxes of that class. An image with two boxes of one
+  class contributes two boxes, each compared with the same region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.geometry import region_box_iou_ior
+
+REGION_THRESHOLD: float = 0.5
+"""A patch is part of the detected region when ``z >= REGION_THRESHOLD``."""
+
+METRICS: tuple[str, ...] = ("iou", "ior")
+
+_EPS: float = 1e-9
+"""Slack in ``value >= T`` so a ratio that equals T exactly is not lost to rounding."""
+
+BoxRow = tuple[int, float, float, float, float]
+
+
+def detected_regions(z: np.ndarray, threshold: float = REGION_THRESHOLD) -> np.ndarray:
+    """Boolean regions ``z >= threshold`` (same shape as ``z``)."""
+    return np.asarray(z) >= threshold
+
+
+def image_scores(z: np.ndarray) -> np.ndarray:
+    """Image-level score of every class, the soft patch count ``1'z``: ``(N, K, P, P) -> (N, K)``."""
+    z = np.asarray(z, dtype=np.float64)
+    return z.reshape(z.shape[0], z.shape[1], -1).sum(axis=-1)
+
+
+def box_rows(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]]) -> list[dict[str, Any]]:
+    """IoU and IoR of every ground-truth box against the detected region of its class.
+
+    Args:
+        z: ``(N, K, P, P)`` probabilities.
+        boxes: for each of the N images, its boxes ``(class_index, x0, y0, x1, y1)``.
+
+    Returns:
+        One dict per box: ``image_index``, ``box_index`` (within the image), ``class_index``,
+        ``class``, ``x0``, ``y0``, ``x1``, ``y1``, ``iou``, ``ior``, ``region_patches``.
+    """
+    z = np.asarray(z)
+    if z.ndim != 4 or z.shape[2] != z.shape[3]:
+        raise ValueError(f"z must be (N, K, P, P), got {z.shape}")
+    if len(boxes) != z.shape[0]:
+        raise ValueError(f"{len(boxes)} box lists for {z.shape[0]} images")
+    regions = detected_regions(z)
+    rows: list[dict[str, Any]] = []
+    for i, image_boxes in enumerate(boxes):
+        for b, (k, x0, y0, x1, y1) in enumerate(image_boxes):
+            k = int(k)
+            if not 0 <= k < z.shape[1]:
+                raise ValueError(f"box class index {k} outside 0..{z.shape[1] - 1}")
+            iou, ior = region_box_iou_ior(regions[i, k], (x0, y0, x1, y1))
+            rows.append(
+                {
+                    "image_index": i,
+                    "box_index": b,
+                    "class_index": k,
+                    "class": CLASSES[k] if z.shape[1] == NUM_CLASSES else str(k),
+                    "x0": float(x0),
+                    "y0": float(y0),
+                    "x1": float(x1),
+                    "y1": float(y1),
+                    "iou": iou,
+                    "ior": ior,
+                    "region_patches": int(regions[i, k].sum()),
+                }
+            )
+    return rows
+
+
+def is_correct(value: float | np.ndarray, t: float) -> bool | np.ndarray:
+    """``value >= t`` with a rounding slack of 1e-9."""
+    return np.asarray(value) >= t - _EPS
+
+
+def accuracy_from_rows(
+    rows: Sequence[dict[str, Any]], ts: Sequence[float], num_classes: int = NUM_CLASSES
+) -> dict[str, Any]:
+    """Per-class accuracy at each T from per-box rows (see :func:`box_rows`).
+
+    Returns:
+        ``{"ts": [...], "count": (K,) int, "accuracy": {"iou": (K, len(ts)), "ior": (K, len(ts))}}``
+        with NaN accuracy for classes without any box.
+    """
+    ts = [float(t) for t in ts]
+    count = np.zeros(num_classes, dtype=np.int64)
+    correct = {m: np.zeros((num_classes, len(ts)), dtype=np.int64) for m in METRICS}
+    for row in rows:
+        k = int(row["class_index"])
+        count[k] += 1
+        for m in METRICS:
+            for j, t in enumerate(ts):
+                correct[m][k, j] += bool(is_correct(row[m], t))
+    denom = np.maximum(count[:, None], 1)
+    accuracy = {m: np.where(count[:, None] > 0, correct[m] / denom, np.nan) for m in METRICS}
+    return {"ts": ts, "count": count, "correct": correct, "accuracy": accuracy}
+
+
+def localization_table(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], ts: Sequence[float]) -> dict[str, Any]:
+    """Localization accuracy of predictions ``z`` against ground-truth boxes.
+
+    Args:
+        z: ``(N, K, P, P)`` probabilities (CRF output).
+        boxes: for each image, its list of ``(class_index, x0, y0, x1, y1)`` (normalised).
+        ts: thresholds T.
+
+    Returns:
+        dict with ``ts``; ``count`` ``(K,)`` boxes per class; ``correct`` and ``accuracy``:
+        ``{"iou": (K, len(ts)), "ior": (K, len(ts))}`` (accuracy NaN for a class with no box);
+        ``rows``: per-box dicts from :func:`box_rows`.
+    """
+    rows = box_rows(z, boxes)
+    table = accuracy_from_rows(rows, ts, num_classes=np.asarray(z).shape[1])
+    table["rows"] = rows
+    return table
+
+
+def mean_localization_accuracy(
+    table: dict[str, Any], metric: str = "iou", classes: Sequence[int] | None = None
+) -> np.ndarray:
+    """Mean over classes of the per-class accuracy, at each T.
+
+    Args:
+        table: output of :func:`localization_table`.
+        metric: ``"iou"`` or ``"ior"``.
+        classes: class indices to average; default all classes with at least one box.
+            Classes in the list that have no box are skipped.
+
+    Returns:
+        ``(len(ts),)`` array (NaN when no class has a box).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    acc = np.asarray(table["accuracy"][metric], dtype=np.float64)
+    count = np.asarray(table["count"])
+    idx = np.arange(acc.shape[0]) if classes is None else np.asarray(list(classes), dtype=np.int64)
+    idx = idx[count[idx] > 0]
+    if idx.size == 0:
+        return np.full(acc.shape[1], np.nan)
+    return acc[idx].mean(axis=0)
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given the mean of the ranks they span."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    # Boundaries of runs of equal values in the sorted array.
+    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = (s + 1 + e) / 2.0  # mean of ranks s+1 .. e
+    return ranks
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve, rank based (Mann-Whitney U), ties counted as half.
+
+    Returns NaN when there is no positive or no negative example.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.shape[0]} scores for {labels.shape[0]} labels")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores hold a non-finite value")
+    n_pos = int(labels.sum())
+    n_neg = int(labels.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def auroc_per_class(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC of each column of ``scores`` ``(N, K)`` against ``labels`` ``(N, K)``; NaN where undefined."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, K)")
+    return np.array([auroc(scores[:, k], labels[:, k]) for k in range(scores.shape[1])])
