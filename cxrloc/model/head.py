@@ -1,0 +1,42 @@
+"""Patch head of Li et al. 2018: backbone features -> P x P grid -> K logits per patch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchHead(nn.Module):
+    """Resize the stride-32 feature map to ``P x P``, then two convolutions to ``num_classes`` logits.
+
+    - resize: bilinear interpolation (``align_corners=False``) of the feature map to ``P x P``
+      (Li et al.'s "resize"; e.g. 512 px -> 16 x 16 features -> 20 x 20). Skipped when the map
+      already is ``P x P``;
+    - conv 3x3 (``in_channels -> hidden``, padding 1, no bias) + BatchNorm + ReLU;
+    - conv 1x1 (``hidden -> num_classes``, with bias) -> per-patch logits.
+
+    The last bias starts at ``logit(1 / P^2)``: one expected positive patch per class, i.e. an
+    image-level probability ``1 - (1 - 1/P^2)^(P^2) ~ 0.63`` under Li et al.'s product, and a soft
+    count ``1'z ~ 1`` under the threshold loss, so neither loss starts saturated.
+    """
+
+    def __init__(self, in_channels: int, patch_grid: int, hidden: int = 512, num_classes: int = 14) -> None:
+        super().__init__()
+        self.patch_grid = patch_grid
+        self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(hidden, num_classes, kernel_size=1)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.conv2.weight, std=0.01)
+        prior = 1.0 / patch_grid**2 if patch_grid > 1 else 0.5
+        nn.init.constant_(self.conv2.bias, math.log(prior / (1.0 - prior)))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        p = self.patch_grid
+        if feats.shape[-2:] != (p, p):
+            feats = F.interpolate(feats, size=(p, p), mode="bilinear", align_corners=False)
+        return self.conv2(self.relu(self.bn1(self.conv1(feats))))
