@@ -1,0 +1,1 @@
+"""Data: NIH tables, image reading, the prepared cache, splits and datasets."""

@@ -1,0 +1,252 @@
+"""Read the NIH ChestX-ray14 tables: ``Data_Entry_2017.csv`` and ``BBox_List_2017.csv``.
+
+Both files are read with their published quirks: Data_Entry's header ends in a trailing comma
+(the ``_v2020`` re-release does not), plain or gzip-compressed; the box list's header
+``Image Index,Finding Label,Bbox [x,y,w,h],,,`` splits one cell over four columns and adds three
+empty ones, and spells ``Infiltration`` as ``Infiltrate``.
+
+Boxes are stored normalised: NIH box coordinates are pixels of the released 1024 x 1024 PNGs,
+whatever the size of the file at hand, so they are divided by :data:`NIH_SIDE`, never by the
+size of the image on disk. A box is ``(class_index, x0, y0, x1, y1)`` with fractions of the side.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrloc.classes import CLASS_INDEX, CLASSES, NO_FINDING, canonical_label
+from cxrloc.utils import CxrlocError
+
+NIH_SIDE: float = 1024.0
+"""Side in pixels of the released NIH PNGs, the frame of ``BBox_List_2017.csv``."""
+
+DATA_ENTRY_NAMES: tuple[str, ...] = (
+    "Data_Entry_2017.csv",
+    "Data_Entry_2017_v2020.csv",
+    "Data_Entry_2017.csv.gz",
+    "Data_Entry_2017_v2020.csv.gz",
+)
+"""File names looked for in an NIH folder, in order of preference."""
+
+BBOX_LIST_NAMES: tuple[str, ...] = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
+
+Box = tuple[int, float, float, float, float]
+"""``(class_index, x0, y0, x1, y1)``, coordinates as fractions of the image side in [0, 1]."""
+
+ENTRY_COLUMNS: tuple[str, ...] = ("image_id", "patient_id", "follow_up", "view_position", *CLASSES)
+"""Columns of :func:`read_data_entry`'s table, in order."""
+
+_FOLLOW_UP_RE = re.compile(r"_(\d+)\.[A-Za-z0-9]+$")
+
+
+def validate_image_id(name: str, where: str = "") -> str:
+    """Return ``name`` if it is a plain file name, else raise :class:`CxrlocError`.
+
+    Names come from CSV files and are joined to the data folder, so anything that could point
+    elsewhere (path separators, ``.``/``..``, a drive colon, control characters) is refused.
+    """
+    bad = (
+        not name
+        or name != name.strip()
+        or name in (".", "..")
+        or any(c in name for c in "/\\:\0")
+        or any(ord(c) < 32 for c in name)
+    )
+    if bad:
+        raise CxrlocError(
+            f"{where}invalid image file name {name!r}: must be a plain file name without folders "
+            "(no '/', '\\', ':' or '..'); fix the CSV row"
+        )
+    return name
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":  # gzip by content, whatever the extension
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def find_table(folder: str | os.PathLike[str], names: tuple[str, ...]) -> Path | None:
+    """Return the first of ``names`` present directly in ``folder`` (or ``None``)."""
+    for name in names:
+        p = Path(folder) / name
+        if p.is_file():
+            return p
+    return None
+
+
+def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read ``Data_Entry_2017.csv`` (original or ``_v2020``, plain or gzip).
+
+    Returns:
+        DataFrame with columns :data:`ENTRY_COLUMNS`: ``image_id`` (str), ``patient_id`` (int64),
+        ``follow_up`` (int64), ``view_position`` (str, "" when absent) and the 14 class columns
+        (uint8 0/1) named as in ``cxrloc.classes.CLASSES``. Row order is the file's.
+
+    Raises:
+        CxrlocError: missing file or column, unknown label, duplicate or unsafe image name,
+            non-integer patient id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlocError(f"{path}: Data_Entry file not found; pass --data-entry PATH")
+    try:
+        with _open_text(path) as fh:
+            # All columns as text; index_col=False because data rows have one field fewer than the
+            # header's trailing comma announces.
+            raw = pd.read_csv(fh, dtype=str, index_col=False, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError) as exc:
+        raise CxrlocError(f"{path}: cannot read as a CSV table ({exc})") from exc
+    raw.columns = [str(c).strip() for c in raw.columns]
+    raw = raw.loc[:, [c for c in raw.columns if c and not c.startswith("Unnamed:")]]
+    for col in ("Image Index", "Finding Labels", "Patient ID"):
+        if col not in raw.columns:
+            raise CxrlocError(
+                f"{path}: column {col!r} missing (found {list(raw.columns)[:8]}); is this NIH's Data_Entry_2017.csv?"
+            )
+    if len(raw) == 0:
+        raise CxrlocError(f"{path}: no rows")
+
+    ids = raw["Image Index"].str.strip()
+    for i, name in enumerate(ids):
+        # Fast path: the usual NIH name needs no detailed check.
+        if not (len(name) == 16 and name[8] == "_" and name.endswith(".png")):
+            validate_image_id(name, f"{path} row {i + 2}: ")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise CxrlocError(f"{path}: image {dup.iloc[0]!r} is listed more than once ({len(dup)} duplicates)")
+
+    patient = pd.to_numeric(raw["Patient ID"].str.strip(), errors="coerce")
+    if patient.isna().any():
+        i = int(np.flatnonzero(patient.isna().to_numpy())[0])
+        raise CxrlocError(f"{path} row {i + 2}: Patient ID {raw['Patient ID'].iloc[i]!r} is not an integer")
+    if "Follow-up #" in raw.columns:
+        follow = pd.to_numeric(raw["Follow-up #"].str.strip(), errors="coerce")
+    else:  # derive from the NIH name pattern PPPPPPPP_FFF.png
+        follow = pd.to_numeric(ids.str.extract(_FOLLOW_UP_RE, expand=False), errors="coerce")
+    follow = follow.fillna(0)
+    view = raw["View Position"].str.strip() if "View Position" in raw.columns else pd.Series("", index=raw.index)
+
+    labels = raw["Finding Labels"].str.strip().str.get_dummies(sep="|")
+    out = pd.DataFrame(
+        {
+            "image_id": ids.to_numpy(),
+            "patient_id": patient.to_numpy().astype(np.int64),
+            "follow_up": follow.to_numpy().astype(np.int64),
+            "view_position": view.to_numpy(),
+        }
+    )
+    onehot = np.zeros((len(raw), len(CLASSES)), dtype=np.uint8)
+    unknown = []
+    for name in labels.columns:
+        stripped = name.strip()
+        if stripped in (NO_FINDING, ""):
+            continue
+        canon = canonical_label(stripped)
+        if canon is None:
+            unknown.append(stripped)
+            continue
+        onehot[:, CLASS_INDEX[canon]] |= labels[name].to_numpy().astype(np.uint8)
+    if unknown:
+        raise CxrlocError(f"{path}: unknown finding label(s) {sorted(unknown)[:5]}; expected {list(CLASSES)}")
+    for k, name in enumerate(CLASSES):
+        out[name] = onehot[:, k]
+    return out
+
+
+@dataclass
+class BoxList:
+    """The parsed box list.
+
+    Attributes:
+        boxes: image id -> boxes in file order (several per image and per class are kept).
+        rows: number of data rows read.
+        clipped: one message per box that reached outside the image and was clipped (kept).
+        skipped: one message per row that was not used (zero area, unknown label, bad row).
+    """
+
+    boxes: dict[str, list[Box]] = field(default_factory=dict)
+    rows: int = 0
+    clipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(len(b) for b in self.boxes.values())
+
+
+def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> BoxList:
+    """Read ``BBox_List_2017.csv`` into normalised boxes.
+
+    Args:
+        path: the box list (plain or gzip).
+        side: the pixel frame of the coordinates (1024 for NIH, whatever the image files' size).
+
+    Returns:
+        A :class:`BoxList`. ``Infiltrate`` is mapped to ``Infiltration``. A box reaching outside
+        ``[0, side]`` is clipped (reported in ``clipped`` and with a ``UserWarning``); a box with no
+        area (also after clipping), a label outside the 14 classes or a malformed row is reported
+        in ``skipped`` and left out.
+
+    Raises:
+        CxrlocError: the file is missing or an image name is unsafe.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlocError(f"{path}: box list not found; pass --bbox-list PATH")
+    result = BoxList()
+    with _open_text(path) as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if lineno == 1 and row[0].strip() == "Image Index":
+                continue  # the split header
+            result.rows += 1
+            where = f"{path.name} line {lineno}"
+            if len(row) < 6 or any(c.strip() for c in row[6:]):
+                result.skipped.append(f"{where}: expected 6 fields (image, label, x, y, w, h), got {row!r}")
+                continue
+            image_id = validate_image_id(row[0].strip(), f"{path} line {lineno}: ")
+            label = row[1].strip()
+            k = CLASS_INDEX.get(canonical_label(label) or "", -1)
+            if k < 0:
+                result.skipped.append(f"{where}: {image_id}: label {label!r} is not one of the 14 classes")
+                continue
+            try:
+                x, y, w, h = (float(v) for v in row[2:6])
+            except ValueError:
+                result.skipped.append(f"{where}: {image_id}: non-numeric box {row[2:6]!r}")
+                continue
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+                result.skipped.append(f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has no area")
+                continue
+            x0, y0, x1, y1 = x / side, y / side, (x + w) / side, (y + h) / side
+            c0, c1 = min(max(x0, 0.0), 1.0), min(max(x1, 0.0), 1.0)
+            r0, r1 = min(max(y0, 0.0), 1.0), min(max(y1, 0.0), 1.0)
+            if c1 <= c0 or r1 <= r0:
+                result.skipped.append(f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] lies outside the image")
+                continue
+            if (c0, r0, c1, r1) != (x0, y0, x1, y1):
+                result.clipped.append(f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] clipped to the image")
+            result.boxes.setdefault(image_id, []).append((k, c0, r0, c1, r1))
+    if result.clipped:
+        warnings.warn(
+            f"{path}: {len(result.clipped)} box(es) reached outside the image and were clipped; "
+            f"first: {result.clipped[0]}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,188 @@
+"""Read a folder written by ``cxrloc prepare`` (the image cache, manifest and splits).
+
+Layout (see docs/data.md)::
+
+    PREPARED_DIR/
+      images.u8         raw uint8 array (N, S, S), C order, opened with np.memmap (read-only)
+      done.u8           (N,) uint8, 1 = entry complete
+      cache.json        {"version": 1, "size": S, "count": N, "file": "images.u8", "dtype": "uint8"}
+      manifest.csv      one row per usable image (labels, annotated, cache_index, boxes as JSON)
+      fingerprint.json  what prepare saw (CSV hashes, counts, parameters, skipped/missing images)
+      splits.json       patient-grouped folds
+
+Pixels are returned as stored (uint8, 0 = black); the network input is ``u8 / 127.5 - 1``,
+computed by the dataset/loader, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrloc.classes import CLASSES
+from cxrloc.data.nih import Box
+from cxrloc.utils import CxrlocError
+
+CACHE_VERSION = 1
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "patient_id",
+    "follow_up",
+    "view_position",
+    *CLASSES,
+    "annotated",
+    "cache_index",
+    "boxes",
+)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise CxrlocError(f"{path}: {what} missing; is {path.parent} a folder written by `cxrloc prepare`?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CxrlocError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read ``manifest.csv`` with its types; index = ``image_id``; ``boxes`` stays a JSON string."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlocError(f"{path}: manifest.csv missing; run `cxrloc prepare` first")
+    dtypes: dict[str, Any] = {"image_id": str, "view_position": str, "boxes": str}
+    dtypes.update({c: np.int64 for c in ("patient_id", "follow_up", "annotated", "cache_index")})
+    dtypes.update({c: np.uint8 for c in CLASSES})
+    try:
+        df = pd.read_csv(path, dtype=dtypes, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise CxrlocError(f"{path}: malformed manifest ({exc}); run `cxrloc prepare` again") from exc
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise CxrlocError(f"{path}: manifest lacks columns {missing}; run `cxrloc prepare` again")
+    return df.set_index("image_id", drop=False)
+
+
+@dataclass
+class Prepared:
+    """A prepared folder, opened read-only.
+
+    Attributes:
+        root: the folder.
+        size: side S of the cached images.
+        images: ``np.memmap`` (N, S, S) uint8, read-only.
+        manifest: one row per usable image, indexed by ``image_id``.
+        splits: parsed ``splits.json``.
+    """
+
+    root: Path
+    size: int
+    images: np.memmap
+    manifest: pd.DataFrame
+    splits: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Prepared:
+        """Open ``path`` (a folder written by ``cxrloc prepare``) and check it is complete.
+
+        Raises:
+            CxrlocError: a file is missing or inconsistent, or the cache is unfinished.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise CxrlocError(f"{root}: prepared folder not found; run `cxrloc prepare NIH_DIR --out {root}`")
+        meta = _read_json(root / "cache.json", "cache.json")
+        if meta.get("version") != CACHE_VERSION or meta.get("dtype") != "uint8":
+            raise CxrlocError(f"{root / 'cache.json'}: unsupported cache version/dtype {meta}; run prepare again")
+        size, count = int(meta["size"]), int(meta["count"])
+        file = root / str(meta.get("file", "images.u8"))
+        if Path(meta.get("file", "images.u8")).name != meta.get("file", "images.u8"):
+            raise CxrlocError(f"{root / 'cache.json'}: 'file' must be a plain file name")
+        expected = count * size * size
+        if not file.is_file() or file.stat().st_size != expected:
+            raise CxrlocError(f"{file}: missing or not {expected} bytes; run `cxrloc prepare` again to rebuild")
+        done_path = root / "done.u8"
+        done = np.fromfile(done_path, dtype=np.uint8) if done_path.is_file() else np.zeros(0, np.uint8)
+        if done.shape != (count,) or not bool(np.all(done == 1)):
+            raise CxrlocError(
+                f"{root}: the image cache is unfinished (prepare was interrupted); run `cxrloc prepare` again to finish"
+            )
+        images = (
+            np.memmap(file, dtype=np.uint8, mode="r", shape=(count, size, size))
+            if count
+            else np.zeros((0, size, size), np.uint8).view(np.memmap)
+        )
+        manifest = read_manifest(root / "manifest.csv")
+        ci = manifest["cache_index"].to_numpy()
+        if len(ci) and (ci.max() >= count or ci.min() < -1):
+            raise CxrlocError(f"{root / 'manifest.csv'}: cache_index outside 0..{count - 1}; run prepare again")
+        splits = _read_json(root / "splits.json", "splits.json")
+        obj = cls(root=root, size=size, images=images, manifest=manifest, splits=splits)
+        obj._index()
+        return obj
+
+    def _index(self) -> None:
+        m = self.manifest
+        self._row = {image_id: i for i, image_id in enumerate(m.index)}
+        self._labels = m.loc[:, list(CLASSES)].to_numpy(dtype=np.float32)
+        self._cache_index = m["cache_index"].to_numpy(dtype=np.int64)
+        self._boxes_json = m["boxes"].tolist()
+        self._boxes: dict[int, list[Box]] = {}
+
+    def _pos(self, image_id: str) -> int:
+        try:
+            return self._row[image_id]
+        except KeyError:
+            raise CxrlocError(f"image {image_id!r} is not in {self.root / 'manifest.csv'}") from None
+
+    @property
+    def num_folds(self) -> int:
+        """Number of folds in ``splits.json``."""
+        return len(self.splits.get("folds", []))
+
+    @property
+    def ids(self) -> list[str]:
+        """All usable image ids, in manifest order."""
+        return list(self.manifest.index)
+
+    def cache_index(self, image_id: str) -> int:
+        """Row of ``image_id`` in :attr:`images` (``-1`` when not cached)."""
+        return int(self._cache_index[self._pos(image_id)])
+
+    def image(self, image_id: str) -> np.ndarray:
+        """The cached image as a fresh ``uint8`` array (S, S); 0 = black, 255 = white."""
+        i = self.cache_index(image_id)
+        if i < 0:
+            raise CxrlocError(
+                f"image {image_id!r} is not in the cache: prepare caches only images that appear in a split"
+            )
+        return np.array(self.images[i])
+
+    def labels(self, image_id: str) -> np.ndarray:
+        """The 14 image-level labels as ``float32`` 0/1, in ``CLASSES`` order."""
+        return self._labels[self._pos(image_id)].copy()
+
+    def boxes(self, image_id: str) -> list[Box]:
+        """Boxes ``(class_index, x0, y0, x1, y1)`` (fractions of the side); ``[]`` when not annotated."""
+        pos = self._pos(image_id)
+        if pos not in self._boxes:
+            raw = json.loads(self._boxes_json[pos] or "[]")
+            self._boxes[pos] = [(int(b[0]), float(b[1]), float(b[2]), float(b[3]), float(b[4])) for b in raw]
+        return list(self._boxes[pos])
+
+    def is_annotated(self, image_id: str) -> bool:
+        """Whether the image carries at least one box."""
+        return bool(self.manifest["annotated"].iat[self._pos(image_id)])
+
+    def fold(self, k: int) -> dict[str, list[str]]:
+        """Fold ``k``'s lists: ``{"test": [...], "train_annotated": [...], "train_unannotated": [...]}``."""
+        if not 0 <= k < self.num_folds:
+            raise CxrlocError(f"fold {k} does not exist: {self.root / 'splits.json'} has folds 0..{self.num_folds - 1}")
+        f = self.splits["folds"][k]
+        return {key: list(f.get(key, [])) for key in ("test", "train_annotated", "train_unannotated")}
