@@ -6,7 +6,7 @@ cached images, never a gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,38 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def iter_predictions(
+    model: torch.nn.Module,
+    prepared: Any,
+    image_ids: Sequence[str],
+    *,
+    image_size: int,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "Predicting",
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield ``(ids, z)`` batch by batch, so callers can reduce without holding every ``z``.
+
+    Arguments as :func:`predict_prepared`; ``z`` of each batch is ``(B, 14, P, P)`` float32.
+    """
+    if batch_size < 1:
+        raise CxrlocError(f"batch_size must be at least 1, got {batch_size}.")
+    ids = list(image_ids)
+    device = torch.device(device)
+    model.eval()
+    with _progress(progress and len(ids) > 0) as bar, torch.inference_mode():
+        task = bar.add_task(description, total=len(ids))
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            images = np.stack([np.asarray(prepared.image(i)) for i in chunk])
+            x = uint8_to_input(images, image_size).to(device)
+            out = model(x)
+            z = out[0] if isinstance(out, (tuple, list)) else out
+            yield chunk, z.float().cpu().numpy()
+            bar.advance(task, len(chunk))
+
+
 def predict_prepared(
     model: torch.nn.Module,
     prepared: Any,
@@ -71,22 +103,19 @@ def predict_prepared(
     Returns:
         ``(N, 14, P, P)`` float32 array of ``z``.
     """
-    if batch_size < 1:
-        raise CxrlocError(f"batch_size must be at least 1, got {batch_size}.")
-    ids = list(image_ids)
-    device = torch.device(device)
-    model.eval()
-    outputs: list[np.ndarray] = []
-    with _progress(progress and len(ids) > 0) as bar, torch.inference_mode():
-        task = bar.add_task(description, total=len(ids))
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            images = np.stack([np.asarray(prepared.image(i)) for i in chunk])
-            x = uint8_to_input(images, image_size).to(device)
-            out = model(x)
-            z = out[0] if isinstance(out, (tuple, list)) else out
-            outputs.append(z.float().cpu().numpy())
-            bar.advance(task, len(chunk))
+    outputs = [
+        z
+        for _, z in iter_predictions(
+            model,
+            prepared,
+            image_ids,
+            image_size=image_size,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+            description=description,
+        )
+    ]
     if not outputs:
         # No image to run: an empty array with the model's grid, so callers can still index it.
         p = int(getattr(getattr(model, "thresholds", None), "patch_grid", 0))

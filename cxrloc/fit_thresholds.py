@@ -1,0 +1,339 @@
+"""Fit the per-class thresholds tau, rho, tau_hat, rho_hat with the network frozen.
+
+The paper alternates: train the network with thresholds fixed, then fix the network and
+find "optimal" thresholds. It leaves the criterion open; the loss itself cannot be it
+(it is minimised by tau, tau_hat -> 0, rho -> 1, rho_hat -> P^2). Our criterion, computed
+on the fold's TRAINING images only (``run.json``'s ``train_ids``) and documented in
+``docs/evaluation.md``:
+
+- ``tau_k``: the ``tau_quantile`` (default 25th percentile) of the in-box fraction
+  ``sum_{j in b} z_kj / |b|`` achieved on the annotated training images of class k;
+- ``rho_k``: the ``rho_quantile`` (default 75th percentile) of the outside fraction
+  ``sum_{j not in b} z_kj / |b_bar|`` on the same images.
+  With these, the annotated constraint of eq. 12 is active for the quarter of the
+  training boxes that the network localizes worst, so the next round works on them;
+  as the network improves, the quantiles ratchet towards tau = 1, rho = 0.
+- ``tau_hat_k``: the cut on ``1'z`` that maximises the balanced accuracy
+  ``(TPR + TNR) / 2`` of ``1'z >= tau_hat`` against the image labels (midpoint between
+  the two neighbouring scores of the best cut);
+- ``rho_hat_k = rho_hat_fraction * tau_hat_k`` (default one half): negatives are pushed
+  clearly below the decision cut, not just under it.
+
+Everything is clipped into :meth:`Thresholds.clipped` bounds (tau >= 0.3, rho <= 0.3,
+1 <= tau_hat <= P^2/2, rho_hat <= P^2/4), so no outcome is degenerate. A class without
+annotated training images keeps its current tau and rho; a class without both a
+positive and a negative training image, or whose scores separate nothing (balanced
+accuracy <= 0.5, e.g. an all-zero network), keeps its current tau_hat and rho_hat.
+"current" = the thresholds stored in the checkpoint's model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.geometry import union_patch_mask
+from cxrloc.thresholds import Thresholds
+from cxrloc.utils import CxrlocError, console
+
+TAU_QUANTILE: float = 0.25
+RHO_QUANTILE: float = 0.75
+RHO_HAT_FRACTION: float = 0.5
+
+CRITERION: str = (
+    "tau = q{tq:g} quantile of achieved in-box fraction, rho = q{rq:g} quantile of achieved outside fraction "
+    "(annotated training images); tau_hat = cut on 1'z maximising balanced accuracy on training images; "
+    "rho_hat = {rf:g} * tau_hat; all clipped to Thresholds bounds"
+)
+
+
+def best_cut(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float] | None:
+    """Threshold ``c`` maximising balanced accuracy of ``scores >= c`` against ``labels``.
+
+    Candidates are the midpoints between consecutive distinct scores (any cut inside the
+    same gap classifies identically). The first best candidate wins.
+
+    Returns:
+        ``(cut, balanced_accuracy)``, or ``None`` without both classes or when no cut
+        beats chance (balanced accuracy <= 0.5).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
+    if pos.size == 0 or neg.size == 0:
+        return None
+    values = np.unique(scores)
+    if values.size < 2:
+        return None
+    cuts = (values[:-1] + values[1:]) / 2.0
+    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / pos.size  # share of positives >= cut
+    tnr = np.searchsorted(neg, cuts, side="left") / neg.size  # share of negatives < cut
+    balanced = (tpr + tnr) / 2.0
+    i = int(np.argmax(balanced))
+    if balanced[i] <= 0.5:
+        return None
+    return float(cuts[i]), float(balanced[i])
+
+
+def box_fractions(z_k: np.ndarray, boxes: Sequence[Sequence[float]]) -> tuple[float, float | None]:
+    """In-box fraction ``sum_b z / |b|`` and outside fraction ``sum_bbar z / |bbar|`` of one class map.
+
+    ``b`` is the union of the boxes' patch masks (as in the loss). The outside fraction is
+    ``None`` when the boxes cover the whole grid.
+    """
+    z_k = np.asarray(z_k, dtype=np.float64)
+    b = union_patch_mask(boxes, z_k.shape[0])
+    inside = float(z_k[b].sum() / b.sum())
+    n_out = int((~b).sum())
+    outside = float(z_k[~b].sum() / n_out) if n_out else None
+    return inside, outside
+
+
+@dataclass
+class ThresholdStats:
+    """What the criterion needs from the training predictions, accumulated batch by batch."""
+
+    num_classes: int = NUM_CLASSES
+    scores: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    inside: dict[int, list[float]] = field(default_factory=dict)
+    outside: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, z: np.ndarray, labels: np.ndarray, boxes: Sequence[Sequence[Sequence[float]]]) -> None:
+        """Add a batch: ``z`` (B, K, P, P), ``labels`` (B, K), per-image box lists ``(k, x0, y0, x1, y1)``."""
+        z = np.asarray(z, dtype=np.float64)
+        self.scores.append(z.reshape(z.shape[0], z.shape[1], -1).sum(axis=-1))
+        self.labels.append(np.asarray(labels, dtype=np.float64).reshape(z.shape[0], -1))
+        for i, image_boxes in enumerate(boxes):
+            per_class: dict[int, list[tuple[float, ...]]] = {}
+            for k, *box in image_boxes:
+                per_class.setdefault(int(k), []).append(tuple(box))
+            for k, class_boxes in per_class.items():
+                inside, outside = box_fractions(z[i, k], class_boxes)
+                self.inside.setdefault(k, []).append(inside)
+                if outside is not None:
+                    self.outside.setdefault(k, []).append(outside)
+
+
+def thresholds_from_stats(
+    stats: ThresholdStats,
+    current: Thresholds,
+    *,
+    tau_quantile: float = TAU_QUANTILE,
+    rho_quantile: float = RHO_QUANTILE,
+    rho_hat_fraction: float = RHO_HAT_FRACTION,
+) -> Thresholds:
+    """Apply the criterion (module docstring) to accumulated statistics.
+
+    Args:
+        stats: training-set statistics.
+        current: thresholds kept for classes where the criterion has no data.
+        tau_quantile, rho_quantile, rho_hat_fraction: the criterion's parameters.
+
+    Returns:
+        Clipped :class:`Thresholds` whose ``info`` says, per class, what was fitted from what.
+    """
+    for name, v in (("tau_quantile", tau_quantile), ("rho_quantile", rho_quantile)):
+        if not 0.0 <= v <= 1.0:
+            raise CxrlocError(f"{name} must be in [0, 1], got {v}.")
+    if not 0.0 < rho_hat_fraction <= 1.0:
+        raise CxrlocError(f"rho_hat_fraction must be in (0, 1], got {rho_hat_fraction}.")
+    k_all = stats.num_classes
+    scores = np.concatenate(stats.scores) if stats.scores else np.zeros((0, k_all))
+    labels = np.concatenate(stats.labels) if stats.labels else np.zeros((0, k_all))
+    tau, rho = current.tau.copy(), current.rho.copy()
+    tau_hat, rho_hat = current.tau_hat.copy(), current.rho_hat.copy()
+    per_class: dict[str, Any] = {}
+    for k in range(k_all):
+        name = CLASSES[k] if k_all == NUM_CLASSES else str(k)
+        entry: dict[str, Any] = {
+            "annotated_images": len(stats.inside.get(k, [])),
+            "positives": int((labels[:, k] > 0.5).sum()),
+            "negatives": int((labels[:, k] <= 0.5).sum()),
+        }
+        if stats.inside.get(k):
+            tau[k] = float(np.quantile(stats.inside[k], tau_quantile))
+            entry["tau_from"] = "fitted"
+        else:
+            entry["tau_from"] = "kept (no annotated training image)"
+        if stats.outside.get(k):
+            rho[k] = float(np.quantile(stats.outside[k], rho_quantile))
+        cut = best_cut(scores[:, k], labels[:, k] > 0.5)
+        if cut is not None:
+            tau_hat[k] = cut[0]
+            rho_hat[k] = rho_hat_fraction * cut[0]
+            entry["tau_hat_from"] = "fitted"
+            entry["train_balanced_accuracy"] = cut[1]
+        else:
+            entry["tau_hat_from"] = "kept (no positive/negative pair or no separating cut)"
+        per_class[name] = entry
+    fitted = Thresholds(tau=tau, rho=rho, tau_hat=tau_hat, rho_hat=rho_hat, patch_grid=current.patch_grid).clipped()
+    # Clipping tau_hat (up to P^2/2) and rho_hat (up to P^2/4) separately could invert them.
+    fitted.rho_hat = np.minimum(fitted.rho_hat, fitted.tau_hat)
+    fitted.info = {
+        "criterion": CRITERION.format(tq=tau_quantile, rq=rho_quantile, rf=rho_hat_fraction),
+        "tau_quantile": tau_quantile,
+        "rho_quantile": rho_quantile,
+        "rho_hat_fraction": rho_hat_fraction,
+        "images": int(scores.shape[0]),
+        "per_class": per_class,
+    }
+    return fitted
+
+
+def fit_thresholds_from_predictions(
+    z: np.ndarray,
+    labels: np.ndarray,
+    boxes: Sequence[Sequence[Sequence[float]]],
+    current: Thresholds,
+    **kwargs: float,
+) -> Thresholds:
+    """:func:`thresholds_from_stats` on in-memory predictions ``z`` (N, K, P, P)."""
+    stats = ThresholdStats(num_classes=np.asarray(z).shape[1])
+    stats.add(z, labels, boxes)
+    return thresholds_from_stats(stats, current, **kwargs)
+
+
+def read_run_json(fold_dir: Path) -> dict[str, Any]:
+    """Read and check ``fold_dir/run.json`` (written by ``cxrloc train``)."""
+    path = fold_dir / "run.json"
+    if not path.is_file():
+        raise CxrlocError(f"{path} not found: is {fold_dir} a fold folder made by 'cxrloc train'?")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CxrlocError(f"{path} is not valid JSON ({exc}).") from None
+    missing = [k for k in ("prepared_dir", "train_ids", "test_ids") if k not in run]
+    if missing:
+        raise CxrlocError(f"{path} lacks {', '.join(missing)}; re-run 'cxrloc train' to rewrite it.")
+    return run
+
+
+def fold_dirs(run_dir: str | Path, fold: int | str | None) -> list[Path]:
+    """Fold folders meant by ``fold``: ``None`` (the only one, or all), an index, or ``"all"``."""
+    run_dir = Path(run_dir)
+    if (run_dir / "run.json").is_file():
+        if fold not in (None, "all"):
+            raise CxrlocError(f"{run_dir} is a single fold folder; drop --fold or pass the run folder.")
+        return [run_dir]
+    if not run_dir.is_dir():
+        raise CxrlocError(f"No run folder at {run_dir}.")
+    found = sorted(
+        (p for p in run_dir.glob("fold_*") if (p / "run.json").is_file()),
+        key=lambda p: int(p.name.split("_", 1)[1]) if p.name.split("_", 1)[1].isdigit() else 1 << 30,
+    )
+    if not found:
+        raise CxrlocError(f"{run_dir} holds no fold_*/run.json. Run 'cxrloc train' first.")
+    if fold is None or fold == "all":
+        return found
+    try:
+        k = int(fold)
+    except ValueError:
+        raise CxrlocError(f"--fold must be a number or 'all', got {fold!r}.") from None
+    target = run_dir / f"fold_{k}"
+    if target not in found:
+        names = ", ".join(p.name for p in found)
+        raise CxrlocError(f"{target} is not a trained fold; {run_dir} holds {names}.")
+    return [target]
+
+
+def fit_thresholds(
+    fold_dir: str | Path,
+    *,
+    device: str = "cpu",
+    which: str = "best",
+    progress: bool = True,
+    batch_size: int = 16,
+    tau_quantile: float = TAU_QUANTILE,
+    rho_quantile: float = RHO_QUANTILE,
+    rho_hat_fraction: float = RHO_HAT_FRACTION,
+) -> Thresholds:
+    """Fit thresholds for one fold from its training images and write ``fold_dir/thresholds.json``.
+
+    Args:
+        fold_dir: ``RUN_DIR/fold_K`` (holds ``run.json`` and ``checkpoints/``).
+        device: torch device for the forward passes.
+        which: checkpoint, ``best`` or ``last``.
+        progress: show a progress bar.
+        batch_size: images per forward pass.
+        tau_quantile, rho_quantile, rho_hat_fraction: the criterion's parameters.
+
+    Returns:
+        The fitted thresholds (also written to ``fold_dir/thresholds.json``).
+    """
+    from cxrloc.checkpoint import load_model, resolve_checkpoint
+    from cxrloc.data.prepared import Prepared
+    from cxrloc.inference import iter_predictions
+
+    fold_dir = Path(fold_dir)
+    run = read_run_json(fold_dir)
+    prepared = Prepared.open(run["prepared_dir"])
+    ckpt = resolve_checkpoint(fold_dir, which=which)
+    model, _meta, cfg = load_model(fold_dir, device=device, which=which)
+    current = model.thresholds.get()
+    ids = [str(i) for i in run["train_ids"]]
+    if not ids:
+        raise CxrlocError(f"{fold_dir / 'run.json'} lists no training image; nothing to fit thresholds on.")
+    stats = ThresholdStats()
+    for chunk, z in iter_predictions(
+        model,
+        prepared,
+        ids,
+        image_size=cfg.image_size,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        description=f"Thresholds {fold_dir.name}",
+    ):
+        stats.add(z, np.stack([prepared.labels(i) for i in chunk]), [prepared.boxes(i) for i in chunk])
+    fitted = thresholds_from_stats(
+        stats, current, tau_quantile=tau_quantile, rho_quantile=rho_quantile, rho_hat_fraction=rho_hat_fraction
+    )
+    out = fold_dir / "thresholds.json"
+    previous_round = 0
+    if out.is_file():
+        try:
+            previous_round = int((Thresholds.load(out).info or {}).get("round", 0))
+        except (CxrlocError, TypeError, ValueError):
+            previous_round = 0
+    assert fitted.info is not None
+    fitted.info.update(
+        {
+            "round": previous_round + 1,
+            "data": "training images of the fold (run.json train_ids)",
+            "fold": run.get("fold"),
+            "checkpoint": str(ckpt),
+            "which": which,
+            "previous": current.to_json()["classes"],
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    fitted.save(out)
+    return fitted
+
+
+def fit_thresholds_run(
+    run_dir: str | Path,
+    *,
+    fold: int | str | None = None,
+    device: str = "cpu",
+    which: str = "best",
+    progress: bool = True,
+    batch_size: int = 16,
+) -> list[Path]:
+    """:func:`fit_thresholds` for one or every fold of a run; returns the ``thresholds.json`` paths."""
+    paths = []
+    for fd in fold_dirs(run_dir, fold):
+        th = fit_thresholds(fd, device=device, which=which, progress=progress, batch_size=batch_size)
+        fitted = sum(v.get("tau_hat_from") == "fitted" for v in (th.info or {}).get("per_class", {}).values())
+        images = (th.info or {}).get("images", 0)
+        console.print(f"{fd.name}: thresholds fitted on {images} training images ({fitted}/14 tau_hat fitted)")
+        paths.append(fd / "thresholds.json")
+    return paths
