@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules that define working commands, in the order of the pipeline.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("predict", "export")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,47 @@
+"""``cxrloc export``: the whole network to ONNX, checked against torch with onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cxrloc.utils import console
+
+EXAMPLE = """
+Example:
+
+  cxrloc export runs/paper --out runs/paper/export/model.onnx
+
+  cxrloc predict scan.dcm --model runs/paper/export/model.onnx --overlay scan.png
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``export`` command to ``app``."""
+
+    @app.command("export", help="Export a trained model (backbone, head, CRF) to ONNX with its metadata.\n" + EXAMPLE)
+    def export(
+        run_dir: Path = typer.Argument(..., help="RUN_DIR, RUN_DIR/fold_K or a .pt checkpoint."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Output .onnx (default RUN_DIR/export/model.onnx)."),
+        fold: int | None = typer.Option(None, "--fold", help="Fold of a multi-fold RUN_DIR."),
+        opset: int = typer.Option(17, "--opset", help="ONNX opset (17 or newer)."),
+        check_image: Path | None = typer.Option(
+            None, "--check-image", help="Image for the torch/onnxruntime check (default: a real NIH image when "
+            "../shared/data exists, else a generated chest-like image)."
+        ),
+        device: str = typer.Option("cpu", "--device", help="onnxruntime device for the check: cpu or cuda."),
+        threads: int = typer.Option(2, "--threads", help="onnxruntime CPU threads."),
+        tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest allowed |z_onnx - z_torch|."),
+    ) -> None:
+        from cxrloc.export import export_onnx
+
+        report = export_onnx(
+            run_dir, out, fold=fold, opset=opset, check_image=check_image, device=device, threads=threads,
+            tolerance=tolerance,
+        )
+        console.print(
+            f"Exported {report.checkpoint} (opset {report.opset}, {report.size_bytes / 1e6:.1f} MB) in "
+            f"{report.seconds:.1f} s; max |dz| {report.max_abs_diff_z:.2g} <= {report.tolerance:g}."
+        )
+        console.print(f"Results saved to {report.path}")

@@ -1,0 +1,235 @@
+"""Export a trained model to ONNX (``cxrloc export``) and check it against torch.
+
+The whole network (backbone, patch head and PAC-CRF) becomes one graph with input
+``image`` (B, 1, S, S) float32 in [-1, 1] and outputs ``z`` and ``unary_logits``
+(B, K, P, P), with a dynamic batch axis. The checkpoint's inference metadata
+(classes, S, P, normalisation, thresholds, version, arch, crf, antialias, ...) goes
+into the file's ``metadata_props`` so ``cxrloc predict`` needs nothing else.
+
+Exporter: ``torch.onnx.export(..., dynamo=False)``, the TorchScript-based exporter. It
+traces the CRF's fixed number of mean-field iterations into a flat graph in seconds; the
+dynamo exporter also works for plain convolutions but is much slower and adds little here.
+
+After writing, onnxruntime runs a REAL image (a batch of two: the image and its mirror,
+which also exercises the dynamic batch axis) and the largest absolute difference of ``z``
+from torch must stay below ``tolerance`` (default 1e-4 on probabilities), else the export
+fails and nothing is left under the output name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrloc.utils import CxrlocError, atomic_path, console
+
+DEFAULT_OPSET: int = 17
+MIN_OPSET: int = 17
+DEFAULT_TOLERANCE: float = 1e-4
+"""Largest allowed |z_onnx - z_torch| (z are probabilities in [0, 1]); float32 reordering gives ~1e-6."""
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` did."""
+
+    path: Path
+    checkpoint: Path
+    opset: int
+    check_image: str
+    """The image used for the check (a file, or ``"generated chest-like image"``)."""
+    provider: str
+    """The onnxruntime execution provider that ran the check."""
+    max_abs_diff_z: float
+    max_abs_diff_unary: float
+    tolerance: float
+    seconds: float
+    size_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "checkpoint": str(self.checkpoint), "opset": self.opset,
+            "check_image": self.check_image, "provider": self.provider,
+            "max_abs_diff_z": self.max_abs_diff_z, "max_abs_diff_unary": self.max_abs_diff_unary,
+            "tolerance": self.tolerance, "seconds": round(self.seconds, 2), "size_bytes": self.size_bytes,
+        }
+
+
+def _shared_data_candidates() -> list[Path]:
+    repo = Path(__file__).resolve().parents[1]
+    return [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
+def default_check_image() -> Path | None:
+    """A real NIH image from ``../shared/data/nih/images`` when that folder exists, else None."""
+    for root in _shared_data_candidates():
+        images = root / "nih" / "images"
+        if images.is_dir():
+            found = sorted(images.glob("*.png"))
+            if found:
+                return found[0]
+    return None
+
+
+def chest_like_image(size: int = 512, seed: int = 0) -> np.ndarray:
+    """A generated image with a chest's large structures (dark lungs, bright mediastinum and ribs).
+
+    Used only when no real image is available: it exercises the same value range and
+    spatial structure as a radiograph, unlike a constant or white-noise input.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = 0.75 - 0.25 * ((xx - 0.5) ** 2 + (yy - 0.55) ** 2)
+    for cx in (0.3, 0.7):
+        lung = ((xx - cx) / 0.17) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1.0
+        img = np.where(lung, 0.25 + 0.1 * yy, img)
+    ribs = 0.08 * (np.sin(yy * 60.0 + 8.0 * (xx - 0.5) ** 2) > 0.6)
+    img = img + ribs + ((np.abs(xx - 0.5) < 0.08) & (yy > 0.15)) * 0.3
+    img = img + rng.normal(0.0, 0.02, size=(size, size)).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+class _Wrapper:
+    """Builds a module returning exactly ``(z, unary_logits)`` (a model may return extras in future)."""
+
+    @staticmethod
+    def wrap(model: Any) -> Any:
+        import torch
+
+        class OnnxModule(torch.nn.Module):
+            def __init__(self, inner: torch.nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                z, unary = self.inner(image)[:2]
+                return z, unary
+
+        return OnnxModule(model).eval()
+
+
+def export_onnx(
+    run_or_ckpt: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None = None,
+    *,
+    fold: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    check_image: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    threads: int = 2,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportReport:
+    """Export a run's model to ONNX with its metadata, then check onnxruntime against torch.
+
+    Args:
+        run_or_ckpt: ``RUN_DIR``, ``RUN_DIR/fold_K`` or a ``.pt`` checkpoint.
+        out_path: the ``.onnx`` file (default ``RUN_DIR/export/model.onnx``, or beside the
+            checkpoint as ``model.onnx`` when a ``.pt`` file is given).
+        fold: the fold of a multi-fold run folder.
+        opset: ONNX opset (>= 17).
+        check_image: image for the check (default: a real NIH image from ``../shared/data``
+            when present, else a generated chest-like image).
+        device: onnxruntime device for the check (``cpu`` or ``cuda``; CPU when CUDA is missing).
+        threads: onnxruntime CPU threads.
+        tolerance: largest allowed absolute difference of ``z`` between torch and onnxruntime.
+
+    Raises:
+        CxrlocError: bad arguments, unreadable checkpoint or image, failed export, or a
+            difference above ``tolerance`` (the output file is then not created).
+    """
+    import onnx
+    import torch
+
+    from cxrloc.checkpoint import load_model, resolve_checkpoint
+    from cxrloc.onnx_runner import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
+    from cxrloc.predict import preprocess
+
+    if opset < MIN_OPSET:
+        raise CxrlocError(f"--opset {opset} is too old: use {MIN_OPSET} or newer.")
+    t0 = time.perf_counter()
+    ckpt = resolve_checkpoint(run_or_ckpt, fold=fold)
+    if out_path is None:
+        src = Path(run_or_ckpt)
+        out_path = (ckpt.parent / "model.onnx") if src.is_file() else src / "export" / "model.onnx"
+    out_path = Path(out_path)
+    model, meta, _cfg = load_model(ckpt, device="cpu")
+    meta = dict(meta)
+    if not meta.get("thresholds"):
+        # The model's threshold buffers are what it was trained with: predict decides with them.
+        meta["thresholds"] = model.thresholds.get().to_json()
+    size = int(meta["image_size"])
+
+    if check_image is not None:
+        from cxrloc.data.imageio import read_image
+
+        img = read_image(check_image)
+        check_name = str(check_image)
+    else:
+        found = default_check_image()
+        if found is not None:
+            from cxrloc.data.imageio import read_image
+
+            img, check_name = read_image(found), str(found)
+        else:
+            img, check_name = chest_like_image(size), "generated chest-like image"
+    x1 = preprocess(img, size)
+    x = np.stack([x1, x1[:, :, ::-1]]).astype(np.float32)  # batch of 2: tests the dynamic axis
+
+    wrapped = _Wrapper.wrap(model)
+    with torch.inference_mode():
+        z_ref, unary_ref = (t.numpy() for t in wrapped(torch.from_numpy(x)))
+
+    with atomic_path(out_path) as tmp:
+        try:
+            # The tracer warns about shape checks it freezes; S is fixed per model, so they are expected.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message="Constant folding")
+                torch.onnx.export(
+                    wrapped,
+                    (torch.from_numpy(x[:1]),),
+                    str(tmp),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        except Exception as exc:
+            raise CxrlocError(f"ONNX export of {ckpt} failed: {type(exc).__name__}: {exc}") from None
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        for key, value in meta_to_props(meta).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.doc_string = f"cxrloc {meta.get('version')} model exported from {ckpt.name}"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+
+        session = open_session(tmp, device=device, threads=threads)
+        provider = session.get_providers()[0]
+        z_onnx, unary_onnx = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        diff_z = float(np.max(np.abs(np.asarray(z_onnx) - z_ref)))
+        diff_u = float(np.max(np.abs(np.asarray(unary_onnx) - unary_ref)))
+        console.print(
+            f"onnxruntime ({provider}) vs torch on {check_name} (batch of 2): "
+            f"max |dz| = {diff_z:.3g}, max |d unary_logits| = {diff_u:.3g} (tolerance on z: {tolerance:g})"
+        )
+        if not np.isfinite(diff_z) or diff_z > tolerance:
+            raise CxrlocError(
+                f"onnxruntime output differs from torch by {diff_z:.3g} on z (tolerance {tolerance:g}); "
+                f"the export of {ckpt} is not trustworthy and was not written."
+            )
+        del session
+    return ExportReport(
+        path=out_path, checkpoint=ckpt, opset=opset, check_image=check_name, provider=provider,
+        max_abs_diff_z=diff_z, max_abs_diff_unary=diff_u, tolerance=tolerance,
+        seconds=time.perf_counter() - t0, size_bytes=out_path.stat().st_size,
+    )

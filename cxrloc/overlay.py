@@ -1,0 +1,161 @@
+"""Overlay pictures in the style of the paper's Figure 1, drawn with Pillow only.
+
+The X-ray in grey at its original size; one translucent coloured blob per present class (the
+P x P mask of patches with ``z >= 0.5``, bilinearly upsampled so its edges are soft); a legend
+with class names, colours and image-level scores; and, when a box list is given, the
+ground-truth boxes of the image as labelled rectangles in the colour of their class.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxrloc.classes import CLASSES, canonical_label
+from cxrloc.utils import CxrlocError, atomic_path
+
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200),
+)
+"""One colour per class, in ``CLASSES`` order (Sasha Trubetskoy's distinct colours)."""
+
+BLOB_ALPHA: float = 0.45
+"""Opacity of a blob's interior: the anatomy under it stays readable."""
+
+NIH_BOX_FRAME: float = 1024.0
+"""NIH's BBox_List_2017.csv gives pixels of the released 1024 x 1024 PNGs, whatever the file at hand."""
+
+GtBox = tuple[str, float, float, float, float]
+"""``(class name, x0, y0, x1, y1)`` with coordinates as fractions of the image side."""
+
+
+def load_box_csv(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
+    """Read NIH's ``BBox_List_2017.csv`` into boxes per image file name.
+
+    The header (``Image Index,Finding Label,Bbox [x,y,w,h],,,``) and trailing empty columns are
+    tolerated; ``Infiltrate`` becomes ``Infiltration``. Coordinates (1024 frame, x, y, w, h) are
+    returned as normalised ``(x0, y0, x1, y1)``.
+
+    Raises:
+        CxrlocError: missing file, or a row that is not ``name,label,x,y,w,h`` (named by line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlocError(f"Box list not found: {path} (expected NIH's BBox_List_2017.csv).")
+    boxes: dict[str, list[GtBox]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for line_no, row in enumerate(csv.reader(fh), start=1):
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if line_no == 1 and row[0].strip().lower().startswith("image"):
+                continue
+            try:
+                name, label = row[0].strip(), row[1]
+                x, y, w, h = (float(v) for v in row[2:6])
+            except (IndexError, ValueError):
+                raise CxrlocError(
+                    f"{path}, line {line_no}: expected 'image,label,x,y,w,h', got {','.join(row)!r}."
+                ) from None
+            cls = canonical_label(label) or label.strip()
+            boxes.setdefault(Path(name).name, []).append(
+                (cls, x / NIH_BOX_FRAME, y / NIH_BOX_FRAME, (x + w) / NIH_BOX_FRAME, (y + h) / NIH_BOX_FRAME)
+            )
+    return boxes
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def class_color(k: int) -> tuple[int, int, int]:
+    """The overlay colour of class index ``k``."""
+    return PALETTE[k % len(PALETTE)]
+
+
+def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = 0.5) -> np.ndarray:
+    """Opacity (H, W) in [0, BLOB_ALPHA] of one class's blob: the positive-patch mask, upsampled bilinearly."""
+    mask = Image.fromarray(((zk >= threshold) * 255).astype(np.uint8), mode="L")
+    up = mask.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(up, dtype=np.float32) * np.float32(BLOB_ALPHA / 255.0)
+
+
+def render_overlay(
+    img: np.ndarray,
+    z: np.ndarray,
+    present: list[int],
+    *,
+    classes: tuple[str, ...] | list[str] = CLASSES,
+    scores: list[float] | None = None,
+    gt_boxes: list[GtBox] | None = None,
+    threshold: float = 0.5,
+) -> Image.Image:
+    """Draw the prediction of one image.
+
+    Args:
+        img: the original image (H, W) in [0, 1] (``read_image``).
+        z: the network output (K, P, P).
+        present: indices of the classes decided present; each gets a blob.
+        classes: class names in output order.
+        scores: image-level scores for the legend (default ``z[k].sum()``).
+        gt_boxes: ground-truth boxes of this image (normalised), drawn as rectangles.
+        threshold: patch threshold of the detected region.
+
+    Returns:
+        An RGB image of the original size.
+    """
+    height, width = img.shape
+    rgb = np.repeat(np.clip(img, 0.0, 1.0)[..., None] * np.float32(255.0), 3, axis=2).astype(np.float32)
+    for k in present:
+        alpha = blob_alpha(z[k], width, height, threshold)[..., None]
+        rgb = rgb * (1.0 - alpha) + np.asarray(class_color(k), dtype=np.float32) * alpha
+    canvas = Image.fromarray(np.rint(rgb).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    side = min(width, height)
+    font = _font(max(10, side // 40))
+    line_w = max(2, side // 300)
+
+    for name, x0, y0, x1, y1 in gt_boxes or []:
+        k = classes.index(name) if name in classes else 0
+        rect = (x0 * width, y0 * height, x1 * width, y1 * height)
+        draw.rectangle(rect, outline=class_color(k) + (255,), width=line_w)
+        label = f"GT {name}"
+        tb = draw.textbbox((rect[0], rect[1]), label, font=font)
+        ty = max(0.0, rect[1] - (tb[3] - tb[1]) - 2 * line_w)
+        tb = draw.textbbox((rect[0], ty), label, font=font)
+        draw.rectangle(tb, fill=(0, 0, 0, 160))
+        draw.text((rect[0], ty), label, fill=class_color(k) + (255,), font=font)
+
+    # Legend in the top-left corner.
+    entries = [(k, f"{classes[k]}  {(scores[k] if scores else float(z[k].sum())):.1f}") for k in present]
+    if not entries:
+        entries = [(-1, "no finding above threshold")]
+    pad = max(4, side // 100)
+    sample = draw.textbbox((0, 0), "Ag", font=font)
+    line_h = (sample[3] - sample[1]) + pad
+    swatch = line_h - pad
+    text_w = max(draw.textbbox((0, 0), t, font=font)[2] for _, t in entries)
+    box_w = pad * 3 + swatch + text_w
+    box_h = pad + line_h * len(entries)
+    draw.rectangle((0, 0, box_w, box_h), fill=(0, 0, 0, 170))
+    for i, (k, text) in enumerate(entries):
+        y = pad + i * line_h
+        if k >= 0:
+            draw.rectangle((pad, y, pad + swatch, y + swatch), fill=class_color(k) + (220,))
+        draw.text((pad * 2 + swatch, y - sample[1]), text, fill=(255, 255, 255, 255), font=font)
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Save ``image`` as PNG atomically (temporary name, then rename)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
