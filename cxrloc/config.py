@@ -75,6 +75,10 @@ class Config:
     lr_decay: float = 0.95
     """Exponential learning-rate decay per epoch."""
     weight_decay: float = 0.01
+    accum_steps: int = 1
+    """Gradient-accumulation micro-batches per optimizer step (``batch_size`` is the global batch)."""
+    joint_lr_factor: float = 0.1
+    """Stage ``joint``: learning rate = ``lr * joint_lr_factor`` (fine-tuning both parts)."""
     annotated_per_batch: int = 0
     """Minimum annotated images in every batch (0: their share of the training set, at least 1)."""
     val_fraction: float = 0.1
@@ -94,6 +98,8 @@ class Config:
     """``auto`` (bf16 on CUDA when supported, off on CPU), ``bf16``, ``fp16`` or ``off``."""
     channels_last: bool = True
     """channels_last memory format on CUDA."""
+    sync_bn: bool = True
+    """Under multi-GPU DDP on CUDA, convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
     workers: int = 2
     seed: int = 0
     deterministic: bool = False
@@ -254,6 +260,18 @@ def validate(cfg: Config) -> None:
         raise CxrlocError(f"Invalid val_fraction={cfg.val_fraction}: use a value in [0, 1).")
     if cfg.batch_size < 1 or cfg.epochs < 0:
         raise CxrlocError("batch_size must be >= 1 and epochs >= 0.")
+    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise CxrlocError(
+            f"Invalid accum_steps={cfg.accum_steps}: it must be >= 1 and divide batch_size={cfg.batch_size}."
+        )
+    if not 0 <= cfg.annotated_per_batch <= cfg.batch_size:
+        raise CxrlocError(f"Invalid annotated_per_batch={cfg.annotated_per_batch}: use 0..batch_size.")
+    if cfg.lr <= 0 or not 0 < cfg.lr_decay <= 1 or cfg.weight_decay < 0 or cfg.joint_lr_factor <= 0:
+        raise CxrlocError("lr and joint_lr_factor must be > 0, lr_decay in (0, 1], weight_decay >= 0.")
+    if cfg.aug_scale < 0 or cfg.aug_scale >= 1 or cfg.aug_translate < 0 or cfg.aug_translate >= 0.5:
+        raise CxrlocError("aug_scale must be in [0, 1) and aug_translate in [0, 0.5).")
+    if cfg.workers < 0 or cfg.max_steps_per_epoch < 0:
+        raise CxrlocError("workers and max_steps_per_epoch must be >= 0.")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

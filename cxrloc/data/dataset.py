@@ -1,0 +1,321 @@
+"""Training data: validation carve-out, the dataset with box-aware augmentation, and the batch sampler.
+
+- :func:`split_train_val` carves a validation part out of a fold's TRAINING images, by patient,
+  so that model selection never sees the fold's test images.
+- :class:`LocalizationDataset` turns cached uint8 images into network inputs in [-1, 1] with
+  labels ``y``, the per-class annotation flags ``a`` and the box masks ``b`` on the P x P grid.
+  The random zoom / shift (and optional flip) moves the boxes together with the pixels; its
+  random numbers are a pure function of ``(seed, epoch, index)``, so a resumed run sees exactly
+  the images an uninterrupted run would have seen, whatever the number of loader workers.
+- :class:`AnnotatedBatchSampler` guarantees annotated images in every batch and every annotated
+  image in every epoch; its order is a pure function of ``(seed, epoch)`` and it splits each
+  global batch between distributed ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from cxrloc.classes import NUM_CLASSES
+from cxrloc.config import Config
+from cxrloc.geometry import union_patch_mask
+from cxrloc.utils import CxrlocError
+
+BoxRow = tuple[int, float, float, float, float]
+
+MIN_BOX_SIDE: float = 1e-3
+"""A box whose clipped side is shorter than this (fraction of the image) after augmentation is dropped."""
+
+_SALT_AUG = 0x5EED_A06
+_SALT_SAMPLER = 0x5A3B_1E5
+_SALT_VAL = 0x7A1_1D
+
+
+def split_train_val(prepared: Any, fold: int, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split fold ``fold``'s training images into training and validation ids, by patient.
+
+    Patients are split in two groups, those with at least one annotated training image and the
+    others; ``round(val_fraction * n)`` patients of each group (at least one annotated patient
+    when ``val_fraction > 0``) go to validation, chosen by ``seed``. No patient has images on both
+    sides and the fold's test images are never used.
+
+    Args:
+        prepared: an opened ``Prepared`` folder.
+        fold: fold index.
+        val_fraction: share of patients held out, in [0, 1).
+        seed: random seed of the choice.
+
+    Returns:
+        ``(train_ids, val_ids)``, each in manifest order.
+    """
+    lists = prepared.fold(fold)
+    annotated = set(lists["train_annotated"])
+    train_all = list(dict.fromkeys(lists["train_annotated"] + lists["train_unannotated"]))
+    if not train_all:
+        raise CxrlocError(f"Fold {fold} of {prepared.root / 'splits.json'} has no training images.")
+    if val_fraction <= 0:
+        return train_all, []
+    patients = prepared.manifest.loc[train_all, "patient_id"].to_numpy()
+    patient_of = dict(zip(train_all, patients.tolist(), strict=True))
+    with_ann = sorted({patient_of[i] for i in train_all if i in annotated})
+    without = sorted({patient_of[i] for i in train_all} - set(with_ann))
+    rng = np.random.default_rng([seed, fold, _SALT_VAL])
+    val_patients: set[Any] = set()
+    for group, at_least in ((with_ann, 1), (without, 0)):
+        n = min(len(group), max(at_least, round(val_fraction * len(group))))
+        if group and n >= len(group) and group is with_ann and len(group) > 1:
+            n = len(group) - 1  # keep annotated images for training too
+        order = rng.permutation(len(group))
+        val_patients.update(group[j] for j in order[:n])
+    val = [i for i in train_all if patient_of[i] in val_patients]
+    train = [i for i in train_all if patient_of[i] not in val_patients]
+    if not train:
+        raise CxrlocError(f"val_fraction={val_fraction} leaves no training image in fold {fold}; lower it.")
+    return train, val
+
+
+@dataclass(frozen=True)
+class AffineParams:
+    """A zoom about the image centre, then a shift; optionally a left-right flip first.
+
+    In normalised coordinates ``p in [0, 1]``: ``p_out = (flip(p_in) - 0.5) * scale + 0.5 + shift``.
+    """
+
+    scale: float = 1.0
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    flip: bool = False
+
+
+def draw_affine(rng: np.random.Generator, cfg: Config) -> AffineParams:
+    """Draw augmentation parameters from ``rng`` within ``cfg``'s ranges."""
+    scale = 1.0 + float(rng.uniform(-cfg.aug_scale, cfg.aug_scale))
+    sx, sy = (float(v) for v in rng.uniform(-cfg.aug_translate, cfg.aug_translate, size=2))
+    flip = bool(rng.random() < 0.5) if cfg.hflip else False
+    return AffineParams(scale=scale, shift_x=sx, shift_y=sy, flip=flip)
+
+
+def transform_boxes(boxes: Sequence[BoxRow], params: AffineParams) -> list[BoxRow]:
+    """Move boxes with :class:`AffineParams`, clip them to the image, drop those that leave it."""
+    out: list[BoxRow] = []
+    for k, x0, y0, x1, y1 in boxes:
+        if params.flip:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        nx0, nx1 = ((v - 0.5) * params.scale + 0.5 + params.shift_x for v in (x0, x1))
+        ny0, ny1 = ((v - 0.5) * params.scale + 0.5 + params.shift_y for v in (y0, y1))
+        nx0, nx1, ny0, ny1 = (min(max(v, 0.0), 1.0) for v in (nx0, nx1, ny0, ny1))
+        if nx1 - nx0 >= MIN_BOX_SIDE and ny1 - ny0 >= MIN_BOX_SIDE:
+            out.append((int(k), nx0, ny0, nx1, ny1))
+    return out
+
+
+def warp_image(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """Apply :class:`AffineParams` to an image ``(1, S, S)`` (bilinear, edges replicated).
+
+    ``grid_sample`` maps each output pixel to its source; with ``align_corners=False`` the grid's
+    -1 and 1 are the outer edges of the image, the same frame as the normalised box coordinates.
+    """
+    s = params.scale
+    fx = -1.0 if params.flip else 1.0
+    # Inverse map in [-1, 1] coordinates: g_in = flip((g_out - 2 t) / s).
+    theta = torch.tensor(
+        [[fx / s, 0.0, -fx * 2.0 * params.shift_x / s], [0.0, 1.0 / s, -2.0 * params.shift_y / s]],
+        dtype=image.dtype,
+    ).unsqueeze(0)
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    return F.grid_sample(image.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+def targets_from_boxes(
+    boxes: Sequence[BoxRow], labels: np.ndarray, patch_grid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels ``y``, annotation flags ``a`` and box masks ``b`` of one image.
+
+    ``a_k = 1`` iff a box of class k is present; ``b_k`` is the union of the patch masks of the
+    class's boxes (:func:`cxrloc.geometry.union_patch_mask`); a boxed class is always positive.
+
+    Returns:
+        ``(y (K,) float32, a (K,) bool, b (K, P, P) float32)``.
+    """
+    y = np.asarray(labels, dtype=np.float32).copy()
+    a = np.zeros(NUM_CLASSES, dtype=bool)
+    mask = np.zeros((NUM_CLASSES, patch_grid, patch_grid), dtype=np.float32)
+    by_class: dict[int, list[tuple[float, float, float, float]]] = {}
+    for k, x0, y0, x1, y1 in boxes:
+        by_class.setdefault(int(k), []).append((x0, y0, x1, y1))
+    for k, rects in by_class.items():
+        a[k] = True
+        y[k] = 1.0
+        mask[k] = union_patch_mask(rects, patch_grid)
+    return y, a, mask
+
+
+class LocalizationDataset(Dataset):
+    """Cached images of a prepared folder as training items.
+
+    An item is ``{"image": (1, S, S) float32 in [-1, 1], "labels": (14,) float32, "annotated":
+    (14,) bool, "box_mask": (14, P, P) float32, "index": int}`` where ``S = cfg.image_size`` and
+    ``P = cfg.patch_grid``. Keys may be a position ``i`` (epoch = :attr:`epoch`) or a pair
+    ``(i, epoch)`` as yielded by :class:`AnnotatedBatchSampler`; the augmentation of item ``i``
+    in epoch ``e`` depends only on ``(cfg.seed, e, i)``.
+
+    Args:
+        prepared: an opened ``Prepared`` folder.
+        image_ids: the images, in item order.
+        cfg: image_size, patch_grid, augment, aug_scale, aug_translate, hflip and seed are used.
+        augment: apply the random affine (``cfg.augment`` must also be on).
+    """
+
+    def __init__(self, prepared: Any, image_ids: Sequence[str], cfg: Config, *, augment: bool = True) -> None:
+        self.prepared = prepared
+        self.image_ids = list(image_ids)
+        self.image_size = cfg.image_size
+        self.patch_grid = cfg.patch_grid
+        self.augment = bool(augment and cfg.augment)
+        self.cfg = cfg
+        self.seed = cfg.seed
+        self.epoch = 0
+        self.cache_index = np.array([prepared.cache_index(i) for i in self.image_ids], dtype=np.int64)
+        missing = [i for i, c in zip(self.image_ids, self.cache_index, strict=True) if c < 0]
+        if missing:
+            raise CxrlocError(
+                f"{len(missing)} training images are not in the cache of {prepared.root} (first: {missing[0]}); "
+                "run `cxrloc prepare` again."
+            )
+        self.labels = np.stack([prepared.labels(i) for i in self.image_ids]) if self.image_ids else np.zeros((0, 14))
+        self.boxes: list[list[BoxRow]] = [prepared.boxes(i) for i in self.image_ids]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer keys."""
+        self.epoch = int(epoch)
+
+    def is_annotated(self) -> np.ndarray:
+        """``(N,)`` bool: the item has at least one box."""
+        return np.array([bool(b) for b in self.boxes], dtype=bool)
+
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
+        """The (augmented) network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch``."""
+        u8 = np.asarray(self.prepared.images[self.cache_index[index]])
+        x = torch.from_numpy(u8.astype(np.float32)).unsqueeze(0) / 127.5 - 1.0
+        if x.shape[-1] != self.image_size:
+            mode = "area" if x.shape[-1] > self.image_size else "bilinear"
+            x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode=mode)[0]
+        boxes = list(self.boxes[index])
+        if self.augment:
+            rng = np.random.default_rng([self.seed, epoch, index, _SALT_AUG])
+            params = draw_affine(rng, self.cfg)
+            x = warp_image(x, params)
+            boxes = transform_boxes(boxes, params)
+        return x.contiguous(), boxes
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), self.epoch)
+        x, boxes = self.sample(index, epoch)
+        y, a, mask = targets_from_boxes(boxes, self.labels[index], self.patch_grid)
+        return {
+            "image": x,
+            "labels": torch.from_numpy(y),
+            "annotated": torch.from_numpy(a),
+            "box_mask": torch.from_numpy(mask),
+            "index": index,
+        }
+
+
+class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches with annotated images in every batch; this rank's share of each global batch.
+
+    With ``A`` annotated and ``U`` unannotated items, global batch ``B`` and ``a`` annotated per
+    batch (``annotated_per_batch``, or their proportional share ``round(B |A| / (|A| + |U|))``,
+    at least 1), an epoch has ``max(ceil(|U| / (B - a)), ceil(|A| / a))`` batches (``ceil(|A| / B)``
+    without unannotated items). Each batch takes ``a`` items from the annotated stream and
+    ``B - a`` from the unannotated stream; each stream is a permutation drawn from
+    ``(seed, epoch)``, followed by fresh permutations when it runs out before the epoch ends.
+    So every image is seen at least once per epoch, every batch has exactly ``B`` items and
+    ``>= a`` annotated ones, and the order depends only on ``(seed, epoch)``.
+
+    Under DDP, rank ``r`` of ``W`` receives items ``[r B/W, (r+1) B/W)`` of each global batch.
+    Items are yielded as ``(index, epoch)`` so that workers know the augmentation epoch.
+    """
+
+    def __init__(
+        self,
+        annotated: np.ndarray,
+        batch_size: int,
+        *,
+        annotated_per_batch: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_batches: int = 0,
+    ) -> None:
+        annotated = np.asarray(annotated, dtype=bool)
+        self.ann = np.flatnonzero(annotated)
+        self.unann = np.flatnonzero(~annotated)
+        if len(annotated) == 0:
+            raise CxrlocError("No training images: the fold's training lists are empty.")
+        if batch_size % world_size:
+            raise CxrlocError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size}).")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.max_batches = max_batches
+        self.epoch = 0
+        n_a, n_u = len(self.ann), len(self.unann)
+        if n_a == 0:
+            self.per_batch_ann = 0
+        elif n_u == 0:
+            self.per_batch_ann = batch_size
+        else:
+            share = annotated_per_batch or max(1, round(batch_size * n_a / (n_a + n_u)))
+            self.per_batch_ann = min(share, batch_size - 1) if batch_size > 1 else 1
+        a, b = self.per_batch_ann, batch_size
+        counts = []
+        if n_u:
+            counts.append(math.ceil(n_u / (b - a)) if b > a else 0)
+        if n_a and a:
+            counts.append(math.ceil(n_a / a))
+        self.num_batches = max(1, max(counts))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order of the next iteration (call before every epoch; a function of ``(seed, epoch)``)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return min(self.num_batches, self.max_batches) if self.max_batches else self.num_batches
+
+    @staticmethod
+    def _stream(items: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+        if count == 0 or len(items) == 0:
+            return np.zeros(0, dtype=np.int64)
+        reps = math.ceil(count / len(items))
+        return np.concatenate([items[rng.permutation(len(items))] for _ in range(reps)])[:count]
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """All global batches of ``epoch`` (the same on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch, _SALT_SAMPLER])
+        a, b, n = self.per_batch_ann, self.batch_size, self.num_batches
+        ann = self._stream(self.ann, a * n, rng).reshape(n, a)
+        unann = self._stream(self.unann, (b - a) * n, rng).reshape(n, b - a)
+        batches = np.concatenate([ann, unann], axis=1)
+        # Mix annotated and unannotated items inside a batch so that ranks and micro-batches get both.
+        for row in batches:
+            rng.shuffle(row)
+        return list(batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.batch_size // self.world_size
+        lo = self.rank * per_rank
+        for batch in self.global_batches(self.epoch)[: len(self)]:
+            yield [(int(i), self.epoch) for i in batch[lo : lo + per_rank]]

@@ -1,0 +1,195 @@
+"""Training data: validation split by patient, box-aware augmentation, targets and the batch sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxrloc.classes import CLASSES
+from cxrloc.config import make_config
+from cxrloc.data.dataset import (
+    AffineParams,
+    AnnotatedBatchSampler,
+    LocalizationDataset,
+    split_train_val,
+    transform_boxes,
+    warp_image,
+)
+from cxrloc.data.prepared import Prepared
+
+
+def write_prepared(root: Path, *, n_images: int = 40, size: int = 64, n_annotated: int = 16, seed: int = 0) -> Path:
+    """Write a tiny prepared folder by hand, in the format of INTERFACES.md.
+
+    Images are dark noise with one bright rectangle per box (a learnable lesion); patients hold
+    two images each; two patient-grouped folds over the annotated images.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    images = (rng.random((n_images, size, size)) * 60).astype(np.uint8)
+    rows = []
+    for i in range(n_images):
+        labels = np.zeros(len(CLASSES), dtype=int)
+        boxes = []
+        if i < n_annotated:
+            k = [0, 1, 4, 7][i % 4]  # Atelectasis, Cardiomegaly, Infiltration, Pneumothorax
+            x0, y0 = rng.uniform(0.05, 0.5, size=2)
+            w, h = rng.uniform(0.2, 0.4, size=2)
+            box = [k, round(float(x0), 4), round(float(y0), 4), round(float(x0 + w), 4), round(float(y0 + h), 4)]
+            boxes.append(box)
+            labels[k] = 1
+            c0, r0, c1, r1 = (int(round(v * size)) for v in box[1:])
+            images[i, r0:r1, c0:c1] = 220
+        elif i % 3 == 0:
+            labels[2] = 1  # an unboxed positive (Effusion)
+        rows.append(
+            {
+                "image_id": f"{i:05d}_000.png",
+                "patient_id": i // 2,
+                "follow_up": i % 2,
+                "view_position": "PA",
+                **{c: int(v) for c, v in zip(CLASSES, labels, strict=True)},
+                "annotated": int(bool(boxes)),
+                "cache_index": i,
+                "boxes": json.dumps(boxes),
+            }
+        )
+    images.tofile(root / "images.u8")
+    np.ones(n_images, dtype=np.uint8).tofile(root / "done.u8")
+    (root / "cache.json").write_text(
+        json.dumps({"version": 1, "size": size, "count": n_images, "file": "images.u8", "dtype": "uint8"})
+    )
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    ids = [r["image_id"] for r in rows]
+    ann, unann = ids[:n_annotated], ids[n_annotated:]
+    half = n_annotated // 2  # patients hold images 2j, 2j+1: an even cut keeps them together
+    folds = []
+    for f, (test, train) in enumerate(((ann[:half], ann[half:]), (ann[half:], ann[:half]))):
+        folds.append({"fold": f, "test": test, "train_annotated": train, "train_unannotated": unann})
+    splits = {"version": 1, "seed": 0, "group_by": "patient", "unannotated_fraction": 1.0, "folds": folds}
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path) -> Prepared:
+    return Prepared.open(write_prepared(tmp_path / "prep"))
+
+
+def test_validation_split_is_by_patient_and_holds_annotated_images(prepared: Prepared) -> None:
+    for fold in (0, 1):
+        lists = prepared.fold(fold)
+        train, val = split_train_val(prepared, fold, 0.25, seed=3)
+        assert sorted(train + val) == sorted(lists["train_annotated"] + lists["train_unannotated"])
+        assert not set(val) & set(lists["test"]) and not set(train) & set(lists["test"])
+        pat = prepared.manifest["patient_id"]
+        assert not set(pat[train]) & set(pat[val]), "a patient on both sides"
+        assert any(prepared.is_annotated(i) for i in val), "no annotated image for localization accuracy"
+        assert any(prepared.is_annotated(i) for i in train)
+        assert split_train_val(prepared, fold, 0.25, seed=3) == (train, val)
+    assert split_train_val(prepared, 0, 0.0, seed=3)[1] == []
+
+
+def test_shift_moves_pixels_and_boxes_by_hand_worked_amount() -> None:
+    img = torch.full((1, 64, 64), -1.0)
+    img[:, 16:32, 8:24] = 1.0  # box x in [8, 24), y in [16, 32) px -> (0.125, 0.25, 0.375, 0.5)
+    params = AffineParams(scale=1.0, shift_x=0.25, shift_y=-0.125)
+    out = warp_image(img, params)
+    rows, cols = np.nonzero(out[0].numpy() > 0.5)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 23, 24, 39)
+    assert transform_boxes([(3, 0.125, 0.25, 0.375, 0.5)], params) == [(3, 0.375, 0.125, 0.625, 0.375)]
+    # zoom 2 about the centre: the box (0.375..0.625) becomes (0.25..0.75); one leaving the image is clipped
+    zoom = transform_boxes([(0, 0.375, 0.375, 0.625, 0.625), (1, 0.0, 0.0, 0.2, 0.2)], AffineParams(scale=2.0))
+    assert zoom == [(0, 0.25, 0.25, 0.75, 0.75)]
+    flip = transform_boxes([(2, 0.1, 0.2, 0.3, 0.4)], AffineParams(flip=True))
+    assert np.allclose(flip[0][1:], (0.7, 0.2, 0.9, 0.4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_augmentation_keeps_boxes_on_their_pixels(seed: int) -> None:
+    """The bright rectangle's pixels after warping lie where the transformed box says (within 1 px)."""
+    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true"])
+    rng = np.random.default_rng(seed)
+    from cxrloc.data.dataset import draw_affine
+
+    params = draw_affine(rng, cfg)
+    img = torch.full((1, 64, 64), -1.0)
+    img[:, 20:36, 12:40] = 1.0
+    out = warp_image(img, params)[0].numpy()
+    (k, x0, y0, x1, y1), = transform_boxes([(5, 12 / 64, 20 / 64, 40 / 64, 36 / 64)], params)
+    rows, cols = np.nonzero(out > 0)  # bilinear: > 0 means more than half covered by the rectangle
+    assert abs(cols.min() - x0 * 64) <= 1 and abs(cols.max() + 1 - x1 * 64) <= 1
+    assert abs(rows.min() - y0 * 64) <= 1 and abs(rows.max() + 1 - y1 * 64) <= 1
+
+
+def test_item_targets_and_reproducible_augmentation(prepared: Prepared) -> None:
+    cfg = make_config("tiny", ["augment=false"])  # tiny: 64 px, P = 8
+    ids = prepared.fold(0)["train_annotated"] + prepared.fold(0)["train_unannotated"]
+    ds = LocalizationDataset(prepared, ids, cfg)
+    pos = ids.index("00008_000.png")
+    (k, x0, y0, x1, y1), = prepared.boxes(ids[pos])
+    item = ds[pos]
+    assert item["image"].shape == (1, 64, 64) and item["image"].dtype == torch.float32
+    expected = prepared.image(ids[pos]).astype(np.float32) / 127.5 - 1
+    assert torch.equal(item["image"][0], torch.from_numpy(expected))
+    assert item["annotated"].tolist() == [j == k for j in range(14)]
+    assert item["labels"][k] == 1
+    # Box mask by hand: patch (r, c) belongs iff its centre ((c + .5)/8, (r + .5)/8) is inside the box.
+    centres = (np.arange(8) + 0.5) / 8
+    want = ((centres[:, None] >= y0) & (centres[:, None] <= y1)) & ((centres[None] >= x0) & (centres[None] <= x1))
+    assert np.array_equal(item["box_mask"][k].numpy().astype(bool), want)
+    assert item["box_mask"].sum() == want.sum()
+    unann = ds[ids.index(prepared.fold(0)["train_unannotated"][0])]
+    assert not unann["annotated"].any() and unann["box_mask"].sum() == 0
+
+    aug = LocalizationDataset(prepared, ids, make_config("tiny", ["aug_scale=0.2", "aug_translate=0.1"]))
+    a1, a2, b1 = aug[(pos, 1)], aug[(pos, 1)], aug[(pos, 2)]
+    assert torch.equal(a1["image"], a2["image"]) and torch.equal(a1["box_mask"], a2["box_mask"])
+    assert not torch.equal(a1["image"], b1["image"]), "augmentation does not change with the epoch"
+
+
+def test_resize_on_the_fly_is_an_area_mean(prepared: Prepared) -> None:
+    cfg = make_config("tiny", ["augment=false", "image_size=32", "patch_grid=4"])
+    ds = LocalizationDataset(prepared, prepared.fold(0)["train_annotated"], cfg)
+    u8 = prepared.image(ds.image_ids[0]).astype(np.float64) / 127.5 - 1
+    want = u8.reshape(32, 2, 32, 2).mean(axis=(1, 3))
+    assert np.allclose(ds[0]["image"][0].numpy(), want, atol=1e-5)
+
+
+def test_sampler_covers_every_image_and_puts_annotated_in_every_batch() -> None:
+    annotated = np.zeros(103, dtype=bool)
+    annotated[[3, 17, 50, 51, 90, 101, 102]] = True  # 7 annotated, 96 unannotated
+    s = AnnotatedBatchSampler(annotated, 8, seed=5)
+    assert s.per_batch_ann == 1  # round(8 * 7 / 103) = 1
+    assert len(s) == max(-(-96 // 7), 7) == 14
+    for epoch in (0, 1):
+        s.set_epoch(epoch)
+        batches = list(s)
+        flat = [i for b in batches for i, e in b if e == epoch]
+        assert len(flat) == 14 * 8 and all(len(b) == 8 for b in batches)
+        assert set(flat) == set(range(103)), "an image was not seen in the epoch"
+        assert all(sum(annotated[i] for i, _ in b) >= 1 for b in batches)
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(AnnotatedBatchSampler(annotated, 8, seed=5)) == first, "order is not a function of (seed, epoch)"
+    assert [i for b in list(s) for i, _ in b] != [i for b in first for i, _ in b]
+
+    forced = AnnotatedBatchSampler(annotated, 8, annotated_per_batch=3, seed=5)
+    assert all(sum(annotated[i] for i, _ in b) >= 3 for b in forced)
+    only_ann = AnnotatedBatchSampler(np.ones(20, dtype=bool), 8, seed=1)
+    assert len(only_ann) == 3 and {i for b in only_ann for i, _ in b} == set(range(20))
+
+
+def test_sampler_ranks_split_each_global_batch() -> None:
+    annotated = np.arange(50) % 5 == 0
+    whole = list(AnnotatedBatchSampler(annotated, 8, seed=2))
+    parts = [list(AnnotatedBatchSampler(annotated, 8, seed=2, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(parts[0], parts[1], strict=True)] == whole
+    assert len(list(AnnotatedBatchSampler(annotated, 8, seed=2, max_batches=2))) == 2
