@@ -31,12 +31,38 @@ _LN2 = math.log(2.0)
 def log1mexp(s: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(s))`` for ``s <= 0``, stable at both ends (Maechler 2012).
 
-    ``log(-expm1(s))`` near 0 and ``log1p(-exp(s))`` below ``-ln 2``; ``s`` is capped at
-    ``-tiny`` so that ``s = 0`` (every patch certainly negative) gives ``log(tiny) ~ -87`` and a
-    finite gradient instead of ``-inf``.
+    ``log(-expm1(s))`` above ``-ln 2`` and ``log1p(-exp(s))`` below; each branch reads an input
+    clamped to its own range, so the branch that ``where`` discards never makes a NaN gradient.
+    ``s`` is capped at ``-tiny``: ``s = 0`` gives ``log(tiny) ~ -87`` instead of ``-inf``.
     """
-    s = s.clamp(max=-_TINY)
-    return torch.where(s > -_LN2, torch.log(-torch.expm1(s)), torch.log1p(-torch.exp(s)))
+    near = s.clamp(min=-_LN2, max=-_TINY)
+    far = s.clamp(max=-_LN2)
+    return torch.where(s > -_LN2, torch.log(-torch.expm1(near)), torch.log1p(-torch.exp(far)))
+
+
+_SOFTPLUS_LINEAR_BELOW = -15.0
+"""Below this logit, log(softplus(l)) = l to float32 precision (the correction is ~exp(l)/2)."""
+
+_SMALL_COUNT = 1e-4
+"""Below this x = sum_j softplus(l_j), log(1 - exp(-x)) is taken as log(x) - x/2 (error ~x^2/24)."""
+
+
+def log_prob_any(logits: torch.Tensor) -> torch.Tensor:
+    """``log(1 - prod_j (1 - sigmoid(l_j)))`` over the last two dims, exact and finite for any logits.
+
+    With ``x = -sum_j log(1 - p_j) = sum_j softplus(l_j)`` the result is ``log(1 - exp(-x))``. When
+    every patch is confidently negative, ``x`` underflows (logits of -200 give ``x = 0`` in float32),
+    so ``log x`` is taken as a log-sum-exp of ``log softplus(l_j)``, which stays ~``max_j l_j``, and
+    ``log(1 - exp(-x)) = log x + log((1 - exp(-x)) / x)``.
+    """
+    low = logits < _SOFTPLUS_LINEAR_BELOW
+    safe = logits.clamp(min=_SOFTPLUS_LINEAR_BELOW)
+    log_sp = torch.where(low, logits, torch.log(F.softplus(safe)))
+    log_x = torch.logsumexp(log_sp.flatten(-2), dim=-1)
+    x = torch.exp(log_x)
+    small = x < _SMALL_COUNT
+    big = log1mexp(-x.clamp(min=_SMALL_COUNT))
+    return torch.where(small, log_x - 0.5 * x.clamp(max=_SMALL_COUNT), big)
 
 
 def _log_factors(logits: torch.Tensor, rescale: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +90,9 @@ def li2018_terms(
     m = box_mask
     l_ann = -((m * log_p).sum(dim=(-2, -1)) + ((1.0 - m) * log_q).sum(dim=(-2, -1)))
     s = log_q.sum(dim=(-2, -1))  # log(1 - p(y=1|x)) = sum_j log(1 - p_j)
-    l_pos = -labels * log1mexp(s)
+    # log p(y=1|x): exact log-space form by default; with the squeeze s >= P^2 log 0.98 never underflows.
+    log_any = log1mexp(s) if rescale else log_prob_any(logits)
+    l_pos = -labels * log_any
     l_neg = -(1.0 - labels) * s
     return l_ann, l_pos, l_neg
 
