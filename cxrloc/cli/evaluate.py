@@ -1,0 +1,43 @@
+"""``cxrloc evaluate``: the paper's IoU / IoR accuracy, the prior and Table 1, AUROC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cxrloc.utils import CxrlocError, console
+
+EXAMPLE = """
+Example:
+
+  cxrloc evaluate runs/paper --metric both --t 0.1 --t 0.3 --t 0.5 --fold all
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``evaluate`` command to ``app``."""
+
+    @app.command(
+        "evaluate",
+        help="Localization accuracy on each fold's test images beside the data-free prior and the paper's "
+        "Table 1; writes RUN_DIR/eval/ (results.csv/.json/.md, per_image.csv).\n" + EXAMPLE,
+    )
+    def evaluate(
+        run_dir: Path = typer.Argument(..., help="RUN_DIR (with fold_K/ folders) or one fold folder."),
+        metric: str = typer.Option("both", "--metric", help="iou, ior or both."),
+        t: list[float] = typer.Option([0.1, 0.3, 0.5], "--t", help="Threshold T (repeat for several)."),
+        fold: str = typer.Option("all", "--fold", help="Fold index N, or 'all'."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+        which: str = typer.Option("best", "--which", help="Checkpoint: best or last."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    ) -> None:
+        from cxrloc.evaluate import evaluate as run_evaluate
+
+        choices = {"iou": ("iou",), "ior": ("ior",), "both": ("iou", "ior")}
+        if metric not in choices:
+            raise CxrlocError(f"--metric must be iou, ior or both, got {metric!r}.")
+        result = run_evaluate(
+            run_dir, metrics=choices[metric], ts=t, fold=fold, device=device, which=which, batch_size=batch_size
+        )
+        console.print(f"Results saved to {result['out_dir']}")
