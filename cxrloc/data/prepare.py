@@ -1,0 +1,426 @@
+"""``cxrloc prepare``: NIH folder -> resized uint8 image cache, manifest, fingerprint and splits.
+
+Steps:
+1. read ``Data_Entry_2017.csv`` and ``BBox_List_2017.csv``; find the listed images anywhere below
+   the NIH folder (the official download spreads them over ``images_001/images/`` ...). File names
+   from the CSVs are only ever looked up among the files found there, never joined to a path, so
+   they cannot point outside the folder;
+2. choose the images to cache: every annotated image plus a seed-sampled fraction of the
+   unannotated ones (only images that appear in some split are decoded and cached; the others are
+   listed in the manifest with ``cache_index = -1``);
+3. decode, resize (area filter) and quantise them into a preallocated ``uint8`` memmap
+   ``images.u8`` (N, S, S). ``done.u8`` holds one flag per entry (0 = to do, 1 = written,
+   2 = unreadable, skipped); a flag is set only after the entry's pixels have been flushed to disk,
+   so an interrupted run resumes where it stopped and never trusts a half-written entry;
+4. write ``manifest.csv``, ``fingerprint.json`` and ``splits.json`` (reused when present).
+
+Same inputs and seed give byte-identical output files, whatever ``workers`` is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cxrloc.classes import CLASSES
+from cxrloc.data.imageio import ImageReadError, read_image_u8
+from cxrloc.data.nih import (
+    BBOX_LIST_NAMES,
+    DATA_ENTRY_NAMES,
+    Box,
+    find_table,
+    read_bbox_list,
+    read_data_entry,
+)
+from cxrloc.data.prepared import CACHE_VERSION, MANIFEST_COLUMNS
+from cxrloc.data.splits import (
+    SPLIT_KEYS,
+    check_splits,
+    load_splits,
+    make_splits,
+    sample_unannotated,
+    split_image_ids,
+    write_splits,
+)
+from cxrloc.utils import CxrlocError, atomic_path, console, write_json_atomic
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+FLUSH_EVERY = 64
+"""Entries written between two flushes (a flush also happens every 2 s and on exit)."""
+
+DONE_TODO, DONE_OK, DONE_FAILED = 0, 1, 2
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_images(root: Path, wanted: set[str]) -> tuple[dict[str, Path], int, list[str]]:
+    """Map each wanted file name to its path anywhere below ``root``.
+
+    Returns:
+        (name -> path, number of image files not listed in ``wanted``, names found twice).
+        When a name occurs in several folders the first in sorted walk order is used.
+    """
+    found: dict[str, Path] = {}
+    unlisted = 0
+    duplicates: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name in wanted:
+                if name in found:
+                    duplicates.append(name)
+                else:
+                    found[name] = Path(dirpath) / name
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                unlisted += 1
+    return found, unlisted, sorted(duplicates)
+
+
+def _decode(task: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:
+    """Worker: read one image into (size, size) uint8; failures come back as a reason."""
+    index, path, size = task
+    try:
+        return index, read_image_u8(path, size), ""
+    except ImageReadError as exc:
+        return index, None, str(exc)
+
+
+class _Cache:
+    """The preallocated memmap cache and its per-entry flags (resume bookkeeping)."""
+
+    def __init__(self, out: Path, ids: list[str], size: int) -> None:
+        self.out, self.size, self.count = out, size, len(ids)
+        self.meta = {
+            "version": CACHE_VERSION,
+            "size": size,
+            "count": len(ids),
+            "file": "images.u8",
+            "dtype": "uint8",
+            "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        }
+        self.images_path, self.done_path, self.meta_path = out / "images.u8", out / "done.u8", out / "cache.json"
+        self.resumed = self._can_resume()
+        if not self.resumed:
+            self._create()
+        shape = (max(self.count, 1), size, size)
+        # A zero-entry cache still needs a valid memmap; it is never indexed.
+        self.images = np.memmap(self.images_path, dtype=np.uint8, mode="r+", shape=shape) if self.count else None
+        self.done = np.fromfile(self.done_path, dtype=np.uint8)
+
+    def _can_resume(self) -> bool:
+        try:
+            old = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return (
+            old == self.meta
+            and self.images_path.is_file()
+            and self.images_path.stat().st_size == self.count * self.size * self.size
+            and self.done_path.is_file()
+            and self.done_path.stat().st_size == self.count
+        )
+
+    def _create(self) -> None:
+        # cache.json goes last: until it exists, nothing here is trusted by a later run.
+        self.meta_path.unlink(missing_ok=True)
+        with open(self.images_path, "wb") as fh:
+            fh.truncate(self.count * self.size * self.size)  # sparse zeros, no time spent writing them
+        with open(self.done_path, "wb") as fh:
+            fh.write(bytes(self.count))
+            fh.flush()
+            os.fsync(fh.fileno())
+        write_json_atomic(self.meta_path, self.meta)
+
+    def commit(self, ok: list[int], failed: list[int]) -> None:
+        """Flush pixels of ``ok`` entries, then mark ``ok`` done and ``failed`` unreadable."""
+        if not ok and not failed:
+            return
+        if ok and self.images is not None:
+            self.images.flush()
+        for i in ok:
+            self.done[i] = DONE_OK
+        for i in failed:
+            self.done[i] = DONE_FAILED
+        # Rewrite the flags through a fresh handle + fsync: small (N bytes) and crash-safe per byte.
+        with open(self.done_path, "r+b") as fh:
+            fh.write(self.done.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _tasks_results(tasks: list[tuple[int, str, int]], workers: int) -> Iterator[tuple[int, np.ndarray | None, str]]:
+    if workers <= 1 or len(tasks) < 2:
+        for t in tasks:
+            yield _decode(t)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_decode, tasks, chunksize=4)
+
+
+def _fill_cache(
+    cache: _Cache,
+    paths: list[Path],
+    *,
+    workers: int,
+    progress: bool,
+) -> tuple[dict[int, str], int]:
+    """Decode every entry not yet done; return (entry -> failure reason, number decoded now)."""
+    todo = [i for i in range(cache.count) if cache.done[i] != DONE_OK]
+    failures: dict[int, str] = {}
+    tasks = [(i, str(paths[i]), cache.size) for i in todo]
+    ok: list[int] = []
+    failed: list[int] = []
+    last = time.monotonic()
+    columns = (TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        job = bar.add_task("images", total=cache.count, completed=cache.count - len(todo))
+        try:
+            for index, pixels, reason in _tasks_results(tasks, workers):
+                if pixels is None:
+                    failures[index] = reason
+                    failed.append(index)
+                else:
+                    assert cache.images is not None
+                    cache.images[index] = pixels
+                    ok.append(index)
+                bar.advance(job)
+                if len(ok) + len(failed) >= FLUSH_EVERY or time.monotonic() - last > 2.0:
+                    cache.commit(ok, failed)
+                    ok, failed, last = [], [], time.monotonic()
+        finally:
+            # Entries in ok were fully assigned before being listed, so they are safe to flush and mark
+            # even when we leave by an exception (Ctrl-C, a worker crash).
+            cache.commit(ok, failed)
+    return failures, len(tasks)
+
+
+def _boxes_json(boxes: list[Box]) -> str:
+    return json.dumps([list(b) for b in boxes], separators=(",", ":"))
+
+
+def prepare(
+    nih_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    data_entry: str | os.PathLike[str] | None = None,
+    bbox_list: str | os.PathLike[str] | None = None,
+    size: int = 512,
+    folds: int = 5,
+    unannotated_fraction: float = 0.0,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Prepare an NIH-format folder for training; see the module docstring and docs/data.md.
+
+    Args:
+        nih_dir: folder holding the images anywhere below it (and the CSVs unless given).
+        out_dir: the prepared folder to write (created; resumed when a previous run stopped).
+        data_entry: ``Data_Entry_2017.csv`` (default: looked up in ``nih_dir``).
+        bbox_list: ``BBox_List_2017.csv`` (default: looked up in ``nih_dir``).
+        size: side of the cached square images.
+        folds: number of patient-grouped folds.
+        unannotated_fraction: fraction of the usable unannotated images put in the training pool.
+        seed: seed of the fold assignment and of the unannotated sampling.
+        workers: decoding processes (1 = in this process).
+        progress: show a progress bar.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        CxrlocError: missing CSV, bad option, no usable image, or an inconsistent ``splits.json``.
+    """
+    nih_dir, out = Path(nih_dir), Path(out_dir)
+    if not nih_dir.is_dir():
+        raise CxrlocError(f"{nih_dir}: NIH folder not found")
+    if not 8 <= size <= 4096:
+        raise CxrlocError(f"--size must be between 8 and 4096, got {size}")
+    if workers < 1:
+        raise CxrlocError(f"--workers must be at least 1, got {workers}")
+    if not 0.0 <= unannotated_fraction <= 1.0:
+        raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
+    if folds < 2:
+        raise CxrlocError(f"--folds must be at least 2, got {folds}")
+    entry_path = Path(data_entry) if data_entry else find_table(nih_dir, DATA_ENTRY_NAMES)
+    if entry_path is None:
+        raise CxrlocError(f"{nih_dir}: no {DATA_ENTRY_NAMES[0]} (or _v2020 / .gz) found; pass --data-entry PATH")
+    box_path = Path(bbox_list) if bbox_list else find_table(nih_dir, BBOX_LIST_NAMES)
+    if box_path is None:
+        raise CxrlocError(f"{nih_dir}: no {BBOX_LIST_NAMES[0]} found; pass --bbox-list PATH")
+
+    entries = read_data_entry(entry_path)
+    box_list = read_bbox_list(box_path)
+    listed = set(entries["image_id"])
+    box_skipped = list(box_list.skipped)
+    boxes: dict[str, list[Box]] = {}
+    for image_id, bs in box_list.boxes.items():
+        if image_id in listed:
+            boxes[image_id] = bs
+        else:
+            box_skipped.extend(f"{image_id}: box for an image not listed in {entry_path.name}" for _ in bs)
+
+    found, unlisted, duplicates = find_images(nih_dir, listed)
+    if not found:
+        raise CxrlocError(
+            f"{nih_dir}: none of the {len(entries):,} images listed in {entry_path.name} was found below it; "
+            "check the folder (images may sit in subfolders such as images_001/images/)"
+        )
+    ids = entries["image_id"].to_numpy(dtype=object)
+    patients = entries["patient_id"].to_numpy()
+    present = np.array([i in found for i in ids], dtype=bool)
+    missing_ids = [str(i) for i in ids[~present]]
+    patient_of = {str(i): int(p) for i, p in zip(ids[present], patients[present], strict=True)}
+    annotated_ids = {i for i in patient_of if i in boxes}
+    unannotated_ids = [i for i in patient_of if i not in boxes]
+    if not annotated_ids:
+        raise CxrlocError(
+            f"{nih_dir}: no image with a box in {box_path.name} was found on disk; "
+            "folds are built over annotated images, so nothing usable can be prepared"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    splits_path = out / "splits.json"
+    reused = splits_path.is_file()
+    if reused:
+        splits = load_splits(splits_path)
+        _check_parameters(splits, splits_path, folds=folds, seed=seed, fraction=unannotated_fraction)
+        wanted = split_image_ids(splits)
+        absent = sorted(wanted - set(patient_of))
+        if absent:
+            raise CxrlocError(
+                f"{splits_path}: lists {len(absent)} image(s) not found below {nih_dir} (first {absent[0]!r}); "
+                "fix it or delete it to recompute the folds"
+            )
+    else:
+        pool = sample_unannotated(unannotated_ids, unannotated_fraction, seed)
+        wanted = annotated_ids | set(pool)
+
+    cache_ids = [str(i) for i in ids[present] if i in wanted]  # Data_Entry order
+    paths = [found[i] for i in cache_ids]
+    cache = _Cache(out, cache_ids, size)
+    if cache.resumed:
+        console.print(f"Resuming: {int(np.sum(cache.done == DONE_OK))} of {cache.count} images already in the cache")
+    failures, _ = _fill_cache(cache, paths, workers=workers, progress=progress)
+    failed_ids = {cache_ids[i]: reason for i, reason in failures.items()}
+
+    ok_cached = {i: n for n, i in enumerate(cache_ids) if i not in failed_ids}
+    usable_annotated = {i: patient_of[i] for i in sorted(annotated_ids) if i in ok_cached}
+    usable_unannotated = {i: patient_of[i] for i in unannotated_ids if i not in failed_ids}
+    if not usable_annotated:
+        raise CxrlocError(
+            f"{nih_dir}: none of the {len(annotated_ids)} annotated images could be read "
+            f"(first problem: {next(iter(failed_ids.values()), 'unknown')}); nothing usable to prepare"
+        )
+    if reused:
+        bad = sorted(set(failed_ids) & wanted)
+        if bad:
+            raise CxrlocError(
+                f"{splits_path}: image {bad[0]!r} cannot be read ({failed_ids[bad[0]]}); "
+                "fix the file or delete splits.json to recompute the folds"
+            )
+        check_splits(splits, usable_annotated, usable_unannotated, where=str(splits_path))
+    else:
+        pool_ok = {i: patient_of[i] for i in sorted(wanted - annotated_ids) if i not in failed_ids}
+        splits = make_splits(
+            usable_annotated, pool_ok, folds=folds, seed=seed, unannotated_fraction=unannotated_fraction
+        )
+
+    # Labels: Data_Entry's, plus the class of every box (a box is a positive finding).
+    label_matrix = entries.loc[present, list(CLASSES)].to_numpy(dtype=np.uint8).copy()
+    row_of = {i: n for n, i in enumerate(ids[present])}
+    added = 0
+    for image_id, bs in boxes.items():
+        if image_id in row_of:
+            for k, *_ in bs:
+                if label_matrix[row_of[image_id], k] == 0:
+                    label_matrix[row_of[image_id], k] = 1
+                    added += 1
+    manifest = entries.loc[present, ["image_id", "patient_id", "follow_up", "view_position"]].copy()
+    manifest[list(CLASSES)] = label_matrix
+    manifest["annotated"] = [int(i in boxes) for i in manifest["image_id"]]
+    manifest["cache_index"] = [ok_cached.get(i, -1) for i in manifest["image_id"]]
+    manifest["boxes"] = [_boxes_json(boxes.get(i, [])) for i in manifest["image_id"]]
+    manifest = manifest[~manifest["image_id"].isin(failed_ids)]
+    manifest = manifest.loc[:, list(MANIFEST_COLUMNS)]
+
+    with atomic_path(out / "manifest.csv") as tmp:
+        manifest.to_csv(tmp, index=False, lineterminator="\n")
+    if not reused:
+        write_splits(splits_path, splits)
+    fingerprint = {
+        "version": 1,
+        "inputs": {
+            "data_entry": {"name": entry_path.name, "sha256": _sha256(entry_path), "rows": len(entries)},
+            "bbox_list": {"name": box_path.name, "sha256": _sha256(box_path), "rows": box_list.rows},
+        },
+        "parameters": {
+            "size": size,
+            "folds": len(splits["folds"]),
+            "unannotated_fraction": splits["unannotated_fraction"],
+            "seed": splits["seed"],
+            "splits_reused": reused,
+        },
+        "counts": {
+            "listed": len(entries),
+            "found": len(found),
+            "missing": len(missing_ids),
+            "unlisted_image_files": unlisted,
+            "duplicate_file_names": len(duplicates),
+            "usable": len(manifest),
+            "annotated": len(usable_annotated),
+            "unannotated": len(usable_unannotated),
+            "unannotated_pool": len(split_image_ids(splits) - set(usable_annotated)),
+            "cached": len(ok_cached),
+            "skipped": len(failed_ids),
+            "boxes": sum(len(boxes[i]) for i in usable_annotated),
+            "boxes_clipped": len(box_list.clipped),
+            "box_rows_skipped": len(box_skipped),
+            "labels_added_from_boxes": added,
+        },
+        "skipped": [{"image_id": i, "reason": failed_ids[i]} for i in sorted(failed_ids)],
+        "box_problems": {"clipped": box_list.clipped, "skipped": box_skipped},
+        "duplicate_file_names": duplicates,
+        "missing": {"reason": f"listed in {entry_path.name} but not found below the NIH folder", "images": missing_ids},
+    }
+    write_json_atomic(out / "fingerprint.json", fingerprint)
+    return out
+
+
+def _check_parameters(splits: dict[str, Any], path: Path, *, folds: int, seed: int, fraction: float) -> None:
+    have = (len(splits["folds"]), splits.get("seed"), float(splits.get("unannotated_fraction", -1)))
+    if have != (folds, seed, float(fraction)):
+        raise CxrlocError(
+            f"{path} was made with --folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]}, "
+            f"not --folds {folds} --seed {seed} --unannotated-fraction {fraction}; "
+            "pass the same options to reuse it, or delete it to recompute the folds"
+        )
+    for f in splits["folds"]:
+        for key in SPLIT_KEYS:
+            if len(set(f[key])) != len(f[key]):
+                raise CxrlocError(f"{path}: fold {f['fold']} {key} lists an image twice; fix it or delete it")
+
+
+def summary_line(out: Path) -> str:
+    """One line describing a prepared folder (for the CLI's closing message)."""
+    fp = json.loads((out / "fingerprint.json").read_text(encoding="utf-8"))
+    c = fp["counts"]
+    return (
+        f"{c['cached']} images cached ({c['annotated']} annotated, {c['unannotated_pool']} unannotated in the pool), "
+        f"{c['missing']} missing, {c['skipped']} skipped"
+    )
