@@ -1,0 +1,58 @@
+"""``cxrloc prepare``: NIH folder -> resized image cache, manifest, fingerprint and patient-grouped folds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cxrloc.utils import console
+
+EXAMPLE = """
+Example (the official download, images in images_001/images/ ... images_012/images/):
+
+  cxrloc prepare ~/data/nih --out prepared/nih --size 512 --folds 5 --unannotated-fraction 0.2 --workers 4
+
+Running it again after an interruption finishes the cache without redoing finished images;
+an existing PREPARED_DIR/splits.json is reused (delete it to recompute the folds).
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``prepare`` command to ``app``."""
+
+    @app.command(
+        "prepare",
+        help="Resize NIH images into a fast uint8 cache and write manifest.csv, fingerprint.json and "
+        "splits.json (patient-grouped folds).\n" + EXAMPLE,
+    )
+    def prepare_cmd(
+        nih_dir: Path = typer.Argument(..., help="NIH_DIR: the CSVs and the images anywhere below it."),
+        out: Path = typer.Option(..., "--out", "-o", help="PREPARED_DIR to write (resumed if present)."),
+        data_entry: Path | None = typer.Option(
+            None, "--data-entry", help="Data_Entry_2017.csv (or _v2020, .gz) if not in NIH_DIR."
+        ),
+        bbox_list: Path | None = typer.Option(None, "--bbox-list", help="BBox_List_2017.csv if not in NIH_DIR."),
+        size: int = typer.Option(512, "--size", help="Side of the cached square images (area filter)."),
+        folds: int = typer.Option(5, "--folds", help="Number of patient-grouped folds."),
+        unannotated_fraction: float = typer.Option(
+            0.0, "--unannotated-fraction", help="Fraction of unannotated images sampled into the training pool."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the unannotated sampling."),
+        workers: int = typer.Option(1, "--workers", "-j", help="Decoding processes."),
+    ) -> None:
+        from cxrloc.data.prepare import prepare, summary_line
+
+        result = prepare(
+            nih_dir,
+            out,
+            data_entry=data_entry,
+            bbox_list=bbox_list,
+            size=size,
+            folds=folds,
+            unannotated_fraction=unannotated_fraction,
+            seed=seed,
+            workers=workers,
+        )
+        console.print(summary_line(result))
+        console.print(f"Results saved to {result} (images.u8, manifest.csv, fingerprint.json, splits.json)")
