@@ -191,6 +191,8 @@ def export_onnx(
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.filterwarnings("ignore", message="Constant folding")
+                # dynamo=False is a deliberate choice (see the module docstring), not an oversight.
+                warnings.simplefilter("ignore", DeprecationWarning)
                 torch.onnx.export(
                     wrapped,
                     (torch.from_numpy(x[:1]),),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -56,4 +57,6 @@ def register(app: typer.Typer) -> None:
         status = f"{n_ok} image(s) predicted" + (f", {n_bad} failed" if n_bad else "")
         console.print(f"{status}. Results saved to {summary.location}")
         if n_bad:
-            raise typer.Exit(1)
+            # SystemExit, not typer.Exit: the entry point runs click with standalone_mode=False,
+            # which would turn typer.Exit into an ignored return value.
+            sys.exit(1)

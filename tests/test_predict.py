@@ -1,0 +1,260 @@
+"""Tests of ``cxrloc predict``: regions, coordinate mapping, backends, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrloc.checkpoint import make_meta, save_checkpoint
+from cxrloc.classes import CLASSES
+from cxrloc.config import make_config
+from cxrloc.model.net import build_model
+from cxrloc.predict import connected_components, make_record, predict_files, regions_from_map
+from cxrloc.thresholds import Thresholds
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
+NONSQUARE = DATA / "fixtures" / "rgb_nonsquare.jpg"
+DICOM2 = DATA / "fixtures" / "cr_monochrome2_jpeg.dcm"
+DICOM1 = DATA / "fixtures" / "cr_monochrome1_jpeg.dcm"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (needs ../shared/data beside the repository)")
+    return path
+
+
+def make_tiny_run(root: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny model with non-trivial outputs saved as ``root/fold_0/checkpoints/best.pt``.
+
+    The head's last bias spans -3..3 over the classes, so some classes have many patches with
+    z >= 0.5 and others none; the CRF compatibility is random so the CRF changes the unaries.
+    tau_hat = 20 of 64 patches makes some classes present and others absent.
+    """
+    cfg = make_config("tiny")
+    model = build_model(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        bias = model.unary.head.conv2.bias
+        bias.copy_(torch.linspace(-3.0, 3.0, bias.numel()))
+        model.crf.compat.copy_(0.3 * torch.randn(model.crf.compat.shape, generator=gen))
+    th = Thresholds.initial(cfg.patch_grid)
+    th.tau_hat[:] = 20.0
+    model.thresholds.set(th)
+    save_checkpoint(
+        root / "fold_0" / "checkpoints" / "best.pt",
+        {"config": cfg.to_dict(), "model": model.state_dict(), "meta": make_meta(cfg, th.to_json())},
+    )
+    return root, model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    return make_tiny_run(tmp_path_factory.mktemp("run"))
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_connected_components_hand_grids() -> None:
+    grid = np.array(
+        [
+            [1, 1, 0, 0, 1],
+            [0, 1, 0, 1, 1],
+            [0, 0, 0, 0, 0],
+            [1, 0, 1, 0, 1],
+            [1, 0, 1, 1, 1],
+        ],
+        dtype=bool,
+    )
+    # By hand, raster order of first cells; diagonal neighbours (e.g. (3,2)-(4,1)) do not connect.
+    expected = np.array(
+        [
+            [1, 1, 0, 0, 2],
+            [0, 1, 0, 2, 2],
+            [0, 0, 0, 0, 0],
+            [3, 0, 4, 0, 5],
+            [3, 0, 4, 4, 4],
+        ]
+    )
+    labels = connected_components(grid)
+    # (3,4)-(4,4)-(4,3)-(4,2)-(3,2) is one U-shaped component: 4 and 5 must be merged.
+    expected[expected == 5] = 4
+    np.testing.assert_array_equal(labels, expected)
+    # Diagonal only: four separate components.
+    diag = np.eye(4, dtype=bool)
+    assert connected_components(diag).max() == 4
+    assert connected_components(np.zeros((3, 3), bool)).max() == 0
+    assert set(np.unique(connected_components(np.ones((6, 6), bool)))) == {1}
+
+
+def test_regions_map_to_nonsquare_pixels() -> None:
+    z = np.zeros((4, 4), np.float32)
+    z[1:3, 2:4] = [[0.6, 0.8], [0.5, 0.9]]  # one 2x2 component, 0.5 counts as positive
+    z[0, 0] = 0.49  # below the threshold: no region
+    z[3, 0] = 0.7  # a single patch
+    regions = regions_from_map(z, width=1036, height=885)
+    assert len(regions) == 2
+    first, second = regions
+    # Patch columns 2..3 of 4 -> x in [518, 1036]; rows 1..2 of 4 -> y in [221.25, 663.75].
+    assert first.box == pytest.approx((518.0, 221.25, 1036.0, 663.75))
+    assert first.score == pytest.approx((0.6 + 0.8 + 0.5 + 0.9) / 4)
+    assert first.patches == 4
+    assert second.box == pytest.approx((0.0, 663.75, 259.0, 885.0))
+    assert second.box_normalised == pytest.approx((0.0, 0.75, 0.25, 1.0))
+
+
+def test_make_record_decisions() -> None:
+    z = np.zeros((14, 4, 4), np.float32)
+    z[0, :2, :2] = 1.0  # 1'z = 4
+    z[1] = 0.2  # 1'z = 3.2, but no patch >= 0.5
+    tau_hat = np.full(14, 3.5)
+    tau_hat[1] = 3.0
+    rec = make_record(z, tau_hat, width=40, height=20)
+    assert rec["present"] == ["Atelectasis", "Cardiomegaly"]
+    assert rec["classes"][0]["score"] == pytest.approx(4.0)
+    assert rec["classes"][0]["regions"][0]["box"] == [0.0, 0.0, 20.0, 10.0]
+    assert rec["classes"][1]["regions"] == []  # present by count, no patch over 0.5
+    assert not rec["classes"][2]["present"] and rec["classes"][2]["regions"] == []
+
+
+# --------------------------------------------------------------------------- real files
+
+
+def _independent_input(path: Path, size: int) -> torch.Tensor:
+    """Training preprocessing written independently of cxrloc: PIL grey, box resize, u8 / 127.5 - 1."""
+    im = Image.open(path).convert("L").resize((size, size), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1.0)[None, None]
+
+
+def test_nonsquare_jpeg_maps_back_to_original(tiny_run, tmp_path: Path) -> None:
+    run, model = tiny_run
+    summary = predict_files(
+        [str(need(NONSQUARE))], run, json_path=tmp_path / "r.json", save_maps=True, progress=False
+    )
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert (rec["width"], rec["height"]) == (1036, 885)
+    maps = np.load(tmp_path / "r.maps.npy")
+    # The maps come from the same preprocessing as the training cache (within a grey level).
+    with torch.no_grad():
+        z_ref = model(_independent_input(NONSQUARE, 64))[0][0].numpy()
+    np.testing.assert_allclose(maps, z_ref, atol=2e-2)
+    assert summary.failures == []
+    n_present = 0
+    for k, cls in enumerate(rec["classes"]):
+        assert cls["present"] == (maps[k].sum() >= 20.0)
+        if not cls["present"]:
+            continue
+        n_present += 1
+        pos = maps[k] >= 0.5
+        assert sum(r["patches"] for r in cls["regions"]) == int(pos.sum())
+        for r in cls["regions"]:
+            x0, y0, x1, y1 = r["box"]
+            # Corners fall on patch borders of the ORIGINAL frame: multiples of 1036/8 and 885/8.
+            for v, step in ((x0, 1036 / 8), (x1, 1036 / 8), (y0, 885 / 8), (y1, 885 / 8)):
+                assert abs(v / step - round(v / step)) < 1e-3
+            c0, c1 = round(x0 / (1036 / 8)), round(x1 / (1036 / 8))
+            r0, r1 = round(y0 / (885 / 8)), round(y1 / (885 / 8))
+            inside = pos[r0:r1, c0:c1]
+            assert inside.sum() >= r["patches"]
+            # The box is tight: every border row/column holds a positive patch.
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+    assert 0 < n_present < 14, "the test model should make some classes present and others absent"
+
+
+def test_dicom_fixtures_map_back_to_their_frame(tiny_run, tmp_path: Path) -> None:
+    import pydicom
+
+    run, _ = tiny_run
+    out = tmp_path / "out"
+    files = [need(DICOM2), need(DICOM1)]
+    summary = predict_files([str(f) for f in files], run, out_dir=out, save_maps=True, overlays=False,
+                            progress=False)
+    assert summary.failures == []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        rec = json.loads((out / f"{f.stem}.json").read_text())
+        assert (rec["width"], rec["height"]) == (int(ds.Columns), int(ds.Rows))
+        maps = np.load(out / f"{f.stem}.maps.npy")
+        for k, cls in enumerate(rec["classes"]):
+            assert cls["score"] == pytest.approx(float(maps[k].sum()), abs=1e-4)
+            for r in cls["regions"]:
+                assert all(0.0 <= v <= 1024.0 for v in r["box"])
+                assert all(abs(v / 128.0 - round(v / 128.0)) < 1e-6 for v in r["box"])  # 1024 / P=8
+    # MONOCHROME1 is displayed inverted, so the network sees a different picture.
+    m2, m1 = (np.load(out / f"{f.stem}.maps.npy") for f in files)
+    assert not np.allclose(m1, m2, atol=1e-3)
+
+
+def test_checkpoint_and_onnx_agree_on_real_image(tiny_run, tmp_path: Path) -> None:
+    from cxrloc.export import export_onnx
+
+    run, _ = tiny_run
+    image = need(NIH_IMAGE)
+    onnx_path = export_onnx(run, tmp_path / "m.onnx", check_image=image).path
+    a = predict_files([str(image)], run, json_path=tmp_path / "a.json", progress=False).records[0]
+    b = predict_files([str(image)], onnx_path, json_path=tmp_path / "b.json", progress=False).records[0]
+    assert (a["backend"], b["backend"]) == ("torch", "onnx")
+    assert a["present"] == b["present"] and a["present"], "need at least one present class to compare regions"
+    for ca, cb in zip(a["classes"], b["classes"], strict=True):
+        assert ca["present"] == cb["present"]
+        assert ca["score"] == pytest.approx(cb["score"], abs=1e-3)
+        assert [r["box"] for r in ca["regions"]] == [r["box"] for r in cb["regions"]]
+        assert [r["patches"] for r in ca["regions"]] == [r["patches"] for r in cb["regions"]]
+
+
+# --------------------------------------------------------------------------- CLI and bad inputs
+
+
+def test_bad_file_among_good_ones(tiny_run, tmp_path: Path) -> None:
+    from cxrloc.cli import app
+
+    run, _ = tiny_run
+    good = tmp_path / "in"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("a.png", (48, 64)), ("b.png", (40, 40))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(good / name)
+    (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # truncated PNG
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(good), str(tmp_path / "missing.png"), "--model", str(run),
+                                      "--out-dir", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "broken.png" in result.output and "missing.png" in result.output
+    assert f"Results saved to {out}" in result.output.replace("\n", "")
+    assert (out / "a.json").is_file() and (out / "b.json").is_file()
+    assert (out / "a.overlay.png").is_file()
+    assert not (out / "broken.json").exists()
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["count"] == 2 and summary["failed"] == 2
+    assert {Path(f["image"]).name for f in summary["failures"]} == {"broken.png", "missing.png"}
+    assert json.loads((out / "a.json").read_text())["width"] == 64
+
+
+def test_real_entry_point_exit_codes(tiny_run, tmp_path: Path) -> None:
+    run, _ = tiny_run
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((32, 48), 90, np.uint8)).save(img)
+    cmd = [sys.executable, "-m", "cxrloc", "predict", str(img), "--model", str(run)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    rec = json.loads(ok.stdout)  # one image without --json: the record goes to stdout
+    assert [c["name"] for c in rec["classes"]] == list(CLASSES)
+    bad = subprocess.run(
+        cmd + [str(tmp_path / "nope.png")], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert bad.returncode == 1
+    assert "nope.png" in bad.stderr
+    wrong = subprocess.run(
+        cmd[:-2] + ["--model", str(tmp_path / "no_run")], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert wrong.returncode == 2 and "no_run" in wrong.stderr
