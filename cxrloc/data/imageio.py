@@ -86,6 +86,12 @@ def _png_bit_depth(path: Path) -> int:
 
 def _open_pil(path: Path, fmt: str, max_pixels: int) -> Image.Image:
     """Open with Pillow, check the size from the header, then decode (``load``)."""
+    if fmt == "png":
+        # Read the size from IHDR ourselves: Pillow refuses bombs only with a vague "cannot identify".
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+        if len(head) == 24 and head[12:16] == b"IHDR":
+            _check_size(path, int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"), 1, max_pixels)
     im = Image.open(path)
     expected = "PNG" if fmt == "png" else "JPEG"
     if im.format != expected:
