@@ -76,7 +76,8 @@ def best_cut(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float] | No
     tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / pos.size  # share of positives >= cut
     tnr = np.searchsorted(neg, cuts, side="left") / neg.size  # share of negatives < cut
     balanced = (tpr + tnr) / 2.0
-    i = int(np.argmax(balanced))
+    # First of the best, with a rounding slack so that equal fractions tie exactly.
+    i = int(np.flatnonzero(balanced >= balanced.max() - 1e-12)[0])
     if balanced[i] <= 0.5:
         return None
     return float(cuts[i]), float(balanced[i])
