@@ -1,0 +1,122 @@
+"""Tests of ``cxrloc export``: ONNX graph, metadata, dynamic batch, the torch/onnxruntime check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxrloc.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from cxrloc.classes import CLASSES
+from cxrloc.config import make_config
+from cxrloc.export import chest_like_image, export_onnx
+from cxrloc.model.net import build_model
+from cxrloc.thresholds import Thresholds
+from cxrloc.utils import CxrlocError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_tiny_run(root: Path, thresholds_in_meta: bool = True) -> tuple[Path, torch.nn.Module]:
+    """A tiny model with a non-trivial head bias and CRF, saved under ``root/fold_0``."""
+    cfg = make_config("tiny")
+    model = build_model(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        bias = model.unary.head.conv2.bias
+        bias.copy_(torch.linspace(-2.0, 2.0, bias.numel()))
+        model.crf.compat.copy_(0.3 * torch.randn(model.crf.compat.shape, generator=gen))
+    th = Thresholds.initial(cfg.patch_grid)
+    th.tau_hat[:] = np.arange(1, 15, dtype=np.float64)  # distinct per class: a mix-up would show
+    model.thresholds.set(th)
+    meta = make_meta(cfg, th.to_json() if thresholds_in_meta else None)
+    save_checkpoint(root / "fold_0" / "checkpoints" / "best.pt",
+                    {"config": cfg.to_dict(), "model": model.state_dict(), "meta": meta})
+    return root, model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("run")
+    run, model = make_tiny_run(root)
+    report = export_onnx(run)  # default check image: a real NIH image when ../shared/data exists
+    return run, model, report
+
+
+def test_default_path_metadata_and_graph(exported) -> None:
+    run, _, report = exported
+    assert report.path == run / "export" / "model.onnx" and report.path.is_file()
+    assert not [p for p in report.path.parent.iterdir() if p.name.endswith(".tmp")]
+    proto = onnx.load(str(report.path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    meta = load_checkpoint(run / "fold_0" / "checkpoints" / "best.pt")["meta"]
+    assert props["format"] == "cxrloc-onnx"
+    for key in ("classes", "image_size", "patch_grid", "normalisation", "thresholds", "version", "arch", "crf",
+                "antialias"):
+        assert props[key] == meta[key], key
+    assert props["classes"] == list(CLASSES) and props["image_size"] == 64 and props["patch_grid"] == 8
+    assert props["thresholds"]["classes"]["Hernia"]["tau_hat"] == 14.0
+    (inp,) = proto.graph.input
+    assert inp.name == "image"
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 64, 64]
+    assert [o.name for o in proto.graph.output] == ["z", "unary_logits"]
+    if (DATA / "nih" / "images").is_dir():
+        assert "nih/images" in report.check_image
+    assert report.max_abs_diff_z <= 1e-4
+
+
+def test_onnxruntime_matches_torch_for_any_batch(exported) -> None:
+    _, model, report = exported
+    rng = np.random.default_rng(0)
+    x = np.stack([chest_like_image(64, seed=s)[None] * 2 - 1 for s in range(3)]).astype(np.float32)
+    x[2] = rng.uniform(-1, 1, size=x[2].shape)
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    z, unary = sess.run(["z", "unary_logits"], {"image": x})
+    with torch.no_grad():
+        z_t, u_t = model(torch.from_numpy(x))
+    assert z.shape == (3, 14, 8, 8)
+    np.testing.assert_allclose(z, z_t.numpy(), atol=1e-4)
+    np.testing.assert_allclose(unary, u_t.numpy(), atol=1e-3)
+    # The CRF is part of the graph: z is not just sigmoid(unary).
+    assert np.abs(z - 1 / (1 + np.exp(-unary))).max() > 1e-3
+
+
+def test_thresholds_from_buffers_when_meta_has_none(tmp_path: Path) -> None:
+    run, _ = make_tiny_run(tmp_path / "run", thresholds_in_meta=False)
+    report = export_onnx(run, tmp_path / "m.onnx", check_image=None)
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(report.path)).metadata_props}
+    assert props["thresholds"]["classes"]["Mass"]["tau_hat"] == 5.0  # from the model's buffers
+
+
+def test_check_failure_leaves_no_file(tmp_path: Path) -> None:
+    run, _ = make_tiny_run(tmp_path / "run")
+    out = tmp_path / "out" / "m.onnx"
+    with pytest.raises(CxrlocError, match="differs from torch"):
+        export_onnx(run, out, tolerance=-1.0)  # impossible tolerance: the check must refuse
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    with pytest.raises(CxrlocError, match="opset"):
+        export_onnx(run, out, opset=13)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(CxrlocError, match="bad.png"):
+        export_onnx(run, out, check_image=bad)
+
+
+def test_cli_export(tmp_path: Path) -> None:
+    from cxrloc.cli import app
+
+    run, _ = make_tiny_run(tmp_path / "run")
+    out = tmp_path / "cli.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    assert f"Results saved to {out}" in result.output.replace("\n", "")
+    assert "max |dz|" in result.output
