@@ -35,12 +35,12 @@ PAPER_TABLE1: dict[str, dict[str, list[float]]] = {
     # Rozenberg et al. 2019, Table 1, T = 0.1, 0% unannotated; "ref." = Li et al. 2018.
     # Values in BOXED_CLASSES order.
     "iou": {
-        "paper ours (T=0.1, 0%)": [0.818, 1.0, 0.882, 0.927, 0.695, 0.404, 0.918, 0.726],
-        "paper ref. Li 2018 (T=0.1, 0%)": [0.488, 0.989, 0.693, 0.842, 0.342, 0.081, 0.715, 0.437],
+        "paper ours": [0.818, 1.0, 0.882, 0.927, 0.695, 0.404, 0.918, 0.726],
+        "paper Li2018": [0.488, 0.989, 0.693, 0.842, 0.342, 0.081, 0.715, 0.437],
     },
     "ior": {
-        "paper ours (T=0.1, 0%)": [0.889, 1.0, 0.92, 0.95, 0.773, 0.58, 0.933, 0.767],
-        "paper ref. Li 2018 (T=0.1, 0%)": [0.528, 1.0, 0.753, 0.875, 0.452, 0.111, 0.786, 0.473],
+        "paper ours": [0.889, 1.0, 0.92, 0.95, 0.773, 0.58, 0.933, 0.767],
+        "paper Li2018": [0.528, 1.0, 0.753, 0.875, 0.452, 0.111, 0.786, 0.473],
     },
 }
 PAPER_T: float = 0.1
@@ -170,14 +170,18 @@ def _fmt(v: float, std: float | None = None) -> str:
     return f"{v:.3f}±{std:.3f}"
 
 
-def _accuracy_rows(summary: dict[str, Any], ts: Sequence[float], metric: str) -> list[tuple[str, str, list[str]]]:
+def _accuracy_rows(
+    summary: dict[str, Any], ts: Sequence[float], metric: str, with_std: bool = True
+) -> list[tuple[str, str, list[str]]]:
     """(method, T, cells for the 8 boxed classes + mean) for one metric, paper rows at T=0.1."""
     rows: list[tuple[str, str, list[str]]] = []
     for j, t in enumerate(ts):
         for method, label in (("model", "model"), ("prior", "prior")):
             s = summary[method][metric]
-            cells = [_fmt(s["per_class_mean"][k, j], s["per_class_std"][k, j]) for k in BOXED]
-            cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j]))
+            cells = [
+                _fmt(s["per_class_mean"][k, j], s["per_class_std"][k, j] if with_std else None) for k in BOXED
+            ]
+            cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
             rows.append((label, f"{t:g}", cells))
         if abs(t - PAPER_T) < 1e-9:
             for label, values in PAPER_TABLE1[metric].items():
@@ -204,11 +208,13 @@ def _markdown(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence[st
 
 def _rich_tables(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence[str]) -> list[Table]:
     tables = []
+    # "0.818±0.123" cells need about 150 columns; a narrower terminal gets means only.
+    with_std = console.width >= 150
     for m in metrics:
-        t = Table(title=f"{m.upper()} accuracy (mean ± std over folds)")
+        t = Table(title=f"{m.upper()} accuracy ({'mean ± std' if with_std else 'mean'} over folds)")
         for col in ("method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"):
             t.add_column(col, justify="left" if col == "method" else "right")
-        for method, tt, cells in _accuracy_rows(summary, ts, m):
+        for method, tt, cells in _accuracy_rows(summary, ts, m, with_std):
             style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
             t.add_row(method, tt, *cells, style=style)
         tables.append(t)
