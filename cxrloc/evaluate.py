@@ -178,9 +178,7 @@ def _accuracy_rows(
     for j, t in enumerate(ts):
         for method, label in (("model", "model"), ("prior", "prior")):
             s = summary[method][metric]
-            cells = [
-                _fmt(s["per_class_mean"][k, j], s["per_class_std"][k, j] if with_std else None) for k in BOXED
-            ]
+            cells = [_fmt(s["per_class_mean"][k, j], s["per_class_std"][k, j] if with_std else None) for k in BOXED]
             cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
             rows.append((label, f"{t:g}", cells))
         if abs(t - PAPER_T) < 1e-9:
