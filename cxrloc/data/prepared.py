@@ -4,7 +4,8 @@ Layout (see docs/data.md)::
 
     PREPARED_DIR/
       images.u8         raw uint8 array (N, S, S), C order, opened with np.memmap (read-only)
-      done.u8           (N,) uint8, 1 = entry complete
+      done.u8           (N,) uint8: 0 = not yet written, 1 = written, 2 = unreadable (skipped, never
+                        referenced by the manifest; see fingerprint.json)
       cache.json        {"version": 1, "size": S, "count": N, "file": "images.u8", "dtype": "uint8"}
       manifest.csv      one row per usable image (labels, annotated, cache_index, boxes as JSON)
       fingerprint.json  what prepare saw (CSV hashes, counts, parameters, skipped/missing images)
@@ -109,7 +110,7 @@ class Prepared:
             raise CxrlocError(f"{file}: missing or not {expected} bytes; run `cxrloc prepare` again to rebuild")
         done_path = root / "done.u8"
         done = np.fromfile(done_path, dtype=np.uint8) if done_path.is_file() else np.zeros(0, np.uint8)
-        if done.shape != (count,) or not bool(np.all(done == 1)):
+        if done.shape != (count,) or bool(np.any(done == 0)):
             raise CxrlocError(
                 f"{root}: the image cache is unfinished (prepare was interrupted); run `cxrloc prepare` again to finish"
             )

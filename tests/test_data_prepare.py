@@ -1,0 +1,177 @@
+"""`cxrloc prepare` end to end: the shared NIH folder, a hand-built NIH-format folder, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cxrloc.data.prepare as prep_mod
+from cxrloc.classes import CLASS_INDEX, CLASSES
+from cxrloc.data.prepare import prepare
+from cxrloc.data.prepared import Prepared
+from cxrloc.utils import CxrlocError
+
+NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+OUT_FILES = ("images.u8", "done.u8", "cache.json", "manifest.csv", "fingerprint.json", "splits.json")
+
+
+def _same_files(a: Path, b: Path) -> None:
+    for name in OUT_FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _make_nih(root: Path, *, corrupt: bool = True) -> dict[str, object]:
+    """A small NIH-format folder: 6 patients, 18 images over two image folders, quirky CSVs."""
+    rng = np.random.default_rng(0)
+    rows, boxes, truth = [], [], {}
+    n = 0
+    for patient in range(1, 7):
+        for follow in range(3):
+            name = f"{patient:08d}_{follow:03d}.png"
+            sub = root / f"images_00{1 + n % 2}" / "images"
+            sub.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, size=(64, 64), dtype=np.uint8)
+            if n == 4:  # an RGBA original, as five NIH images are
+                Image.fromarray(np.dstack([pixels] * 3 + [np.full_like(pixels, 255)]), "RGBA").save(sub / name)
+            else:
+                Image.fromarray(pixels).save(sub / name)
+            truth[name] = pixels
+            label = "Mass" if follow == 0 else ("Effusion|Nodule" if follow == 1 else "No Finding")
+            rows.append(f"{name},{label},{follow},{patient},50,M,PA,2500,2048,0.14,0.14")
+            if follow == 0:
+                boxes.append(f"{name},Mass,{100 * patient},200,300,150")
+                if patient == 2:
+                    boxes.append(f"{name},Infiltrate,0,0,1024,512")
+            n += 1
+    rows.append("00000099_000.png,Hernia,0,99,50,F,AP,2500,2048,0.14,0.14")  # listed but not on disk
+    if corrupt:
+        bad = root / "images_002" / "images" / "00000006_002.png"
+        bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    header += "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+    (root / "Data_Entry_2017.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "\n".join(boxes) + "\n")
+    return truth
+
+
+def test_prepare_synthetic_folder(tmp_path: Path) -> None:
+    nih = tmp_path / "nih"
+    truth = _make_nih(nih)
+    out = prepare(nih, tmp_path / "p", size=32, folds=2, unannotated_fraction=0.5, seed=1, progress=False)
+    p = Prepared.open(out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["counts"]["listed"] == 19 and fp["counts"]["missing"] == 1
+    assert fp["missing"]["images"] == ["00000099_000.png"]
+    assert [s["image_id"] for s in fp["skipped"]] == ["00000006_002.png"]
+    assert "00000006_002.png" in fp["skipped"][0]["reason"]
+    assert "00000006_002.png" not in p.manifest.index and len(p.manifest) == 17
+    annotated = [f"{i:08d}_000.png" for i in range(1, 7)]
+    assert sorted(p.manifest.index[p.manifest["annotated"] == 1]) == annotated
+    # The pool is sampled before decoding from the 12 unannotated files on disk: round(0.5 * 12) = 6; the
+    # truncated file was among them (it was decoded, hence skipped), which leaves 5.
+    pool = set().union(*(set(p.fold(k)["train_unannotated"]) for k in range(2)))
+    assert len(pool) == 5 and all(not i.endswith("_000.png") for i in pool)
+    # Pixels: independent 2x2 block mean of the written 64 px image.
+    name = "00000002_000.png"
+    block = truth[name].astype(np.float64).reshape(32, 2, 32, 2).mean(axis=(1, 3))
+    assert np.abs(p.image(name).astype(np.float64) - block).max() <= 0.5 + 1e-9
+    assert p.boxes("00000002_000.png") == [
+        (CLASS_INDEX["Mass"], 200 / 1024, 200 / 1024, 500 / 1024, 350 / 1024),
+        (CLASS_INDEX["Infiltration"], 0.0, 0.0, 1.0, 0.5),
+    ]
+    lab = p.labels("00000002_000.png")  # Mass from Data_Entry, Infiltration added from its box
+    assert lab.dtype == np.float32 and {CLASSES[k] for k in np.flatnonzero(lab)} == {"Mass", "Infiltration"}
+    assert fp["counts"]["labels_added_from_boxes"] == 1
+    for k in range(2):
+        f = p.fold(k)
+        tp = {int(p.manifest.loc[i, "patient_id"]) for i in f["test"]}
+        for key in ("train_annotated", "train_unannotated"):
+            assert not tp & {int(p.manifest.loc[i, "patient_id"]) for i in f[key]}
+    # Same inputs -> byte-identical outputs, also with 2 worker processes; splits.json reused.
+    again = prepare(nih, tmp_path / "q", size=32, folds=2, unannotated_fraction=0.5, seed=1, workers=2, progress=False)
+    _same_files(out, again)
+    before = (out / "splits.json").read_bytes()
+    prepare(nih, out, size=32, folds=2, unannotated_fraction=0.5, seed=1, progress=False)
+    assert (out / "splits.json").read_bytes() == before
+    with pytest.raises(CxrlocError, match="delete it"):
+        prepare(nih, out, size=32, folds=3, unannotated_fraction=0.5, seed=1, progress=False)
+
+
+def test_prepare_nothing_usable(tmp_path: Path) -> None:
+    nih = tmp_path / "nih"
+    _make_nih(nih)
+    for png in nih.rglob("*.png"):
+        png.unlink()
+    with pytest.raises(CxrlocError, match="none of the 19 images"):
+        prepare(nih, tmp_path / "p", size=32, folds=2, progress=False)
+    from typer.testing import CliRunner
+
+    from cxrloc.cli import app
+
+    result = CliRunner().invoke(app, ["prepare", str(nih), "--out", str(tmp_path / "p2"), "--size", "32"])
+    assert result.exit_code != 0 and isinstance(result.exception, CxrlocError)
+
+
+def test_interrupted_then_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nih = tmp_path / "nih"
+    truth = _make_nih(nih, corrupt=False)
+    kwargs = dict(size=32, folds=2, unannotated_fraction=1.0, seed=0, progress=False)
+    full = prepare(nih, tmp_path / "full", **kwargs)
+    n = Prepared.open(full).images.shape[0]
+    assert n == 18
+    rgba = "00000002_001.png"  # written as RGBA with R = G = B
+    block = truth[rgba].astype(np.float64).reshape(32, 2, 32, 2).mean(axis=(1, 3))
+    assert np.abs(Prepared.open(full).image(rgba).astype(np.float64) - block).max() <= 0.5 + 1e-9
+
+    real = prep_mod.read_image_u8
+    calls: list[str] = []
+
+    def dying(path: str, size: int) -> np.ndarray:
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # the user pressing Ctrl-C
+        calls.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(prep_mod, "read_image_u8", dying)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(nih, out, **kwargs)
+    done = np.fromfile(out / "done.u8", dtype=np.uint8)
+    assert int(done.sum()) == 7 and not (out / "manifest.csv").exists()
+    with pytest.raises(CxrlocError, match="unfinished"):
+        Prepared.open(out)
+
+    second: list[str] = []
+
+    def counting(path: str, size: int) -> np.ndarray:
+        second.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(prep_mod, "read_image_u8", counting)
+    prepare(nih, out, **kwargs)
+    assert len(second) == n - 7 and not set(second) & set(calls)
+    _same_files(full, out)
+
+
+@pytest.mark.slow
+def test_prepare_shared_nih(tmp_path: Path) -> None:
+    if not (NIH / "Data_Entry_2017.csv").exists():
+        pytest.skip("shared data ../shared/data/nih not present")
+    out = prepare(NIH, tmp_path / "p", size=64, progress=False)
+    p = Prepared.open(out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["counts"]["found"] == 704 and fp["counts"]["missing"] == 112_120 - 704
+    assert len(fp["missing"]["images"]) == 112_120 - 704 and fp["counts"]["boxes"] == 781
+    assert p.images.shape == (704, 64, 64) and p.num_folds == 5
+    name = "00013118_008.png"
+    raw = np.asarray(Image.open(NIH / "images" / name).convert("L"), dtype=np.float64)  # 512 px file
+    block = raw.reshape(64, 8, 64, 8).mean(axis=(1, 3))
+    assert np.abs(p.image(name).astype(np.float64) - block).max() <= 0.5 + 1e-9
+    k, x0, y0, x1, y1 = p.boxes(name)[0]
+    assert k == CLASS_INDEX["Atelectasis"] and abs(x0 - 225.084745762712 / 1024) < 1e-12
+    tests = [i for k in range(5) for i in p.fold(k)["test"]]
+    assert sorted(tests) == sorted(p.manifest.index) and len(set(tests)) == 704
