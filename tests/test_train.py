@@ -1,0 +1,189 @@
+"""`cxrloc train`: exact resume after SIGKILL, DDP vs one process, stages, run folder, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxrloc.checkpoint import load_checkpoint, load_model
+from cxrloc.config import make_config
+from cxrloc.train import run_training, train
+from cxrloc.utils import CxrlocError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_dataset import write_prepared  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--set", "device=cpu", "--set", "workers=0", "--set", "deterministic=true", "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cxrloc", "train", *args]
+
+
+def _weights(fold_dir: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return load_checkpoint(fold_dir / "checkpoints" / f"{which}.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("prep") / "prepared")
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights_bit_for_bit(prep: Path, tmp_path: Path) -> None:
+    args = [str(prep), "--fold", "0", "--preset", "tiny", "--epochs", "4", *COMMON]
+    ref = subprocess.run(_cli(*args, "--out", str(tmp_path / "ref")), env=_env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    last = out / "fold_0" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), env=_env(), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(last)["epoch"]
+    assert 1 <= killed_at < 4
+
+    # Resume without --preset: the run's own config.json is the base.
+    res = subprocess.run(
+        _cli(str(prep), "--out", str(out), "--fold", "0", "--resume", "--quiet"), env=_env(), capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    a, b = _weights(tmp_path / "ref" / "fold_0"), _weights(out / "fold_0")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run: {different[:5]}"
+    rows_ref = list(csv.DictReader((tmp_path / "ref" / "fold_0" / "metrics.csv").open()))
+    rows_res = list(csv.DictReader((out / "fold_0" / "metrics.csv").open()))
+    assert [r["loss"] for r in rows_ref] == [r["loss"] for r in rows_res] and len(rows_res) == 4
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(prep: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo) == 1 process with 2 accumulation micro-batches.
+
+    Without SyncBatchNorm on CPU each process normalises its own half batch; the single process
+    accumulates gradients over the same two halves, so BatchNorm sees the same statistics.
+    """
+    sets = ["--set", "batch_size=8", "--set", "max_steps_per_epoch=3", "--set", "aug_scale=0.2"]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cxrloc",
+         "train", str(prep), "--out", str(tmp_path / "ddp"), "--fold", "0", "--preset", "tiny", "--epochs", "2",
+         *sets, *COMMON],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = train(
+        prep, tmp_path / "one", fold=0, progress=False,
+        cfg=make_config("tiny", ["batch_size=8", "max_steps_per_epoch=3", "aug_scale=0.2", "epochs=2",
+                                 "device=cpu", "workers=0", "accum_steps=2"]),
+    )  # fmt: skip
+    a, b = _weights(tmp_path / "ddp" / "fold_0"), _weights(one)
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert params
+    for k in params:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    ref = make_config("tiny", ["device=cpu"])
+    assert ref.batch_size == 8
+    with torch.random.fork_rng():
+        torch.manual_seed(ref.seed)
+        from cxrloc.model.net import build_model
+
+        init = build_model(ref).state_dict()
+    moved = sum(not torch.equal(init[k], b[k]) for k in params if k.startswith("unary."))
+    assert moved > 10, "training did not change the weights: the comparison would be vacuous"
+    run = json.loads((tmp_path / "ddp" / "fold_0" / "run.json").read_text())
+    assert run["world_size"] == 2
+
+
+def test_stages_freeze_what_they_do_not_train(prep: Path, tmp_path: Path) -> None:
+    base = ["epochs=1", "max_steps_per_epoch=2", "device=cpu", "workers=0"]
+    unary_dir = train(prep, tmp_path / "unary", fold=1, cfg=make_config("tiny", base), progress=False)
+    crf_dir = train(
+        prep, tmp_path / "crf", fold=1, cfg=make_config("tiny", base), stage="crf", init_from=tmp_path / "unary",
+        progress=False,
+    )
+    u, c = _weights(unary_dir, "best"), _weights(crf_dir)
+    unary_keys = [k for k in u if k.startswith("unary.")]
+    crf_keys = [k for k in u if k.startswith("crf.") and u[k].is_floating_point()]
+    assert unary_keys and crf_keys
+    assert all(torch.equal(u[k], c[k]) for k in unary_keys), "stage crf changed the frozen unary part (or its BN)"
+    assert any(not torch.equal(u[k], c[k]) for k in crf_keys), "stage crf did not train the CRF"
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        from cxrloc.model.net import build_model
+
+        init = build_model(make_config("tiny")).state_dict()
+    assert all(torch.equal(init[k], u[k]) for k in crf_keys), "stage unary changed the CRF"
+
+    joint_dir = train(
+        prep, tmp_path / "joint", fold=1, cfg=make_config("tiny", [*base, "joint_lr_factor=0.25"]), stage="joint",
+        init_from=tmp_path / "unary", progress=False,
+    )
+    rows = list(csv.DictReader((joint_dir / "metrics.csv").open()))
+    assert float(rows[0]["lr"]) == pytest.approx(0.25e-3)
+    j = _weights(joint_dir)
+    assert any(not torch.equal(u[k], j[k]) for k in unary_keys) and any(not torch.equal(u[k], j[k]) for k in crf_keys)
+
+
+def test_run_folder_layout_and_checkpoint_contents(prep: Path, tmp_path: Path) -> None:
+    dirs = run_training(
+        prep, tmp_path / "run", folds="all", preset="tiny", progress=False,
+        overrides=["epochs=2", "max_steps_per_epoch=1", "device=cpu", "loss=li2018", "crf=false"],
+    )  # fmt: skip
+    assert [d.name for d in dirs] == ["fold_0", "fold_1"]
+    for fold, d in enumerate(dirs):
+        run = json.loads((d / "run.json").read_text())
+        assert run["fold"] == fold and run["stage"] == "unary"
+        assert not set(run["test_ids"]) & set(run["train_ids"] + run["val_ids"])
+        assert json.loads((d / "config.json").read_text())["loss"] == "li2018"
+        rows = list(csv.DictReader((d / "metrics.csv").open()))
+        assert [r["epoch"] for r in rows] == ["1", "2"]
+        assert {"ann", "un_pos", "un_neg", "loss", "lr", "val_iou_acc", "val_ior_acc", "time_s"} <= set(rows[0])
+        assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.95)
+        state = torch.load(d / "checkpoints" / "last.pt", weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "meta", "config"} <= set(state)
+        assert state["meta"]["thresholds"]["patch_grid"] == 8
+        model, meta, cfg = load_model(d)
+        assert cfg.crf is False and model.crf is None
+
+
+def test_user_errors_are_one_clear_message(prep: Path, tmp_path: Path) -> None:
+    cfg = make_config("tiny", ["epochs=1", "max_steps_per_epoch=1", "device=cpu"])
+    train(prep, tmp_path / "r", fold=0, cfg=cfg, progress=False)
+    with pytest.raises(CxrlocError, match="--resume"):
+        train(prep, tmp_path / "r", fold=0, cfg=cfg, progress=False)
+    with pytest.raises(CxrlocError, match="lr"):
+        train(prep, tmp_path / "r", fold=0, cfg=make_config("tiny", ["lr=0.5", "device=cpu"]), resume=True)
+    with pytest.raises(CxrlocError, match="--from"):
+        train(prep, tmp_path / "c", fold=0, cfg=cfg, stage="crf")
+    with pytest.raises(CxrlocError, match="Did you mean 'epochs'"):
+        run_training(prep, tmp_path / "x", folds="0", preset="tiny", overrides=["epoch=3"])
+    with pytest.raises(CxrlocError, match="fold 7"):
+        run_training(prep, tmp_path / "x", folds="7", preset="tiny")
+    res = subprocess.run(
+        _cli(str(prep), "--out", str(tmp_path / "r"), "--fold", "0", "--preset", "tiny"), env=_env(),
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 2 and "already holds a run" in res.stderr and "Traceback" not in res.stderr
