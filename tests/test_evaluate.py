@@ -204,3 +204,28 @@ def test_cli_evaluate_and_errors(run_dir: Path) -> None:
         evaluate(run_dir, fold=7, progress=False)
     with pytest.raises(CxrlocError, match="run.json"):
         evaluate(run_dir.parent / "prepared", progress=False)
+
+
+def test_predict_prepared_scales_and_area_resizes() -> None:
+    from cxrloc.inference import predict_prepared
+
+    class Echo(torch.nn.Module):
+        """Returns its input as ``z`` so the preprocessing can be checked."""
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    class Cache:
+        def __init__(self) -> None:
+            self.data = {i: np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8) for i in ("p", "q", "r")}
+
+        def image(self, image_id: str) -> np.ndarray:
+            return self.data[image_id]
+
+    cache = Cache()
+    z = predict_prepared(Echo(), cache, ["r", "p", "q"], image_size=4, batch_size=2, progress=False)
+    assert z.shape == (3, 1, 4, 4) and z.dtype == np.float32
+    for n, i in enumerate(["r", "p", "q"]):
+        x = cache.data[i].astype(np.float64) / 127.5 - 1.0
+        expected = x.reshape(4, 2, 4, 2).mean(axis=(1, 3))  # 2x2 box filter
+        np.testing.assert_allclose(z[n, 0], expected, atol=1e-6)
