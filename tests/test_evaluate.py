@@ -217,7 +217,8 @@ def test_predict_prepared_scales_and_area_resizes() -> None:
 
     class Cache:
         def __init__(self) -> None:
-            self.data = {i: np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8) for i in ("p", "q", "r")}
+            rng = np.random.default_rng(3)
+            self.data = {i: rng.integers(0, 256, (8, 8), dtype=np.uint8) for i in ("p", "q", "r")}
 
         def image(self, image_id: str) -> np.ndarray:
             return self.data[image_id]
