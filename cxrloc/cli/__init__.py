@@ -44,21 +44,13 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear line and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except CxrlocError as exc:
-        console.print(f"[bold red]Error:[/] {exc}")
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        console.print("Aborted.")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+    """Entry point: run the app, turning user errors into one clear line and exit code 2.
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    typer handles usage errors (unknown option, bad value) itself in standalone mode;
+    a ``CxrlocError`` raised by a command reaches here and is printed without a traceback.
+    """
+    try:
+        app()
+    except CxrlocError as exc:
+        console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+        sys.exit(2)
