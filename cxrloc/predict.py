@@ -475,11 +475,12 @@ def predict_files(
         })
         summary.outputs.append(summary_path)
         summary.location = str(out)
-    elif summary.outputs:
-        summary.location = ", ".join(str(p) for p in summary.outputs)
     else:
-        print(json.dumps(summary.records[0], indent=2))
-        summary.location = "stdout"
+        if json_path is None and summary.records:
+            print(json.dumps(summary.records[0], indent=2))  # stdout stays machine-readable
+        summary.location = ", ".join([str(p) for p in summary.outputs] + (["stdout"] if json_path is None else []))
+        if not summary.records and not summary.outputs:
+            summary.location = "nowhere (no input could be read)"
     return summary
 
 
