@@ -106,6 +106,11 @@ def load_model(
 ) -> tuple[torch.nn.Module, dict[str, Any], Config]:
     """Load a trained model in eval mode from a run folder or checkpoint file.
 
+    When the checkpoint's fold folder holds a ``thresholds.json`` (written by
+    ``cxrloc fit-thresholds``), those thresholds replace the ones saved in the
+    checkpoint, in the model's buffers and in ``meta["thresholds"]``, so that
+    ``predict``, ``evaluate`` and ``export`` all use the fitted values.
+
     Returns:
         ``(model, meta, config)``.
     """
@@ -117,5 +122,14 @@ def load_model(
     cfg.init = "scratch"  # weights come from the checkpoint, never from the network
     model = build_model(cfg)
     model.load_state_dict(state["model"])
+    meta = dict(state["meta"])
+    fitted = ckpt_path.parent.parent / "thresholds.json"
+    if ckpt_path.parent.name == "checkpoints" and fitted.is_file():
+        from cxrloc.thresholds import Thresholds
+
+        thresholds = Thresholds.load(fitted)
+        model.thresholds.set(thresholds)
+        meta["thresholds"] = thresholds.to_json()
+        meta["thresholds_source"] = str(fitted)
     model.to(device).eval()
-    return model, state["meta"], cfg
+    return model, meta, cfg

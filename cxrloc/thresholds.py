@@ -106,7 +106,9 @@ class Thresholds:
                 info=data.get("info") or {},
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise CxrlocError(f"Malformed thresholds data ({exc!r}); expected the format written by fit-thresholds.") from None
+            raise CxrlocError(
+                f"Malformed thresholds data ({exc!r}); expected the format written by fit-thresholds."
+            ) from None
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_json())

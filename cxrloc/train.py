@@ -390,6 +390,8 @@ def _train(
     init_ckpt = _load_init_weights(model, init_path, fold) if init_path is not None and resume_state is None else None
     thresholds, thresholds_source = initial_thresholds(cfg, fold_dir, prepared, train_ids, init_dir)
     model.thresholds.set(thresholds)
+    # The unary stage's loss reads sigmoid(unary_logits) only: skip the CRF's forward.
+    model.use_crf = stage != "unary"
     params = _trainable(model, stage)
     if not params:
         raise CxrlocError(f"Stage {stage} has no parameter to train with this config.")

@@ -46,10 +46,13 @@ class CXRLocNet(nn.Module):
         self.crf = crf
         self.patch_grid = patch_grid
         self.thresholds = ThresholdBuffers(patch_grid)
+        self.use_crf = True
+        """When False, ``forward`` skips the CRF (``z = sigmoid(unary_logits)``): the unary
+        training stage sets it, since its loss never reads the CRF's output."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unary_logits = self.unary(x).float()
-        if self.crf is None:
+        if self.crf is None or not self.use_crf:
             z = torch.sigmoid(unary_logits)
         else:
             z = self.crf(x, unary_logits).float()
