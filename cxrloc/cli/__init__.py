@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules that define working commands, in the order of the pipeline.
-COMMAND_MODULES: tuple[str, ...] = ("prepare", "train", "predict", "export", "fit_thresholds", "evaluate")
+COMMAND_MODULES: tuple[str, ...] = ("prepare", "train", "predict", "export", "fit_thresholds", "evaluate", "demo")
 
 
 def _version(value: bool) -> None:

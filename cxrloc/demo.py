@@ -1,0 +1,306 @@
+"""``cxrloc demo``: the whole pipeline on synthetic NIH-format data, in minutes on a CPU.
+
+Steps, each with the library function every command uses:
+
+1. :func:`cxrloc.data.synthetic.generate_synthetic_nih` -> ``DIR/nih`` (NIH layout and CSV quirks);
+2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
+3. :func:`cxrloc.train.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
+4. :func:`cxrloc.fit_thresholds.fit_thresholds` on that fold (the paper's alternation);
+5. :func:`cxrloc.train.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds again;
+6. :func:`cxrloc.evaluate.evaluate` of both runs on fold 0's test images, beside the data-free prior;
+7. :func:`cxrloc.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch);
+8. :func:`cxrloc.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
+
+``DIR/summary.json`` holds the accuracy table (per class and mean over the 8 boxed classes, IoU
+and IoR, for the model, the unary model and the prior, at each T), the timings and every output.
+See ``docs/demo.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from rich.table import Table
+
+from cxrloc import __version__
+from cxrloc.classes import BOXED_CLASSES
+from cxrloc.config import Config, make_config
+from cxrloc.utils import CxrlocError, console, write_json_atomic
+
+T = TypeVar("T")
+
+DEMO_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
+"""The thresholds T of the accuracy table."""
+
+TARGET_T = 0.3
+TARGET_IOU = 0.8
+"""What the demo must show: mean IoU accuracy over the boxed classes >= 0.8 at T = 0.3."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run (the full demo, or the quick one used by the test suite)."""
+
+    n_patients: int
+    images_per_patient: int
+    box_fraction: float
+    unannotated_fraction: float
+    size: int
+    overrides: dict[str, Any]
+    crf_overrides: dict[str, Any]
+    overlays: int = 6
+
+
+def demo_settings(size: int = 128, quick: bool = False) -> DemoSettings:
+    """The demo's data sizes and training recipe (``make_config("cpu", overrides)``).
+
+    The recipe is the ``cpu`` preset narrowed for synthetic data: the synthetic lesions are large
+    and high-contrast, so a narrow ResNet-18 on ``size`` px images learns them in a few epochs.
+    """
+    if size < 32 or size % 32:
+        raise CxrlocError(f"--size {size}: use a multiple of 32 (e.g. 64, 96, 128, 160).")
+    grid = max(size // 8, 4)  # a patch is 8 px: fine enough for the nodules' boxes
+    overrides: dict[str, Any] = {
+        "image_size": size,
+        "patch_grid": grid,
+        "width": 16,
+        "head_channels": 64,
+        "crf_window": 7,
+        "crf_iterations": 3,
+        "crf_feature_dim": 8,
+        "crf_branch_channels": 16,
+        "batch_size": 16,
+        "epochs": 14,
+        "lr": 2e-3,
+        "lr_decay": 0.85,
+        "workers": 0,
+        "device": "cpu",
+        "amp": "off",
+        "eval_threshold": TARGET_T,
+    }
+    crf_overrides = {"epochs": 3, "lr": 1e-3}
+    if quick:
+        overrides.update({"width": 8, "head_channels": 16, "epochs": 2, "batch_size": 8, "crf_feature_dim": 4,
+                          "crf_branch_channels": 8, "crf_window": 5, "crf_iterations": 2})
+        crf_overrides = {"epochs": 1}
+        return DemoSettings(12, 3, 0.6, 0.0, size, overrides, crf_overrides, overlays=2)
+    return DemoSettings(150, 4, 0.6, 0.0, size, overrides, crf_overrides)
+
+
+def _step(name: str, timings: dict[str, float], fn: Callable[[], T]) -> T:
+    console.rule(f"[bold]{name}")
+    t0 = time.perf_counter()
+    out = fn()
+    timings[name] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _table_rows(results: dict[str, Any], method: str, metric: str) -> dict[str, Any]:
+    """Per-class (boxed) and mean accuracies of one method/metric from ``evaluate``'s results."""
+    block = results["summary"][method][metric]
+    return {
+        "per_class": {c: block["per_class_mean"][c] for c in BOXED_CLASSES},
+        "mean": block["boxed_mean"],
+    }
+
+
+def _summary_tables(summary: dict[str, Any]) -> list[Table]:
+    """One table per metric: a row per boxed class and the mean; model, unary and prior at each T."""
+    ts = summary["ts"]
+    tables = []
+    for metric in ("iou", "ior"):
+        table = Table(title=f"{metric.upper()} accuracy, {summary['test_images']} synthetic test images (fold 0)")
+        table.add_column("class")
+        for method in ("model", "unary", "prior"):
+            for t in ts:
+                table.add_column(f"{method}\nT={t:g}", justify="right")
+        for row, name in [(c, c) for c in BOXED_CLASSES] + [(None, "mean (8 boxed)")]:
+            cells = []
+            for method in ("model", "unary", "prior"):
+                block = summary["accuracy"][method][metric]
+                values = block["mean"] if row is None else block["per_class"][row]
+                cells += [_fmt(v) for v in values]
+            table.add_row(name, *cells, style="bold" if row is None else None)
+        tables.append(table)
+    return tables
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def run_demo(
+    out_dir: str | os.PathLike[str] = "demo_out",
+    *,
+    size: int = 128,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline on synthetic data and return the summary (also in ``DIR/summary.json``).
+
+    Args:
+        out_dir: folder for every output (created; must not hold a previous demo's runs).
+        size: image side in pixels (a multiple of 32).
+        quick: a much smaller run (few images, a tiny network, 1-2 epochs) for tests.
+        seed: seed of the data, the folds and the training.
+        progress: show progress bars.
+        threads: torch CPU threads (default: what torch uses; restored afterwards).
+
+    Returns:
+        The summary dict: accuracy table, target check, timings, outputs.
+    """
+    from cxrloc.data.prepare import prepare
+    from cxrloc.data.synthetic import generate_synthetic_nih
+    from cxrloc.evaluate import evaluate
+    from cxrloc.export import export_onnx
+    from cxrloc.fit_thresholds import fit_thresholds
+    from cxrloc.predict import predict_files
+    from cxrloc.train import train
+
+    settings = demo_settings(size, quick)
+    out = Path(out_dir)
+    if (out / "run" / "fold_0").exists() or (out / "run_unary" / "fold_0").exists():
+        raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
+    cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed})
+    crf_cfg: Config = make_config("cpu", {**settings.overrides, **settings.crf_overrides, "seed": seed})
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    try:
+        nih = _step("1/8 synthetic NIH-format data", timings, lambda: generate_synthetic_nih(
+            out / "nih", n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
+            size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
+        prepared = _step("2/8 prepare", timings, lambda: prepare(
+            nih, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
+            seed=seed, workers=1, progress=progress))
+        unary_run = out / "run_unary"
+        _step("3/8 train (unary stage)", timings, lambda: train(
+            prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
+        _step("4/8 fit thresholds (unary)", timings, lambda: fit_thresholds(unary_run / "fold_0", progress=progress))
+        run = out / "run"
+        _step("5/8 train (CRF stage)", timings, lambda: train(
+            prepared, run, fold=0, cfg=crf_cfg, stage="crf", init_from=unary_run, progress=progress))
+        _step("5/8 fit thresholds (CRF)", timings, lambda: fit_thresholds(run / "fold_0", progress=progress))
+        results = _step("6/8 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
+        unary_results = _step("6/8 evaluate (unary model)", timings, lambda: evaluate(
+            unary_run, ts=DEMO_TS, progress=progress))
+        report = _step("7/8 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
+        picks = _overlay_picks(_test_ids(run), nih / "BBox_List_2017.csv", settings.overlays)
+        files = [str(next(nih.glob(f"images_*/images/{i}"))) for i in picks]
+        overlays = _step("8/8 overlays", timings, lambda: predict_files(
+            files, report.path, out_dir=out / "overlays", boxes_csv=nih / "BBox_List_2017.csv", progress=progress))
+    finally:
+        torch.set_num_threads(old_threads)
+    total = round(time.perf_counter() - t_start, 1)
+
+    accuracy = {
+        "model": {m: _table_rows(results, "model", m) for m in ("iou", "ior")},
+        "unary": {m: _table_rows(unary_results, "model", m) for m in ("iou", "ior")},
+        "prior": {m: _table_rows(results, "prior", m) for m in ("iou", "ior")},
+    }
+    ti = DEMO_TS.index(TARGET_T)
+    model_iou = accuracy["model"]["iou"]["mean"][ti]
+    prior_iou = accuracy["prior"]["iou"]["mean"][ti]
+    summary: dict[str, Any] = {
+        "version": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
+        f"{torch.get_num_threads() if threads is None else threads} torch threads, {os.cpu_count()} CPUs",
+        "quick": quick,
+        "size": size,
+        "seed": seed,
+        "data": {
+            "patients": settings.n_patients,
+            "images": settings.n_patients * settings.images_per_patient,
+            "box_fraction": settings.box_fraction,
+            "unannotated_fraction": settings.unannotated_fraction,
+        },
+        "test_images": results["per_fold"][0]["test_images"],
+        "boxes": {c: results["summary"]["boxes"][c] for c in BOXED_CLASSES},
+        "classes": list(BOXED_CLASSES),
+        "ts": list(DEMO_TS),
+        "accuracy": accuracy,
+        "target": {
+            "T": TARGET_T,
+            "metric": "iou",
+            "required": TARGET_IOU,
+            "model": model_iou,
+            "prior": prior_iou,
+            "met": bool(
+                model_iou is not None and model_iou >= TARGET_IOU and (prior_iou is None or model_iou > prior_iou)
+            ),
+        },
+        "config": {"unary": cfg.to_dict(), "crf": crf_cfg.to_dict()},
+        "timings_s": {**timings, "total": total},
+        "outputs": {
+            "data": str(nih),
+            "prepared": str(prepared),
+            "unary_run": str(unary_run),
+            "run": str(run),
+            "thresholds": str(run / "fold_0" / "thresholds.json"),
+            "eval": results["out_dir"],
+            "unary_eval": unary_results["out_dir"],
+            "onnx": str(report.path),
+            "overlays": str(out / "overlays"),
+            "overlay_files": [str(p) for p in overlays.outputs if str(p).endswith(".png")],
+            "summary": str(out / "summary.json"),
+        },
+    }
+    write_json_atomic(out / "summary.json", summary)
+    for table in _summary_tables(summary):
+        console.print(table)
+    _print_outputs(summary)
+    return summary
+
+
+def _test_ids(run: Path) -> list[str]:
+    return [str(i) for i in json.loads((run / "fold_0" / "run.json").read_text(encoding="utf-8"))["test_ids"]]
+
+
+def _overlay_picks(test_ids: list[str], bbox_csv: Path, count: int) -> list[str]:
+    """Test images for the overlays: one per boxed class first (so the figures show every class)."""
+    import csv
+
+    with open(bbox_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))[1:]
+    wanted = set(test_ids)
+    picks: list[str] = []
+    seen: set[str] = set()
+    for image_id, label, *_ in sorted(rows, key=lambda r: r[0]):
+        if image_id in wanted and label not in seen and image_id not in picks:
+            picks.append(image_id)
+            seen.add(label)
+    picks += [i for i in sorted(wanted) if i not in picks]
+    return picks[:count]
+
+
+def _print_outputs(summary: dict[str, Any]) -> None:
+    t = summary["target"]
+    verdict = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
+    console.print(
+        f"Mean IoU accuracy at T={t['T']:g} over the 8 boxed classes: model {_fmt(t['model'])}, "
+        f"prior {_fmt(t['prior'])} (target >= {t['required']:g}, above the prior: {verdict}). "
+        f"Total time {summary['timings_s']['total']:.0f} s."
+    )
+    o = summary["outputs"]
+    for label, key in (
+        ("synthetic NIH data", "data"), ("prepared cache", "prepared"), ("unary run", "unary_run"),
+        ("CRF run", "run"), ("thresholds", "thresholds"), ("evaluation", "eval"), ("ONNX model", "onnx"),
+        ("overlays", "overlays"),
+    ):
+        console.print(f"  {label:<20} {o[key]}")
+    console.print(f"Results saved to {o['summary']}")

@@ -1,0 +1,102 @@
+"""End-to-end test of ``cxrloc demo`` at a small size (the ``--quick`` settings, 64 px)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrloc.classes import BOXED_CLASSES
+from cxrloc.utils import CxrlocError
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from cxrloc.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(out, size=64, quick=True, progress=False, threads=1)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_output(quick_demo: tuple[Path, dict]) -> None:
+    out, summary = quick_demo
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    o = summary["outputs"]
+    assert (Path(o["data"]) / "Data_Entry_2017.csv").is_file()
+    assert (Path(o["data"]) / "BBox_List_2017.csv").is_file()
+    assert (Path(o["prepared"]) / "splits.json").is_file()
+    for run in (o["unary_run"], o["run"]):
+        assert (Path(run) / "fold_0" / "checkpoints" / "best.pt").is_file()
+        assert (Path(run) / "fold_0" / "thresholds.json").is_file()
+    assert json.loads((Path(o["run"]) / "fold_0" / "run.json").read_text())["stage"] == "crf"
+    assert (Path(o["eval"]) / "results.json").is_file()
+    assert o["overlay_files"] and all(Path(p).is_file() and p.endswith(".png") for p in o["overlay_files"])
+
+    # The exported model runs in onnxruntime with the demo's input size and patch grid.
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(o["onnx"], providers=["CPUExecutionProvider"])
+    size, grid = summary["size"], summary["config"]["crf"]["patch_grid"]
+    x = np.zeros((1, 1, size, size), dtype=np.float32)
+    z = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert z.shape == (1, 14, grid, grid) and np.all((z >= 0) & (z <= 1))
+
+
+@pytest.mark.slow
+def test_quick_demo_summary_structure(quick_demo: tuple[Path, dict]) -> None:
+    out, summary = quick_demo
+    ts = summary["ts"]
+    assert ts == [0.1, 0.3, 0.5] and summary["classes"] == list(BOXED_CLASSES)
+    for method in ("model", "unary", "prior"):
+        for metric in ("iou", "ior"):
+            block = summary["accuracy"][method][metric]
+            assert set(block["per_class"]) == set(BOXED_CLASSES)
+            for values in [*block["per_class"].values(), block["mean"]]:
+                assert len(values) == len(ts)
+                assert all(v is None or 0.0 <= v <= 1.0 for v in values)
+            # Accuracy can only fall as T rises.
+            m = [v for v in block["mean"] if v is not None]
+            assert all(a >= b - 1e-12 for a, b in zip(m, m[1:], strict=False))
+    target = summary["target"]
+    assert target["T"] == 0.3 and target["required"] == 0.8 and isinstance(target["met"], bool)
+    assert math.isclose(target["model"], summary["accuracy"]["model"]["iou"]["mean"][1])
+    assert summary["timings_s"]["total"] > 0
+
+    # The test set is fold 0's, counted independently from splits.json and the box list.
+    splits = json.loads((Path(summary["outputs"]["prepared"]) / "splits.json").read_text())
+    test_ids = set(splits["folds"][0]["test"])
+    assert summary["test_images"] == len(test_ids)
+    with open(Path(summary["outputs"]["data"]) / "BBox_List_2017.csv", newline="") as fh:
+        rows = [r for r in list(csv.reader(fh))[1:] if r[0] in test_ids]
+    counted = {c: 0 for c in BOXED_CLASSES}
+    for r in rows:
+        counted["Infiltration" if r[1] == "Infiltrate" else r[1]] += 1
+    assert summary["boxes"] == counted
+
+
+@pytest.mark.slow
+def test_demo_refuses_to_overwrite(quick_demo: tuple[Path, dict]) -> None:
+    from cxrloc.demo import run_demo
+
+    out, _ = quick_demo
+    with pytest.raises(CxrlocError, match="already holds a demo"):
+        run_demo(out, size=64, quick=True, progress=False)
+
+
+def test_demo_cli_help_and_bad_size(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "cxrloc", "demo"]
+    helped = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=False)
+    assert helped.returncode == 0 and "cxrloc demo --out" in helped.stdout
+    bad = subprocess.run([*cmd, "--out", str(tmp_path / "d"), "--size", "100"], capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2 and "--size 100" in bad.stderr
+    assert not (tmp_path / "d").exists()
