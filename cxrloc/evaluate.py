@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich import box
 from rich.table import Table
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
@@ -45,7 +46,14 @@ PAPER_TABLE1: dict[str, dict[str, list[float]]] = {
 }
 PAPER_T: float = 0.1
 
-SHORT: dict[str, str] = {c: c[:4] for c in CLASSES}
+SHORT: dict[str, str] = {
+    **{c: c[:4] for c in CLASSES},
+    # The paper's abbreviations; "Pneu" alone would not tell Pneumonia from Pneumothorax.
+    "Pneumonia": "Pnia",
+    "Pneumothorax": "Pnth",
+    "Pleural_Thickening": "PlTh",
+    "Consolidation": "Cons",
+}
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -209,9 +217,17 @@ def _rich_tables(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence
     # "0.818±0.123" cells need about 150 columns; a narrower terminal gets means only.
     with_std = console.width >= 150
     for m in metrics:
-        t = Table(title=f"{m.upper()} accuracy ({'mean ± std' if with_std else 'mean'} over folds)")
+        t = Table(
+            title=f"{m.upper()} accuracy ({'mean ± std' if with_std else 'mean'} over folds)",
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            collapse_padding=True,
+        )
         for col in ("method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"):
-            t.add_column(col, justify="left" if col == "method" else "right")
+            if col == "method":
+                t.add_column(col, justify="left", overflow="fold")
+            else:  # numbers are never cut: an 80-column terminal fits them
+                t.add_column(col, justify="right", no_wrap=True, min_width=3 if col == "T" else 5)
         for method, tt, cells in _accuracy_rows(summary, ts, m, with_std):
             style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
             t.add_row(method, tt, *cells, style=style)
