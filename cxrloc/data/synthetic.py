@@ -219,14 +219,14 @@ def _make_finding(name: str, rng: np.random.Generator, a: Anatomy, boxed: bool) 
         sides = [0, 1] if rng.random() < 0.2 else [side]
         return [Finding(name, {"side": s, "height": rng.uniform(0.11, 0.18)}, boxed) for s in sides]
     if name == "Pneumothorax":
-        p = {"side": side, "depth": rng.uniform(0.2, 0.3), "extent": rng.uniform(0.42, 0.55)}
+        p = {"side": side, "extent": rng.uniform(0.22, 0.32), "drop": rng.uniform(0.1, 0.16)}
         return [Finding(name, p, boxed)]
     if name == "Nodule":
         count = 2 if rng.random() < 0.3 else 1
         out = []
         for _ in range(count):
             u, v = _sample_in_lung(rng, a, int(rng.integers(2)), (0.15, 0.8))
-            out.append(Finding(name, {"u": u, "v": v, "r": rng.uniform(0.026, 0.036)}, boxed))
+            out.append(Finding(name, {"u": u, "v": v, "r": rng.uniform(0.03, 0.04)}, boxed))
         return out
     if name == "Mass":
         u, v = _sample_in_lung(rng, a, side, (0.2, 0.6), max_radius=0.55)
@@ -283,10 +283,7 @@ def _finding_map(f: Finding, a: Anatomy, U: np.ndarray, V: np.ndarray) -> np.nda
         level = a.base - p["height"] - 0.07 * lateral**2  # the meniscus climbs the lateral wall
         return _sigmoid((V - level) / 0.008) * _lung(a, s, U, V)
     if f.name == "Pneumothorax":
-        s = p["side"]
-        r = _lung_ellipse(a, s, U, V)
-        v_cut = a.top + p["extent"] * (a.base - a.top)
-        return _sigmoid((r - (1.0 - p["depth"])) / 0.02) * _lung(a, s, U, V) * _sigmoid((v_cut - V) / 0.01)
+        return _sigmoid((_pneumothorax_edge(a, p, U) - V) / 0.008) * _lung(a, p["side"], U, V)
     if f.name == "Nodule":
         d = np.hypot(U - p["u"], V - p["v"])
         return _sigmoid((p["r"] - d) / 0.004)
@@ -339,6 +336,13 @@ def _finding_map(f: Finding, a: Anatomy, U: np.ndarray, V: np.ndarray) -> np.nda
         d = np.hypot(U - a.cx - 0.01, V - a.base + 0.05)
         return _sigmoid((0.055 - d) / 0.006)
     raise ValueError(f"no drawing for class {f.name!r}")
+
+
+def _pneumothorax_edge(a: Anatomy, p: dict[str, Any], U: np.ndarray) -> np.ndarray:
+    """Upper edge of the collapsed lung: air above it, reaching lower along the lateral wall."""
+    s = p["side"]
+    lateral = np.clip((U - a.lung_x(s)) / a.lung_hw * (1.0 if s == 1 else -1.0) * 0.5 + 0.5, 0.0, 1.0)
+    return a.top + p["extent"] * (a.base - a.top) + p["drop"] * lateral**2
 
 
 # How each finding changes the grey levels: (mode, amount). "add": + amount x map;
@@ -421,11 +425,9 @@ def render(spec: ImageSpec, size: int) -> np.ndarray:
             img = img + amount * m
         else:
             if f.name == "Pneumothorax":
-                # The collapsed lung's edge: a thin bright pleural line where the dark rim begins.
-                r = _lung_ellipse(a, f.params["side"], U, V)
-                line = np.exp(-(((r - (1.0 - f.params["depth"])) / 0.012) ** 2))
-                v_cut = a.top + f.params["extent"] * (a.base - a.top)
-                img = img + 0.1 * line * _lung(a, f.params["side"], U, V) * _sigmoid((v_cut - V) / 0.01)
+                # The collapsed lung's edge: a thin bright pleural line below the air.
+                line = np.exp(-(((V - _pneumothorax_edge(a, f.params, U) - 0.008) / 0.006) ** 2))
+                img = img + 0.12 * line * _lung(a, f.params["side"], U, V)
             img = img * (1 - m) + amount * m
 
     img = np.clip(img * spec.gain + spec.offset, 0.0, 1.0) ** spec.gamma
