@@ -41,6 +41,8 @@ class Config:
     """P: the output is a P x P grid of patches per class."""
     head_channels: int = 512
     """Channels of the first of the two head convolutions."""
+    init_prob: float = 0.0
+    """Initial patch probability set by the head's last bias (0: 1/P^2, one expected positive patch)."""
     crf: bool = True
     """Use the PAC-CRF on the patch grid."""
     crf_window: int = 19
