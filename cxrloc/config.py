@@ -43,6 +43,8 @@ class Config:
     """Channels of the first of the two head convolutions."""
     init_prob: float = 0.0
     """Initial patch probability set by the head's last bias (0: 1/P^2, one expected positive patch)."""
+    head_coords: bool = False
+    """Give the patch head each patch's (x, y) position as two extra channels (CoordConv); not in the paper."""
     crf: bool = True
     """Use the PAC-CRF on the patch grid."""
     crf_window: int = 19

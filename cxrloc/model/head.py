@@ -23,14 +23,30 @@ class PatchHead(nn.Module):
     count ``1'z ~ 1`` under the threshold loss, so neither loss starts saturated.
     ``init_prob > 0`` sets another starting probability (the threshold loss's gradients through
     the sigmoid, ``z (1 - z)``, are 25x larger at 0.1 than at 1/256).
+
+    ``coords=True`` appends each patch's centre coordinates as two input channels of the first
+    convolution (CoordConv, Liu et al. 2018): findings have typical positions (the heart, the lung
+    bases), which a convolutional head can otherwise only infer from image content.
     """
 
     def __init__(
-        self, in_channels: int, patch_grid: int, hidden: int = 512, num_classes: int = 14, init_prob: float = 0.0
+        self,
+        in_channels: int,
+        patch_grid: int,
+        hidden: int = 512,
+        num_classes: int = 14,
+        init_prob: float = 0.0,
+        coords: bool = False,
     ) -> None:
         super().__init__()
         self.patch_grid = patch_grid
-        self.conv1 = nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1, bias=False)
+        self.coords = coords
+        if coords:
+            # Two extra input channels: each patch's centre (x, y) in [-1, 1] (CoordConv).
+            c = (torch.arange(patch_grid, dtype=torch.float32) + 0.5) / patch_grid * 2 - 1
+            grid = torch.stack([c.view(1, -1).expand(patch_grid, -1), c.view(-1, 1).expand(-1, patch_grid)])
+            self.register_buffer("coord_grid", grid.unsqueeze(0).contiguous(), persistent=False)
+        self.conv1 = nn.Conv2d(in_channels + (2 if coords else 0), hidden, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(hidden, num_classes, kernel_size=1)
@@ -43,4 +59,7 @@ class PatchHead(nn.Module):
         p = self.patch_grid
         if feats.shape[-2:] != (p, p):
             feats = F.interpolate(feats, size=(p, p), mode="bilinear", align_corners=False)
+        if self.coords:
+            grid = self.coord_grid.to(feats.dtype).expand(feats.shape[0], -1, -1, -1)
+            feats = torch.cat([feats, grid], dim=1)
         return self.conv2(self.relu(self.bn1(self.conv1(feats))))

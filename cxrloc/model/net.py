@@ -78,7 +78,9 @@ def build_model(cfg: Config) -> CXRLocNet:
         (2, 14, 8, 8)
     """
     backbone, channels = create_backbone(cfg.arch, cfg.width, cfg.antialias, cfg.blur_size, cfg.init)
-    head = PatchHead(channels, cfg.patch_grid, cfg.head_channels, NUM_CLASSES, init_prob=cfg.init_prob)
+    head = PatchHead(
+        channels, cfg.patch_grid, cfg.head_channels, NUM_CLASSES, init_prob=cfg.init_prob, coords=cfg.head_coords
+    )
     crf = None
     if cfg.crf:
         crf = PacCrf(
