@@ -97,6 +97,7 @@ def render_overlay(
     scores: list[float] | None = None,
     gt_boxes: list[GtBox] | None = None,
     threshold: float = 0.5,
+    min_side: int = 512,
 ) -> Image.Image:
     """Draw the prediction of one image.
 
@@ -108,11 +109,18 @@ def render_overlay(
         scores: image-level scores for the legend (default ``z[k].sum()``).
         gt_boxes: ground-truth boxes of this image (normalised), drawn as rectangles.
         threshold: patch threshold of the detected region.
+        min_side: a smaller image is enlarged (bilinear) until its shorter side has this many
+            pixels, so that the legend and labels stay readable on small inputs.
 
     Returns:
-        An RGB image of the original size.
+        An RGB image of the original size, or enlarged to ``min_side``.
     """
     height, width = img.shape
+    if min(height, width) < min_side:
+        scale = min_side / min(height, width)
+        size = (round(width * scale), round(height * scale))
+        img = np.asarray(Image.fromarray(np.asarray(img, dtype=np.float32), mode="F").resize(size, Image.BILINEAR))
+        height, width = img.shape
     rgb = np.repeat(np.clip(img, 0.0, 1.0)[..., None] * np.float32(255.0), 3, axis=2).astype(np.float32)
     for k in present:
         alpha = blob_alpha(z[k], width, height, threshold)[..., None]

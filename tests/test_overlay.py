@@ -44,7 +44,7 @@ def test_overlay_size_blob_and_gt_box() -> None:
     z[2, 2:4, 2:4] = 0.9  # Effusion: the bottom-right quarter
     z[5, 0, 3] = 0.9  # Nodule, not present: must not be drawn
     gt = [("Mass", 0.05, 0.6, 0.3, 0.9)]
-    out = render_overlay(img, z, [2], gt_boxes=gt)
+    out = render_overlay(img, z, [2], gt_boxes=gt, min_side=0)
     assert out.size == (width, height) and out.mode == "RGB"
     arr = np.asarray(out).astype(float)
     grey = 0.5 * 255
@@ -58,6 +58,18 @@ def test_overlay_size_blob_and_gt_box() -> None:
     np.testing.assert_allclose(arr[95, 10], class_color(4), atol=1.0)
     # Legend in the top-left corner: not plain grey.
     assert np.abs(arr[:15, :60] - grey).max() > 50
+
+
+def test_small_image_is_enlarged_before_drawing() -> None:
+    img = np.full((100, 150), 0.5, np.float32)
+    z = np.zeros((14, 4, 4), np.float32)
+    z[2, 2:4, 2:4] = 0.9  # bottom-right quarter
+    out = render_overlay(img, z, [2], min_side=300)
+    assert out.size == (450, 300)  # shorter side 100 -> 300, aspect kept
+    arr = np.asarray(out).astype(float)
+    expected = [0.5 * 255 * (1 - BLOB_ALPHA) + c * BLOB_ALPHA for c in class_color(2)]
+    np.testing.assert_allclose(arr[270, 420], expected, atol=1.0)  # inside the scaled quarter
+    np.testing.assert_allclose(arr[100, 300], [0.5 * 255] * 3, atol=1.0)  # outside it
 
 
 def test_predicted_overlay_file(tmp_path: Path) -> None:
