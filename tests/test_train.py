@@ -101,8 +101,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(prep: P
     a, b = _weights(tmp_path / "ddp" / "fold_0"), _weights(one)
     params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert params
-    for k in params:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     ref = make_config("tiny", ["device=cpu"])
     assert ref.batch_size == 8
     with torch.random.fork_rng():
@@ -112,6 +110,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(prep: P
         init = build_model(ref).state_dict()
     moved = sum(not torch.equal(init[k], b[k]) for k in params if k.startswith("unary."))
     assert moved > 10, "training did not change the weights: the comparison would be vacuous"
+    # Adam normalises each gradient, so float reductions summed in another order (two processes,
+    # other thread counts) can move a weight whose gradient is ~0 by up to lr per step. Compare the
+    # disagreement with the training's own movement: without gradient averaging the two runs
+    # would differ by about as much as they moved.
+    for k in params:
+        update = (b[k] - init[k]).abs().max().item()
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= 1e-5 + 0.05 * update, f"{k}: processes disagree by {diff:.2e}, moved {update:.2e}"
     run = json.loads((tmp_path / "ddp" / "fold_0" / "run.json").read_text())
     assert run["world_size"] == 2
 
