@@ -45,6 +45,8 @@ class Config:
     """Initial patch probability set by the head's last bias (0: 1/P^2, one expected positive patch)."""
     head_coords: bool = False
     """Give the patch head each patch's (x, y) position as two extra channels (CoordConv); not in the paper."""
+    position_bias: bool = False
+    """A learned per-class, per-patch logit offset, started from the training boxes' coverage; not in the paper."""
     crf: bool = True
     """Use the PAC-CRF on the patch grid."""
     crf_window: int = 19

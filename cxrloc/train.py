@@ -166,6 +166,35 @@ def box_patch_counts(prepared: Any, image_ids: Sequence[str], patch_grid: int) -
     return counts
 
 
+def init_position_bias(model: nn.Module, prepared: Any, image_ids: Sequence[str], patch_grid: int) -> int:
+    """Start the head's position bias at the log-odds of each patch's coverage by the class's boxes.
+
+    For class k, ``f_kj`` = the share of the training images with a box of class k whose box union
+    covers patch j (``union_patch_mask``); the bias becomes ``logit(clip(f, 0.02, 0.98))`` and the
+    last conv's bias is zeroed for those classes, so the untrained network's region ``z >= 0.5``
+    is the set of patches covered by at least half of the class's boxes. Classes without training
+    boxes keep the default start. Returns the number of classes initialised.
+    """
+    head = model.unary.head
+    if head.position_bias is None:
+        return 0
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for image_id in image_ids:
+        by_class: dict[int, list[tuple[float, float, float, float]]] = {}
+        for k, x0, y0, x1, y1 in prepared.boxes(image_id):
+            by_class.setdefault(k, []).append((x0, y0, x1, y1))
+        for k, rects in by_class.items():
+            sums[k] = sums.get(k, 0) + union_patch_mask(rects, patch_grid).astype(np.float64)
+            counts[k] = counts.get(k, 0) + 1
+    with torch.no_grad():
+        for k, total in sums.items():
+            f = np.clip(total / counts[k], 0.02, 0.98)
+            head.position_bias[k] = torch.as_tensor(np.log(f / (1 - f)), dtype=head.position_bias.dtype)
+            head.conv2.bias[k] = 0.0
+    return len(sums)
+
+
 def initial_thresholds(
     cfg: Config, fold_dir: Path, prepared: Any, train_ids: Sequence[str], init_dir: Path | None = None
 ) -> tuple[Thresholds, str]:
@@ -390,6 +419,8 @@ def _train(
     init_ckpt = _load_init_weights(model, init_path, fold) if init_path is not None and resume_state is None else None
     thresholds, thresholds_source = initial_thresholds(cfg, fold_dir, prepared, train_ids, init_dir)
     model.thresholds.set(thresholds)
+    if init_path is None and resume_state is None:
+        init_position_bias(model, prepared, train_ids, cfg.patch_grid)
     # The unary stage's loss reads sigmoid(unary_logits) only: skip the CRF's forward.
     model.use_crf = stage != "unary"
     params = _trainable(model, stage)

@@ -27,6 +27,10 @@ class PatchHead(nn.Module):
     ``coords=True`` appends each patch's centre coordinates as two input channels of the first
     convolution (CoordConv, Liu et al. 2018): findings have typical positions (the heart, the lung
     bases), which a convolutional head can otherwise only infer from image content.
+
+    ``position_bias=True`` adds a learned logit offset per class and patch. Started from the
+    training boxes (``cxrloc.train.init_position_bias``), the network begins where the data-free
+    prior is and has to learn from the image how to do better; neither is in the paper.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class PatchHead(nn.Module):
         num_classes: int = 14,
         init_prob: float = 0.0,
         coords: bool = False,
+        position_bias: bool = False,
     ) -> None:
         super().__init__()
         self.patch_grid = patch_grid
@@ -47,6 +52,9 @@ class PatchHead(nn.Module):
             grid = torch.stack([c.view(1, -1).expand(patch_grid, -1), c.view(-1, 1).expand(-1, patch_grid)])
             self.register_buffer("coord_grid", grid.unsqueeze(0).contiguous(), persistent=False)
         self.conv1 = nn.Conv2d(in_channels + (2 if coords else 0), hidden, kernel_size=3, padding=1, bias=False)
+        # A learned per-class, per-patch logit offset (K, P, P); training initialises it from the
+        # training boxes (cxrloc.train.init_position_bias).
+        self.position_bias = nn.Parameter(torch.zeros(num_classes, patch_grid, patch_grid)) if position_bias else None
         self.bn1 = nn.BatchNorm2d(hidden)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(hidden, num_classes, kernel_size=1)
@@ -62,4 +70,7 @@ class PatchHead(nn.Module):
         if self.coords:
             grid = self.coord_grid.to(feats.dtype).expand(feats.shape[0], -1, -1, -1)
             feats = torch.cat([feats, grid], dim=1)
-        return self.conv2(self.relu(self.bn1(self.conv1(feats))))
+        logits = self.conv2(self.relu(self.bn1(self.conv1(feats))))
+        if self.position_bias is not None:
+            logits = logits + self.position_bias
+        return logits

@@ -79,7 +79,8 @@ def build_model(cfg: Config) -> CXRLocNet:
     """
     backbone, channels = create_backbone(cfg.arch, cfg.width, cfg.antialias, cfg.blur_size, cfg.init)
     head = PatchHead(
-        channels, cfg.patch_grid, cfg.head_channels, NUM_CLASSES, init_prob=cfg.init_prob, coords=cfg.head_coords
+        channels, cfg.patch_grid, cfg.head_channels, NUM_CLASSES, init_prob=cfg.init_prob, coords=cfg.head_coords,
+        position_bias=cfg.position_bias,
     )
     crf = None
     if cfg.crf:
