@@ -657,8 +657,14 @@ def run_training(
     resume: bool = False,
     init_from: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    alternate: int = 0,
 ) -> list[Path]:
     """Resolve the config and train one fold or all folds one after another (what ``cxrloc train`` does).
+
+    ``alternate=N`` runs the paper's alternation N times per fold: train ``epochs`` more epochs
+    with the thresholds fixed, then fit the thresholds with the network frozen
+    (:func:`cxrloc.fit_thresholds.fit_thresholds`, written to ``fold_K/thresholds.json``), which
+    the next round's training reads. The run ends with ``N * epochs`` epochs and fitted thresholds.
 
     With ``resume`` and no ``preset``, each fold's saved ``config.json`` is the base, so a resumed
     run keeps its settings; ``overrides`` and ``epochs`` still apply (only epochs, workers, device
@@ -677,15 +683,41 @@ def run_training(
             fold_list = [int(folds)]
         except ValueError:
             raise CxrlocError(f"--fold must be a number or 'all', got {folds!r}.") from None
+    if alternate < 0:
+        raise CxrlocError(f"--alternate must be >= 0, got {alternate}.")
+    if alternate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CxrlocError(
+            "--alternate runs threshold fitting between rounds in one process; under torchrun, alternate by "
+            "hand: train, 'cxrloc fit-thresholds RUN_DIR', then train --resume with more --epochs."
+        )
     extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
     results = []
     for fold in fold_list:
         base = _existing_config(out, fold) if resume and preset is None else None
         cfg = apply_overrides(base, extra) if base is not None else make_config(preset or "paper", extra)
-        results.append(
-            train(
-                prepared_dir, out, fold=fold, cfg=cfg, stage=stage, resume=resume, init_from=init_from,
-                progress=progress,
+        if alternate == 0:
+            results.append(
+                train(
+                    prepared_dir, out, fold=fold, cfg=cfg, stage=stage, resume=resume, init_from=init_from,
+                    progress=progress,
+                )
             )
-        )
+            continue
+        from cxrloc.fit_thresholds import fit_thresholds
+
+        per_round = cfg.epochs
+        start = 0
+        if resume:
+            last = out / f"fold_{fold}" / "checkpoints" / "last.pt"
+            start = int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+        for r in range(alternate):
+            cfg_r = dataclasses.replace(cfg, epochs=start + per_round * (r + 1))
+            fold_dir = train(
+                prepared_dir, out, fold=fold, cfg=cfg_r, stage=stage, resume=resume or r > 0,
+                init_from=init_from, progress=progress,
+            )
+            device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+            fit_thresholds(fold_dir, device=device, which="best", progress=progress)
+            console.print(f"Fold {fold}: alternation round {r + 1}/{alternate} done (thresholds fitted).")
+        results.append(fold_dir)
     return results

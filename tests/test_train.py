@@ -193,3 +193,36 @@ def test_user_errors_are_one_clear_message(prep: Path, tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert res.returncode == 2 and "already holds a run" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_alternate_trains_then_fits_thresholds_each_round(prep: Path, tmp_path: Path) -> None:
+    from cxrloc.thresholds import Thresholds
+
+    base = ["max_steps_per_epoch=2", "device=cpu", "workers=0", "crf=false"]
+    (fold_dir,) = run_training(
+        prep, tmp_path / "alt", folds=0, preset="tiny", overrides=base, epochs=1, progress=False, alternate=2
+    )
+    rows = list(csv.DictReader((fold_dir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # 2 rounds x 1 epoch
+    fitted = Thresholds.load(fold_dir / "thresholds.json")
+    assert fitted.info["round"] == 2
+    # Round 2 trained with the thresholds fitted after round 1: those are the checkpoint's buffers,
+    # and the file's "previous" values (what round 2 started from) record them.
+    state = load_checkpoint(fold_dir / "checkpoints" / "last.pt")["model"]
+    prev = fitted.info["previous"]
+    names = list(prev)
+    for name in ("tau", "rho", "tau_hat", "rho_hat"):
+        saved = state[f"thresholds.{name}"].double().numpy()
+        expected = [prev[c][name] for c in names]
+        assert saved.tolist() == pytest.approx(expected, rel=1e-6), name
+    # ... and they are not the initial thresholds (the comparison above would then prove nothing).
+    from cxrloc.data.prepared import Prepared
+    from cxrloc.train import box_patch_counts
+
+    run = json.loads((fold_dir / "run.json").read_text())
+    p = make_config("tiny").patch_grid
+    initial = Thresholds.initial(p, box_patch_counts(Prepared.open(prep), run["train_ids"], p))
+    assert any(
+        abs(prev[c][name] - float(getattr(initial, name)[k])) > 1e-6
+        for k, c in enumerate(names) for name in ("tau", "rho", "tau_hat", "rho_hat")
+    )

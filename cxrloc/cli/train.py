@@ -18,6 +18,8 @@ Examples:
 
   cxrloc train prepared/ --out runs/cpu --fold 0 --resume                     # continue a stopped run
 
+  cxrloc train prepared/ --out runs/alt --fold 0 --preset cpu --epochs 8 --alternate 3  # 3 x (train, fit)
+
   Two stages (train the base model, then only the CRF on top of it):
 
   cxrloc train prepared/ --out runs/unary --fold 0 --preset paper --stage unary
@@ -62,6 +64,9 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = typer.Option(
             [], "--set", help="Override a config field: --set key=value (repeatable), e.g. --set loss=li2018."
         ),
+        alternate: int = typer.Option(
+            0, "--alternate", help="N rounds of: train --epochs epochs, then fit thresholds (the paper's alternation)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     ) -> None:
         from cxrloc.train import run_training
@@ -77,6 +82,7 @@ def register(app: typer.Typer) -> None:
             resume=resume,
             init_from=init_from,
             progress=not quiet,
+            alternate=alternate,
         )
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, rank 0 reports
