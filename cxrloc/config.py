@@ -69,6 +69,9 @@ class Config:
     """Temperature (in patches) of the sigmoids of ``threshold-sigmoid``."""
     li2018_rescale: bool = False
     """Li et al.'s heuristic: squeeze patch probabilities into [0.98, 1] (faithful reproduction)."""
+    rho_hat_box_fraction: float = 0.0
+    """When > 0, the initial rho_hat of each class is this share of its median box size (patches);
+    0 keeps the default of 1 patch (see cxrloc.thresholds.Thresholds.initial)."""
     thresholds_file: str = ""
     """A ``thresholds.json`` to start from (empty: initial values from the training boxes)."""
 
@@ -137,7 +140,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 5 minutes (docs/results.md). Differs from the paper where a from-scratch CPU run needs it:
         # a narrow ResNet-18 at 128 px, AdamW with light weight decay (Adam's coupled L2 of 0.01
         # swamps the small gradients of an untrained head), a larger learning rate and smaller
-        # batches (more steps), and CoordConv channels in the head.
+        # batches (more steps), CoordConv channels and a position bias started from the training
+        # boxes in the head, and rho_hat = the median box size (docs/results.md says why).
         "arch": "resnet18",
         "width": 32,
         "init": "scratch",
@@ -145,6 +149,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_grid": 16,
         "head_channels": 128,
         "head_coords": True,
+        "position_bias": True,
+        "rho_hat_box_fraction": 1.0,
         "crf_window": 9,
         "crf_iterations": 3,
         "batch_size": 8,

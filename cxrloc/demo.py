@@ -87,6 +87,8 @@ def demo_settings(size: int = 128, quick: bool = False) -> DemoSettings:
         "optimizer": "adam",
         "weight_decay": 0.01,
         "head_coords": False,
+        "position_bias": False,
+        "rho_hat_box_fraction": 0.0,
         "workers": 0,
         "device": "cpu",
         "amp": "off",

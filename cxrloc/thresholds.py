@@ -125,7 +125,12 @@ class Thresholds:
         return cls.from_json(data)
 
     @classmethod
-    def initial(cls, patch_grid: int, box_patch_counts: dict[int, list[float]] | None = None) -> Thresholds:
+    def initial(
+        cls,
+        patch_grid: int,
+        box_patch_counts: dict[int, list[float]] | None = None,
+        rho_hat_box_fraction: float = 0.0,
+    ) -> Thresholds:
         """Initial thresholds before any fitting.
 
         Args:
@@ -134,21 +139,33 @@ class Thresholds:
                 training boxes. tau_hat starts at ``DEFAULT_TAU_HAT_FRACTION`` times the
                 class's median box size (the median over all boxes for classes without
                 boxes; 2 patches when there are no boxes at all).
+            rho_hat_box_fraction: when > 0, rho_hat starts at this share of the class's median
+                box size instead of ``DEFAULT_RHO_HAT``: an image without the finding may then
+                show a region of about that size at no cost (the evaluation protocol never asks
+                for the region of an absent class), which keeps a weak network from learning to
+                show nothing at all.
         """
         all_sizes = [s for sizes in (box_patch_counts or {}).values() for s in sizes]
         fallback = float(np.median(all_sizes)) if all_sizes else 4.0
         tau_hat = np.empty(NUM_CLASSES)
+        rho_hat = np.full(NUM_CLASSES, DEFAULT_RHO_HAT)
         for k in range(NUM_CLASSES):
             sizes = (box_patch_counts or {}).get(k) or []
             med = float(np.median(sizes)) if sizes else fallback
             tau_hat[k] = DEFAULT_TAU_HAT_FRACTION * med
+            if rho_hat_box_fraction > 0:
+                rho_hat[k] = rho_hat_box_fraction * med
         return cls(
             tau=np.full(NUM_CLASSES, DEFAULT_TAU),
             rho=np.full(NUM_CLASSES, DEFAULT_RHO),
             tau_hat=tau_hat,
-            rho_hat=np.full(NUM_CLASSES, DEFAULT_RHO_HAT),
+            rho_hat=rho_hat,
             patch_grid=patch_grid,
-            info={"criterion": "initial", "tau_hat_fraction_of_median_box": DEFAULT_TAU_HAT_FRACTION},
+            info={
+                "criterion": "initial",
+                "tau_hat_fraction_of_median_box": DEFAULT_TAU_HAT_FRACTION,
+                "rho_hat_fraction_of_median_box": rho_hat_box_fraction,
+            },
         ).clipped()
 
 

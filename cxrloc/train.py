@@ -211,7 +211,8 @@ def initial_thresholds(
     for i, path in enumerate(candidates):
         if path.is_file() or (i == 0 and cfg.thresholds_file):
             return Thresholds.load(path), str(path)
-    return Thresholds.initial(cfg.patch_grid, box_patch_counts(prepared, train_ids, cfg.patch_grid)), "initial"
+    counts = box_patch_counts(prepared, train_ids, cfg.patch_grid)
+    return Thresholds.initial(cfg.patch_grid, counts, rho_hat_box_fraction=cfg.rho_hat_box_fraction), "initial"
 
 
 def _fold_dir_of(init_from: Path, fold: int) -> Path:
