@@ -389,6 +389,7 @@ def predict_files(
     boxes_csv: str | os.PathLike[str] | None = None,
     save_maps: bool = False,
     overlays: bool = True,
+    overlay_classes: str = "present",
     device: str = "cpu",
     fold: int | None = None,
     threads: int = 2,
@@ -406,10 +407,19 @@ def predict_files(
     A file that cannot be read is reported with one error line and recorded in
     ``failures``; the other files are still processed.
 
+    ``overlay_classes``: ``present`` draws a blob for every class decided present (1'z >= tau_hat);
+    ``gt`` draws only the classes that have a ground-truth box on the image (needs ``boxes_csv``),
+    as in the paper's Figure 1.
+
     Raises:
         CxrlocError: bad options, or a model that cannot be loaded.
     """
     from cxrloc.data.imageio import read_image
+
+    if overlay_classes not in ("present", "gt"):
+        raise CxrlocError(f"--overlay-classes {overlay_classes!r}: use 'present' or 'gt'.")
+    if overlay_classes == "gt" and boxes_csv is None:
+        raise CxrlocError("--overlay-classes gt draws the classes of the ground-truth boxes: pass --boxes CSV.")
 
     files, problems = expand_inputs(inputs)
     summary = PredictSummary()
@@ -461,7 +471,8 @@ def predict_files(
                 bar.update(task, name=files[i].name)
                 record = _finish_one(
                     files[i], stems[i], img, z, predictor, out=out, overlay=overlay, json_path=json_path,
-                    gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, summary=summary,
+                    gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
+                    summary=summary,
                 )
                 summary.records.append(record)
                 bar.advance(task)
@@ -497,6 +508,7 @@ def _finish_one(
     gt_boxes: dict[str, list[tuple[str, float, float, float, float]]] | None,
     save_maps: bool,
     overlays: bool,
+    overlay_classes: str,
     summary: PredictSummary,
 ) -> dict[str, Any]:
     """Write the outputs of one image and return its record."""
@@ -525,7 +537,11 @@ def _finish_one(
         from cxrloc.overlay import render_overlay, save_png
 
         gts = gt_boxes.get(path.name, []) if gt_boxes is not None else None
-        present = [k for k, c in enumerate(record["classes"]) if c["present"]]
+        if overlay_classes == "gt":
+            names = {name for name, *_ in gts or []}
+            present = [k for k, c in enumerate(predictor.classes) if c in names]
+        else:
+            present = [k for k, c in enumerate(record["classes"]) if c["present"]]
         save_png(render_overlay(img, z, present, classes=predictor.classes, gt_boxes=gts), overlay)
         record["overlay"] = str(overlay)
         summary.outputs.append(Path(overlay))

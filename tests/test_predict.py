@@ -258,3 +258,31 @@ def test_real_entry_point_exit_codes(tiny_run, tmp_path: Path) -> None:
         cmd[:-2] + ["--model", str(tmp_path / "no_run")], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert wrong.returncode == 2 and "no_run" in wrong.stderr
+
+
+def test_overlay_classes_gt_draws_only_the_ground_truth_classes(tiny_run, tmp_path: Path) -> None:
+    from cxrloc.data.imageio import read_image
+    from cxrloc.overlay import load_box_csv, render_overlay
+
+    run, _ = tiny_run
+    csv_path = need(DATA / "nih" / "BBox_List_2017.csv")
+    image = need(DATA / "nih" / "images" / "00013118_008.png")
+    gts = load_box_csv(csv_path)[image.name]
+    wanted = sorted({CLASSES.index(name) for name, *_ in gts})
+    summary = predict_files(
+        [str(image)], run, overlay=tmp_path / "gt.png", json_path=tmp_path / "r.json", boxes_csv=csv_path,
+        overlay_classes="gt", progress=False,
+    )
+    assert summary.records and not summary.failures
+    present = [k for k, c in enumerate(summary.records[0]["classes"]) if c["present"]]
+    assert present != wanted  # otherwise "gt" and "present" would draw the same picture
+    maps = predict_files(
+        [str(image)], run, json_path=tmp_path / "m.json", save_maps=True, progress=False
+    ).records[0]["maps"]
+    expected = render_overlay(read_image(image), np.load(maps), wanted, gt_boxes=gts)
+    got = np.asarray(Image.open(tmp_path / "gt.png"))
+    assert np.array_equal(got, np.asarray(expected))
+    from cxrloc.utils import CxrlocError
+
+    with pytest.raises(CxrlocError, match="--boxes"):
+        predict_files([str(image)], run, json_path=tmp_path / "x.json", overlay_classes="gt", progress=False)

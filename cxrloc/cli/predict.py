@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
             "inputs: ./predictions)."
         ),
         overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlays in --out-dir."),
+        overlay_classes: str = typer.Option(
+            "present", "--overlay-classes", help="Blobs for: 'present' classes, or 'gt': the classes of the --boxes."
+        ),
         boxes: Path | None = typer.Option(
             None, "--boxes", help="NIH BBox_List_2017.csv: draw the ground-truth boxes of each image (by file name)."
         ),
@@ -50,7 +53,8 @@ def register(app: typer.Typer) -> None:
 
         summary = predict_files(
             inputs, model, out_dir=out_dir, overlay=overlay, json_path=json_out, boxes_csv=boxes,
-            save_maps=save_maps, overlays=overlays, device=device, fold=fold, threads=threads,
+            save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes, device=device, fold=fold,
+            threads=threads,
             batch_size=batch_size, thresholds_file=thresholds,
         )
         n_ok, n_bad = len(summary.records), len(summary.failures)
