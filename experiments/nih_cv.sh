@@ -23,13 +23,16 @@ queue_b() {  # Li et al. 2018 (li2018 loss, no CRF, no anti-aliasing), then the 
   cxrloc train "$P" --out "$OUT/li2018" $T --set loss=li2018 --set crf=false --set antialias=false
   cxrloc train "$P" --out "$OUT/sigmoid_unary" $T --set loss=threshold-sigmoid
   cxrloc train "$P" --out "$OUT/sigmoid" $T --set loss=threshold-sigmoid --stage crf --from "$OUT/sigmoid_unary" --epochs 5
+  # Li et al. 2018 without the cpu preset's position bias (rho_hat_box_fraction does not apply to li2018)
+  cxrloc train "$P" --out "$OUT/li2018_nopb" $T --set loss=li2018 --set crf=false --set antialias=false --set position_bias=false
 }
 queue_a > "$OUT/queue_a.log" 2>&1 &
 queue_b > "$OUT/queue_b.log" 2>&1 &
 wait
-for run in full full_unary li2018 noaa sigmoid; do
+for run in full full_unary li2018 li2018_nopb noaa sigmoid; do
   cxrloc evaluate "$OUT/$run" --metric both --fold all --t 0.1 --t 0.2 --t 0.3 --t 0.4 --t 0.5 --t 0.6 --t 0.7
 done
 python experiments/compile_results.py "$OUT" --out docs/results_nih_tables.md --plot docs/img/nih_acc_vs_t.png \
   --method "full (threshold+CRF+AA)=full" --method "no CRF=full_unary" --method "no anti-aliasing=noaa" \
-  --method "sigmoid loss=sigmoid" --method "Li et al. 2018=li2018"
+  --method "sigmoid loss=sigmoid" --method "Li et al. 2018=li2018" --method "Li et al. 2018, no position bias=li2018_nopb"
+
