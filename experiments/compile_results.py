@@ -69,7 +69,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, metric in zip(axes, ("iou", "ior")):
+        for ax, metric in zip(axes, ("iou", "ior"), strict=True):
             for label, r in results.items():
                 ax.plot(ts, r["summary"]["model"][metric]["boxed_mean"], marker="o", label=label)
             ax.plot(ts, first["summary"]["prior"][metric]["boxed_mean"], "k--", marker="s", label="prior")
