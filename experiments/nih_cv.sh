@@ -16,6 +16,7 @@ export OMP_NUM_THREADS=1
 queue_a() {  # the full method (its unary stage is the "no CRF" ablation), then "no anti-aliasing"
   cxrloc train "$P" --out "$OUT/full_unary" $T
   cxrloc train "$P" --out "$OUT/full" $T --stage crf --from "$OUT/full_unary" --epochs 5
+  cxrloc train "$P" --out "$OUT/full_joint" $T --stage joint --from "$OUT/full" --epochs 5
   cxrloc train "$P" --out "$OUT/noaa_unary" $T --set antialias=false
   cxrloc train "$P" --out "$OUT/noaa" $T --set antialias=false --stage crf --from "$OUT/noaa_unary" --epochs 5
 }
@@ -29,10 +30,10 @@ queue_b() {  # Li et al. 2018 (li2018 loss, no CRF, no anti-aliasing), then the 
 queue_a > "$OUT/queue_a.log" 2>&1 &
 queue_b > "$OUT/queue_b.log" 2>&1 &
 wait
-for run in full full_unary li2018 li2018_nopb noaa sigmoid; do
+for run in full full_joint full_unary li2018 li2018_nopb noaa sigmoid; do
   cxrloc evaluate "$OUT/$run" --metric both --fold all --t 0.1 --t 0.2 --t 0.3 --t 0.4 --t 0.5 --t 0.6 --t 0.7
 done
 python experiments/compile_results.py "$OUT" --out docs/results_nih_tables.md --plot docs/img/nih_acc_vs_t.png \
-  --method "full (threshold+CRF+AA)=full" --method "no CRF=full_unary" --method "no anti-aliasing=noaa" \
+  --method "full (threshold+CRF+AA)=full" --method "full + joint fine-tune=full_joint" --method "no CRF=full_unary" --method "no anti-aliasing=noaa" \
   --method "sigmoid loss=sigmoid" --method "Li et al. 2018=li2018" --method "Li et al. 2018, no position bias=li2018_nopb"
 
