@@ -3,7 +3,7 @@
 # 5 patient-grouped folds, 0% unannotated, from scratch. Two queues run side by side, one thread each.
 # The CRF stage starts from the unary run's weights and the preset's initial thresholds (no fitting
 # in between: fit-thresholds' rho_hat = tau_hat / 2 would undo the cpu preset's rho_hat choice).
-# Usage: bash experiments/nih_cv.sh OUT_DIR   (about an hour on 2 CPU cores)
+# Usage: bash experiments/nih_cv.sh OUT_DIR   (about an hour on 2 CPU cores; the plot needs pip install -e ".[plots]")
 set -euo pipefail
 OUT=${1:-runs/nih}
 NIH=${NIH:-../shared/data/nih}
