@@ -154,15 +154,24 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- pieces
-def box_patch_counts(prepared: Any, image_ids: Sequence[str], patch_grid: int) -> dict[int, list[float]]:
-    """Sizes ``|b_k|`` in patches of every (image, class) box union, for ``Thresholds.initial``."""
-    counts: dict[int, list[float]] = {}
+def class_box_masks(
+    prepared: Any, image_ids: Sequence[str], patch_grid: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(k, b_k)`` for every (image, class) with boxes: the union of that class's boxes as
+    a ``(P, P)`` bool patch mask (``union_patch_mask``, the losses' ``b_k``)."""
     for image_id in image_ids:
         by_class: dict[int, list[tuple[float, float, float, float]]] = {}
         for k, x0, y0, x1, y1 in prepared.boxes(image_id):
             by_class.setdefault(k, []).append((x0, y0, x1, y1))
         for k, rects in by_class.items():
-            counts.setdefault(k, []).append(float(union_patch_mask(rects, patch_grid).sum()))
+            yield k, union_patch_mask(rects, patch_grid)
+
+
+def box_patch_counts(prepared: Any, image_ids: Sequence[str], patch_grid: int) -> dict[int, list[float]]:
+    """Sizes ``|b_k|`` in patches of every (image, class) box union, for ``Thresholds.initial``."""
+    counts: dict[int, list[float]] = {}
+    for k, mask in class_box_masks(prepared, image_ids, patch_grid):
+        counts.setdefault(k, []).append(float(mask.sum()))
     return counts
 
 
@@ -180,13 +189,9 @@ def init_position_bias(model: nn.Module, prepared: Any, image_ids: Sequence[str]
         return 0
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
-    for image_id in image_ids:
-        by_class: dict[int, list[tuple[float, float, float, float]]] = {}
-        for k, x0, y0, x1, y1 in prepared.boxes(image_id):
-            by_class.setdefault(k, []).append((x0, y0, x1, y1))
-        for k, rects in by_class.items():
-            sums[k] = sums.get(k, 0) + union_patch_mask(rects, patch_grid).astype(np.float64)
-            counts[k] = counts.get(k, 0) + 1
+    for k, mask in class_box_masks(prepared, image_ids, patch_grid):
+        sums[k] = sums.get(k, 0) + mask.astype(np.float64)
+        counts[k] = counts.get(k, 0) + 1
     with torch.no_grad():
         for k, total in sums.items():
             f = np.clip(total / counts[k], 0.02, 0.98)
