@@ -90,6 +90,10 @@ class Config:
     """Stage ``joint``: learning rate = ``lr * joint_lr_factor`` (fine-tuning both parts)."""
     annotated_per_batch: int = 0
     """Minimum annotated images in every batch (0: their share of the training set, at least 1)."""
+    repeat_threshold: float = 0.0
+    """Repeat-factor sampling of annotated images (Gupta et al. 2019): an image whose rarest boxed
+    class is on a share f of the annotated images is shown max(1, sqrt(repeat_threshold / f)) times
+    per epoch on average (0: off, every image once); not in the paper."""
     val_fraction: float = 0.1
     """Share of the fold's training patients held out for model selection (never test images)."""
     augment: bool = True
@@ -283,6 +287,8 @@ def validate(cfg: Config) -> None:
         raise CxrlocError(
             f"Invalid accum_steps={cfg.accum_steps}: it must be >= 1 and divide batch_size={cfg.batch_size}."
         )
+    if not 0.0 <= cfg.repeat_threshold <= 1.0:
+        raise CxrlocError(f"Invalid repeat_threshold={cfg.repeat_threshold}: use 0 (off) to 1.")
     if not 0 <= cfg.annotated_per_batch <= cfg.batch_size:
         raise CxrlocError(f"Invalid annotated_per_batch={cfg.annotated_per_batch}: use 0..batch_size.")
     if cfg.lr <= 0 or not 0 < cfg.lr_decay <= 1 or cfg.weight_decay < 0 or cfg.joint_lr_factor <= 0:

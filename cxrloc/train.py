@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from cxrloc.checkpoint import load_checkpoint, make_meta, resolve_checkpoint, save_checkpoint
 from cxrloc.config import Config, apply_overrides, load_config, make_config, save_config
-from cxrloc.data.dataset import AnnotatedBatchSampler, LocalizationDataset, split_train_val
+from cxrloc.data.dataset import AnnotatedBatchSampler, LocalizationDataset, repeat_factors, split_train_val
 from cxrloc.geometry import union_patch_mask
 from cxrloc.thresholds import Thresholds
 from cxrloc.utils import CxrlocError, console, write_json_atomic, write_text_atomic
@@ -458,6 +458,7 @@ def _train(
         rank=dd.rank,
         world_size=dd.world_size,
         max_batches=cfg.max_steps_per_epoch,
+        repeat_factors=repeat_factors(dataset.boxes, cfg.repeat_threshold) if cfg.repeat_threshold > 0 else None,
     )
     micro = cfg.batch_size // dd.world_size
     if micro % cfg.accum_steps:

@@ -15,11 +15,13 @@ from cxrloc.data.dataset import (
     AffineParams,
     AnnotatedBatchSampler,
     LocalizationDataset,
+    repeat_factors,
     split_train_val,
     transform_boxes,
     warp_image,
 )
 from cxrloc.data.prepared import Prepared
+from cxrloc.utils import CxrlocError
 
 
 def write_prepared(root: Path, *, n_images: int = 40, size: int = 64, n_annotated: int = 16, seed: int = 0) -> Path:
@@ -193,3 +195,43 @@ def test_sampler_ranks_split_each_global_batch() -> None:
     parts = [list(AnnotatedBatchSampler(annotated, 8, seed=2, rank=r, world_size=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(parts[0], parts[1], strict=True)] == whole
     assert len(list(AnnotatedBatchSampler(annotated, 8, seed=2, max_batches=2))) == 2
+
+
+def test_repeat_factors_by_hand() -> None:
+    # 4 annotated items: classes {0}, {0}, {0, 5}, {5}... and one without boxes.
+    boxes = [
+        [(0, 0.1, 0.1, 0.2, 0.2)],
+        [(0, 0.1, 0.1, 0.2, 0.2)],
+        [(0, 0.1, 0.1, 0.2, 0.2), (5, 0.5, 0.5, 0.6, 0.6)],
+        [(5, 0.5, 0.5, 0.6, 0.6), (5, 0.7, 0.7, 0.8, 0.8)],
+        [],
+    ]
+    # f_0 = 3/4, f_5 = 2/4; t = 1: r = max(1, sqrt(1/f)) -> class 0: 1.1547, class 5: 1.4142.
+    r = repeat_factors(boxes, 1.0)
+    assert np.allclose(r, [np.sqrt(4 / 3), np.sqrt(4 / 3), np.sqrt(2), np.sqrt(2), 1.0])
+    assert np.allclose(repeat_factors(boxes, 0.5), [1.0, 1.0, 1.0, 1.0, 1.0])  # sqrt(0.5/0.5) = 1, sqrt(0.5/0.75) < 1
+    assert np.all(repeat_factors(boxes, 0.0) == 1.0)
+
+
+def test_sampler_repeat_factors_oversample_and_keep_every_image() -> None:
+    annotated = np.ones(10, dtype=bool)
+    rf = np.ones(10)
+    rf[3] = 3.0  # exactly 3 copies per epoch
+    rf[7] = 1.5  # 1 or 2 copies, 1.5 on average
+    s = AnnotatedBatchSampler(annotated, 4, seed=3, repeat_factors=rf)
+    counts7 = []
+    for epoch in range(200):
+        s.set_epoch(epoch)
+        flat = [i for b in s for i, _ in b]
+        # The epoch's stream: 8 singles, item 3 three times, item 7 once or twice: 12 or 13 items,
+        # so 3 or 4 batches of 4 (a short last batch is filled from a fresh permutation).
+        assert len(flat) in (12, 16) and len(s) == len(flat) // 4
+        assert set(flat) == set(range(10)), "repeat-factor sampling dropped an image"
+        assert flat.count(3) >= 3
+        counts7.append(1 if len(flat) == 12 else 2)
+    assert 1.4 < np.mean(counts7) < 1.6
+    with pytest.raises(CxrlocError):
+        AnnotatedBatchSampler(annotated, 4, repeat_factors=np.full(10, 0.5))
+    # Without factors > 1 the order is the plain sampler's (runs without the option are unchanged).
+    plain = list(AnnotatedBatchSampler(annotated, 4, seed=3))
+    assert list(AnnotatedBatchSampler(annotated, 4, seed=3, repeat_factors=np.ones(10))) == plain

@@ -232,6 +232,30 @@ class LocalizationDataset(Dataset):
         }
 
 
+def repeat_factors(boxes: Sequence[Sequence[BoxRow]], threshold: float) -> np.ndarray:
+    """Repeat factors of repeat-factor sampling (Gupta et al., LVIS, CVPR 2019), per item.
+
+    ``f_c`` is the share of the annotated items with a box of class ``c``; an item's factor is
+    ``max(1, max over its box classes of sqrt(threshold / f_c))`` (1 for an item without boxes and
+    for every item when ``threshold <= 0``). Items whose boxes belong to rare classes are shown
+    more often per epoch; every item still appears at least once.
+    """
+    n = len(boxes)
+    out = np.ones(n, dtype=np.float64)
+    present = [sorted({int(r[0]) for r in bxs}) for bxs in boxes]
+    n_ann = sum(1 for p in present if p)
+    if threshold <= 0 or n_ann == 0:
+        return out
+    freq = np.zeros(NUM_CLASSES)
+    for p in present:
+        freq[p] += 1
+    freq /= n_ann
+    for i, p in enumerate(present):
+        if p:
+            out[i] = max(1.0, float(np.max(np.sqrt(threshold / freq[p]))))
+    return out
+
+
 class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches with annotated images in every batch; this rank's share of each global batch.
 
@@ -243,6 +267,10 @@ class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
     ``(seed, epoch)``, followed by fresh permutations when it runs out before the epoch ends.
     So every image is seen at least once per epoch, every batch has exactly ``B`` items and
     ``>= a`` annotated ones, and the order depends only on ``(seed, epoch)``.
+
+    With ``repeat_factors`` (:func:`repeat_factors`), the annotated stream of an epoch holds each
+    annotated item ``floor(r_i)`` times plus once more with probability ``r_i - floor(r_i)``, drawn
+    from ``(seed, epoch)``; the number of batches then follows that stream's length.
 
     Under DDP, rank ``r`` of ``W`` receives items ``[r B/W, (r+1) B/W)`` of each global batch.
     Items are yielded as ``(index, epoch)`` so that workers know the augmentation epoch.
@@ -258,12 +286,20 @@ class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
         rank: int = 0,
         world_size: int = 1,
         max_batches: int = 0,
+        repeat_factors: np.ndarray | None = None,
     ) -> None:
         annotated = np.asarray(annotated, dtype=bool)
         self.ann = np.flatnonzero(annotated)
         self.unann = np.flatnonzero(~annotated)
         if len(annotated) == 0:
             raise CxrlocError("No training images: the fold's training lists are empty.")
+        self.repeat = None
+        if repeat_factors is not None:
+            rf = np.asarray(repeat_factors, dtype=np.float64)
+            if rf.shape != annotated.shape or not np.all(np.isfinite(rf)) or np.any(rf[annotated] < 1.0):
+                raise CxrlocError("repeat_factors must be one finite value >= 1 per annotated item.")
+            if np.any(rf[annotated] > 1.0):
+                self.repeat = rf[self.ann]
         if batch_size % world_size:
             raise CxrlocError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size}).")
         self.batch_size = batch_size
@@ -280,13 +316,21 @@ class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
         else:
             share = annotated_per_batch or max(1, round(batch_size * n_a / (n_a + n_u)))
             self.per_batch_ann = min(share, batch_size - 1) if batch_size > 1 else 1
-        a, b = self.per_batch_ann, batch_size
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def _num_batches(self, n_a: int) -> int:
+        a, b, n_u = self.per_batch_ann, self.batch_size, len(self.unann)
         counts = []
         if n_u:
             counts.append(math.ceil(n_u / (b - a)) if b > a else 0)
         if n_a and a:
             counts.append(math.ceil(n_a / a))
-        self.num_batches = max(1, max(counts))
+        return max(1, max(counts))
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches in the current epoch (varies by epoch only under repeat-factor sampling)."""
+        return len(self.global_batches(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Order of the next iteration (call before every epoch; a function of ``(seed, epoch)``)."""
@@ -294,6 +338,15 @@ class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return min(self.num_batches, self.max_batches) if self.max_batches else self.num_batches
+
+    def annotated_items(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """The annotated items of ``epoch``: each once, or, under repeat-factor sampling,
+        ``floor(r_i)`` times plus once more with probability ``r_i - floor(r_i)`` (so at least once)."""
+        if self.repeat is None:
+            return self.ann
+        whole = np.floor(self.repeat)
+        copies = whole.astype(np.int64) + (rng.random(len(self.repeat)) < (self.repeat - whole))
+        return np.repeat(self.ann, copies)
 
     @staticmethod
     def _stream(items: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -304,14 +357,19 @@ class AnnotatedBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All global batches of ``epoch`` (the same on every rank)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return list(self._cache[1])
         rng = np.random.default_rng([self.seed, epoch, _SALT_SAMPLER])
-        a, b, n = self.per_batch_ann, self.batch_size, self.num_batches
-        ann = self._stream(self.ann, a * n, rng).reshape(n, a)
+        ann_items = self.annotated_items(epoch, rng)
+        a, b = self.per_batch_ann, self.batch_size
+        n = self._num_batches(len(ann_items))
+        ann = self._stream(ann_items, a * n, rng).reshape(n, a)
         unann = self._stream(self.unann, (b - a) * n, rng).reshape(n, b - a)
         batches = np.concatenate([ann, unann], axis=1)
         # Mix annotated and unannotated items inside a batch so that ranks and micro-batches get both.
         for row in batches:
             rng.shuffle(row)
+        self._cache = (epoch, list(batches))
         return list(batches)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
