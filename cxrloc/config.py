@@ -33,6 +33,9 @@ class Config:
     """Blur-pool before every downsampling of the backbone (Zhang 2019)."""
     blur_size: int = 3
     """Size of the binomial anti-aliasing filter (3 to 5)."""
+    output_stride: int = 32
+    """Subsampling of the backbone: 32 (the paper's ResNet), 16 or 8 (the last one or two stages at
+    stride 1, for small inputs whose stride-32 map would be far coarser than the P x P grid)."""
     init: str = "imagenet"
     """``scratch``, ``imagenet`` (torchvision weights) or a path to a weights file."""
     image_size: int = 512
@@ -275,6 +278,8 @@ def validate(cfg: Config) -> None:
             raise CxrlocError(f"Invalid {key}={value!r}: choose one of {', '.join(choices)}.")
     if cfg.crf_window % 2 == 0 or cfg.crf_window < 1:
         raise CxrlocError(f"Invalid crf_window={cfg.crf_window}: it must be a positive odd number.")
+    if cfg.output_stride not in (8, 16, 32):
+        raise CxrlocError(f"Invalid output_stride={cfg.output_stride}: use 32 (the paper), 16 or 8.")
     if not 2 <= cfg.blur_size <= 7:
         raise CxrlocError(f"Invalid blur_size={cfg.blur_size}: use 2 to 7 (the paper uses 3 to 5).")
     if cfg.patch_grid < 1 or cfg.image_size < 32:

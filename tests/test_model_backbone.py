@@ -25,6 +25,22 @@ def test_output_stride_and_channels(arch: str, expansion: int, antialias: bool) 
     assert out.shape[-2:] == (3, 3)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("antialias", [False, True])
+def test_smaller_output_stride_keeps_parameters(arch: str, antialias: bool) -> None:
+    ref, _ = create_backbone(arch, width=4, antialias=antialias, init="scratch")
+    shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    for stride, side in ((16, 8), (8, 16)):
+        net, _ = create_backbone(arch, width=4, antialias=antialias, init="scratch", output_stride=stride)
+        assert {k: v.shape for k, v in net.state_dict().items()} == shapes  # ImageNet weights still load
+        assert net(torch.randn(1, 1, 128, 128)).shape[-2:] == (side, side)
+        blurs = [m for m in net.modules() if isinstance(m, BlurPool2d)]
+        # stem + (main path + shortcut) for each stage that still downsamples
+        assert len(blurs) == (1 + 2 * (2 if stride == 16 else 1) if antialias else 0)
+    with pytest.raises(CxrlocError, match="output_stride"):
+        create_backbone(arch, width=4, init="scratch", output_stride=4)
+
+
 def test_antialias_layout_resnet50() -> None:
     net, _ = create_backbone("resnet50", width=4, antialias=True, blur_size=5, init="scratch")
     blurs = [m for m in net.modules() if isinstance(m, BlurPool2d)]

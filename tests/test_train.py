@@ -188,6 +188,9 @@ def test_user_errors_are_one_clear_message(prep: Path, tmp_path: Path) -> None:
         run_training(prep, tmp_path / "x", folds="0", preset="tiny", overrides=["epoch=3"])
     with pytest.raises(CxrlocError, match="fold 7"):
         run_training(prep, tmp_path / "x", folds="7", preset="tiny")
+    for bad in ("output_stride=4", "repeat_threshold=2"):
+        with pytest.raises(CxrlocError, match=bad.split("=")[0]):
+            run_training(prep, tmp_path / "x", folds="0", preset="tiny", overrides=[bad])
     res = subprocess.run(
         _cli(str(prep), "--out", str(tmp_path / "r"), "--fold", "0", "--preset", "tiny"), env=_env(),
         capture_output=True, text=True,

@@ -30,22 +30,29 @@ _WEIGHTS = {
 }
 
 OUTPUT_STRIDE = 32
-"""Total subsampling of the backbone (stem conv 2, max-pool 2, layers 2-4 one each)."""
+"""Total subsampling of the torchvision backbone (stem conv 2, max-pool 2, layers 2-4 one each)."""
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
+"""Supported output strides: 16 runs ``layer4`` at stride 1, 8 also ``layer3``."""
 
 
 class ResNetBackbone(nn.Module):
     """torchvision ResNet without ``avgpool``/``fc``, one input channel, stage widths scaled by ``width / 64``.
 
     Attribute names (``conv1``, ``bn1``, ``maxpool``, ``layer1``..``layer4``) match torchvision so
-    its state dicts load. ``forward`` returns the stride-32 feature map ``(B, out_channels, H/32, W/32)``.
+    its state dicts load. ``forward`` returns the feature map ``(B, out_channels, H/s, W/s)`` at
+    output stride ``s`` (32: torchvision's; 16 or 8: the last one or two stages run at stride 1,
+    without dilation, so that a small input keeps a finer map; parameter shapes are unchanged).
     """
 
-    def __init__(self, arch: str, width: int = 64) -> None:
+    def __init__(self, arch: str, width: int = 64, output_stride: int = OUTPUT_STRIDE) -> None:
         super().__init__()
         if arch not in _ARCHS:
             raise CxrlocError(f"Unknown arch '{arch}': choose one of {', '.join(_ARCHS)}.")
         if width < 1:
             raise CxrlocError(f"Invalid width={width}: it must be a positive number of channels.")
+        if output_stride not in OUTPUT_STRIDES:
+            raise CxrlocError(f"Invalid output_stride={output_stride}: use 8, 16 or 32.")
+        self.output_stride = output_stride
         block, layers = _ARCHS[arch]
         self.inplanes = width
         self.conv1 = nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -54,8 +61,8 @@ class ResNetBackbone(nn.Module):
         self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, width, layers[0], 1)
         self.layer2 = self._make_layer(block, 2 * width, layers[1], 2)
-        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2)
-        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2 if output_stride >= 16 else 1)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2 if output_stride >= 32 else 1)
         self.out_channels = 8 * width * block.expansion
         # torchvision's initialisation (kaiming fan-out for convs, BN = identity).
         for m in self.modules():
@@ -182,6 +189,7 @@ def create_backbone(
     antialias: bool = True,
     blur_size: int = 3,
     init: str = "scratch",
+    output_stride: int = OUTPUT_STRIDE,
 ) -> tuple[nn.Module, int]:
     """Build a one-channel ResNet feature extractor.
 
@@ -192,16 +200,18 @@ def create_backbone(
         blur_size: binomial filter taps.
         init: ``scratch``, ``imagenet`` (torchvision's default weights; needs ``width == 64``)
             or a path to a state-dict file (``torch.load(weights_only=True)``; RGB ``conv1`` is summed).
+        output_stride: 32 (torchvision), 16 or 8 (see :class:`ResNetBackbone`).
 
     Returns:
-        ``(module, out_channels)``; the module maps ``(B, 1, H, W)`` to ``(B, C, ceil(H/32), ceil(W/32))``.
+        ``(module, out_channels)``; the module maps ``(B, 1, H, W)`` to ``(B, C, ceil(H/s), ceil(W/s))``
+        with ``s = output_stride``.
 
     Example:
         >>> net, c = create_backbone("resnet18", width=8, init="scratch")
         >>> c
         64
     """
-    net = ResNetBackbone(arch, width)
+    net = ResNetBackbone(arch, width, output_stride)
     if init == "imagenet":
         if width != 64:
             raise CxrlocError(f"init=imagenet needs width=64 (torchvision's), got width={width}. Use init=scratch.")

@@ -77,7 +77,7 @@ def build_model(cfg: Config) -> CXRLocNet:
         >>> tuple(z.shape)
         (2, 14, 8, 8)
     """
-    backbone, channels = create_backbone(cfg.arch, cfg.width, cfg.antialias, cfg.blur_size, cfg.init)
+    backbone, channels = create_backbone(cfg.arch, cfg.width, cfg.antialias, cfg.blur_size, cfg.init, cfg.output_stride)
     head = PatchHead(
         channels, cfg.patch_grid, cfg.head_channels, NUM_CLASSES, init_prob=cfg.init_prob, coords=cfg.head_coords,
         position_bias=cfg.position_bias,
