@@ -148,9 +148,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # a narrow ResNet-18 at 128 px, AdamW with light weight decay (Adam's coupled L2 of 0.01
         # swamps the small gradients of an untrained head), a larger learning rate and smaller
         # batches (more steps), CoordConv channels and a position bias started from the training
-        # boxes in the head, and rho_hat = the median box size (docs/results.md says why).
+        # boxes in the head, rho_hat = the median box size, and output stride 16 so that the 128 px
+        # input ends on an 8 x 8 map rather than 4 x 4 (docs/results.md says why).
         "arch": "resnet18",
         "width": 32,
+        "output_stride": 16,
         "init": "scratch",
         "image_size": 128,
         "patch_grid": 16,
