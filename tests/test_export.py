@@ -12,39 +12,24 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cxrloc.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from cxrloc.checkpoint import load_checkpoint
 from cxrloc.classes import CLASSES
-from cxrloc.config import make_config
 from cxrloc.export import chest_like_image, export_onnx
-from cxrloc.model.net import build_model
-from cxrloc.thresholds import Thresholds
 from cxrloc.utils import CxrlocError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def make_tiny_run(root: Path, thresholds_in_meta: bool = True) -> tuple[Path, torch.nn.Module]:
-    """A tiny model with a non-trivial head bias and CRF, saved under ``root/fold_0``."""
-    cfg = make_config("tiny")
-    model = build_model(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        bias = model.unary.head.conv2.bias
-        bias.copy_(torch.linspace(-2.0, 2.0, bias.numel()))
-        model.crf.compat.copy_(0.3 * torch.randn(model.crf.compat.shape, generator=gen))
-    th = Thresholds.initial(cfg.patch_grid)
-    th.tau_hat[:] = np.arange(1, 15, dtype=np.float64)  # distinct per class: a mix-up would show
-    model.thresholds.set(th)
-    meta = make_meta(cfg, th.to_json() if thresholds_in_meta else None)
-    save_checkpoint(root / "fold_0" / "checkpoints" / "best.pt",
-                    {"config": cfg.to_dict(), "model": model.state_dict(), "meta": meta})
-    return root, model
+def make_tiny_run(factory, root: Path, thresholds_in_meta: bool = True) -> tuple[Path, torch.nn.Module]:
+    # tau_hat distinct per class: a mix-up of classes would show.
+    return factory(root, bias_span=2.0, seed=1, tau_hat=np.arange(1, 15, dtype=np.float64),
+                   thresholds_in_meta=thresholds_in_meta)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory):
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_run_factory):
     root = tmp_path_factory.mktemp("run")
-    run, model = make_tiny_run(root)
+    run, model = make_tiny_run(tiny_run_factory, root)
     report = export_onnx(run)  # default check image: a real NIH image when ../shared/data exists
     return run, model, report
 
@@ -89,15 +74,15 @@ def test_onnxruntime_matches_torch_for_any_batch(exported) -> None:
     assert np.abs(z - 1 / (1 + np.exp(-unary))).max() > 1e-3
 
 
-def test_thresholds_from_buffers_when_meta_has_none(tmp_path: Path) -> None:
-    run, _ = make_tiny_run(tmp_path / "run", thresholds_in_meta=False)
+def test_thresholds_from_buffers_when_meta_has_none(tmp_path: Path, tiny_run_factory) -> None:
+    run, _ = make_tiny_run(tiny_run_factory, tmp_path / "run", thresholds_in_meta=False)
     report = export_onnx(run, tmp_path / "m.onnx", check_image=None)
     props = {p.key: json.loads(p.value) for p in onnx.load(str(report.path)).metadata_props}
     assert props["thresholds"]["classes"]["Mass"]["tau_hat"] == 5.0  # from the model's buffers
 
 
-def test_check_failure_leaves_no_file(tmp_path: Path) -> None:
-    run, _ = make_tiny_run(tmp_path / "run")
+def test_check_failure_leaves_no_file(tmp_path: Path, tiny_run_factory) -> None:
+    run, _ = make_tiny_run(tiny_run_factory, tmp_path / "run")
     out = tmp_path / "out" / "m.onnx"
     with pytest.raises(CxrlocError, match="differs from torch"):
         export_onnx(run, out, tolerance=-1.0)  # impossible tolerance: the check must refuse
@@ -110,10 +95,10 @@ def test_check_failure_leaves_no_file(tmp_path: Path) -> None:
         export_onnx(run, out, check_image=bad)
 
 
-def test_cli_export(tmp_path: Path) -> None:
+def test_cli_export(tmp_path: Path, tiny_run_factory) -> None:
     from cxrloc.cli import app
 
-    run, _ = make_tiny_run(tmp_path / "run")
+    run, _ = make_tiny_run(tiny_run_factory, tmp_path / "run")
     out = tmp_path / "cli.onnx"
     result = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
     assert result.exit_code == 0, result.output

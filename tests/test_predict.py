@@ -13,12 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxrloc.checkpoint import make_meta, save_checkpoint
 from cxrloc.classes import CLASSES
-from cxrloc.config import make_config
-from cxrloc.model.net import build_model
 from cxrloc.predict import connected_components, make_record, predict_files, regions_from_map
-from cxrloc.thresholds import Thresholds
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
@@ -33,33 +29,10 @@ def need(path: Path) -> Path:
     return path
 
 
-def make_tiny_run(root: Path) -> tuple[Path, torch.nn.Module]:
-    """A tiny model with non-trivial outputs saved as ``root/fold_0/checkpoints/best.pt``.
-
-    The head's last bias spans -3..3 over the classes, so some classes have many patches with
-    z >= 0.5 and others none; the CRF compatibility is random so the CRF changes the unaries.
-    tau_hat = 20 of 64 patches makes some classes present and others absent.
-    """
-    cfg = make_config("tiny")
-    model = build_model(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        bias = model.unary.head.conv2.bias
-        bias.copy_(torch.linspace(-3.0, 3.0, bias.numel()))
-        model.crf.compat.copy_(0.3 * torch.randn(model.crf.compat.shape, generator=gen))
-    th = Thresholds.initial(cfg.patch_grid)
-    th.tau_hat[:] = 20.0
-    model.thresholds.set(th)
-    save_checkpoint(
-        root / "fold_0" / "checkpoints" / "best.pt",
-        {"config": cfg.to_dict(), "model": model.state_dict(), "meta": make_meta(cfg, th.to_json())},
-    )
-    return root, model
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
-    return make_tiny_run(tmp_path_factory.mktemp("run"))
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_run_factory) -> tuple[Path, torch.nn.Module]:
+    # tau_hat = 20 of 64 patches makes some classes present and others absent.
+    return tiny_run_factory(tmp_path_factory.mktemp("run"), bias_span=3.0, seed=0, tau_hat=20.0)
 
 
 # --------------------------------------------------------------------------- pure functions
