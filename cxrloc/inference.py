@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cxrloc.classes import NUM_CLASSES
+from cxrloc.data.prepared import to_network_range
 from cxrloc.utils import CxrlocError, console
 
 
@@ -24,8 +25,7 @@ def uint8_to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
     ``x = u8 / 127.5 - 1`` (the cache's convention, see ``checkpoint.NORMALISATION``),
     resized with an area filter when the cache size differs from ``image_size``.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(torch.float32)
-    x = (x / 127.5 - 1.0).unsqueeze(1)
+    x = torch.from_numpy(to_network_range(np.ascontiguousarray(images, dtype=np.uint8))).unsqueeze(1)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         # Area interpolation = box filter, the same filter that made the cache.
         x = F.interpolate(x, size=(image_size, image_size), mode="area")

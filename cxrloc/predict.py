@@ -174,9 +174,9 @@ def load_predictor(
 def preprocess(img: np.ndarray, image_size: int) -> np.ndarray:
     """The training cache's preprocessing of a ``read_image`` array: (1, S, S) float32 in [-1, 1]."""
     from cxrloc.data.imageio import resize_square, to_uint8
+    from cxrloc.data.prepared import to_network_range
 
-    u8 = to_uint8(resize_square(img, image_size))
-    return (u8.astype(np.float32) / np.float32(127.5) - np.float32(1.0))[None]
+    return to_network_range(to_uint8(resize_square(img, image_size)))[None]
 
 
 def connected_components(mask: np.ndarray) -> np.ndarray:

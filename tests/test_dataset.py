@@ -235,3 +235,15 @@ def test_sampler_repeat_factors_oversample_and_keep_every_image() -> None:
     # Without factors > 1 the order is the plain sampler's (runs without the option are unchanged).
     plain = list(AnnotatedBatchSampler(annotated, 4, seed=3))
     assert list(AnnotatedBatchSampler(annotated, 4, seed=3, repeat_factors=np.ones(10))) == plain
+
+
+def test_to_network_range_is_the_cache_convention() -> None:
+    from cxrloc.data.prepared import to_network_range
+
+    u8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = to_network_range(u8)
+    assert x.dtype == np.float32 and x.shape == (16, 16)
+    assert x[0, 0] == -1.0 and x[-1, -1] == 1.0
+    want = torch.from_numpy(u8.astype(np.float32)) / 127.5 - 1.0  # the conversion it replaced
+    assert np.array_equal(x, want.numpy())
+    assert np.allclose(x, u8.astype(np.float64) / 127.5 - 1.0, atol=1e-7)

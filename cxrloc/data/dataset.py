@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cxrloc.classes import NUM_CLASSES
 from cxrloc.config import Config
+from cxrloc.data.prepared import to_network_range
 from cxrloc.geometry import union_patch_mask
 from cxrloc.utils import CxrlocError
 
@@ -207,7 +208,7 @@ class LocalizationDataset(Dataset):
     def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
         """The (augmented) network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch``."""
         u8 = np.asarray(self.prepared.images[self.cache_index[index]])
-        x = torch.from_numpy(u8.astype(np.float32)).unsqueeze(0) / 127.5 - 1.0
+        x = torch.from_numpy(to_network_range(u8)).unsqueeze(0)
         if x.shape[-1] != self.image_size:
             mode = "area" if x.shape[-1] > self.image_size else "bilinear"
             x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode=mode)[0]

@@ -12,7 +12,7 @@ Layout (see docs/data.md)::
       splits.json       patient-grouped folds
 
 Pixels are returned as stored (uint8, 0 = black); the network input is ``u8 / 127.5 - 1``,
-computed by the dataset/loader, not here.
+computed by :func:`to_network_range` in the dataset, loader and predictor.
 """
 
 from __future__ import annotations
@@ -31,6 +31,18 @@ from cxrloc.data.nih import Box
 from cxrloc.utils import CxrlocError
 
 CACHE_VERSION = 1
+
+
+def to_network_range(u8: np.ndarray) -> np.ndarray:
+    """Cached uint8 pixels to the network's input range: ``u8 / 127.5 - 1`` in float32, in [-1, 1].
+
+    The one place that defines the conversion (training, evaluation and prediction all use it);
+    plain float32 numpy arithmetic, about 7x faster per core than the same arithmetic on a fresh
+    torch tensor and bit-identical to it (``bench/bench_loader.py``).
+    """
+    out = np.divide(np.asarray(u8, dtype=np.uint8), np.float32(127.5), dtype=np.float32)
+    out -= np.float32(1.0)
+    return out
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "image_id",
     "patient_id",
