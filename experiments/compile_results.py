@@ -24,6 +24,40 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _per_fold(result: dict, key: str, metric: str) -> dict[int, list[float]]:
+    return {int(f["fold"]): f[key][metric] for f in result["per_fold"]}
+
+
+def paired_differences(results: dict[str, dict], ts: list[float]) -> list[str]:
+    """The first method minus each other method (and the prior), fold by fold, in mean IoU/IoR accuracy.
+
+    Folds share their test images, so the per-fold difference removes the fold-to-fold spread that
+    the ± std of the main tables carries; "ahead" counts the folds where the first method is higher.
+    """
+    (ref_label, ref), *others = results.items()
+    lines: list[str] = []
+    for metric in ("iou", "ior"):
+        title = f"{ref_label} minus each method, fold by fold ({metric.upper()} accuracy, mean of 8 classes)"
+        lines.append(f"### {title}\n")
+        lines.append("| against | T | mean difference | std over folds | folds ahead |")
+        lines.append("|---|---|---|---|---|")
+        mine = _per_fold(ref, "model_boxed_mean", metric)
+        against = [(label, _per_fold(r, "model_boxed_mean", metric)) for label, r in others]
+        against.append(("prior", _per_fold(ref, "prior_boxed_mean", metric)))
+        for j, t in enumerate(ts):
+            for label, theirs in against:
+                folds = sorted(set(mine) & set(theirs))
+                diffs = [mine[f][j] - theirs[f][j] for f in folds]
+                if not diffs:
+                    continue
+                mean = sum(diffs) / len(diffs)
+                std = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+                ahead = sum(d > 0 for d in diffs)
+                lines.append(f"| {label} | {t:g} | {mean:+.3f} | {std:.3f} | {ahead} of {len(diffs)} |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
@@ -53,6 +87,7 @@ def main() -> None:
                 mean = _fmt(s["boxed_mean"][j]) + ("" if std is None else f" ± {std:.3f}")
                 lines.append(f"| {label} | {t:g} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
+    lines += paired_differences(results, ts)
     lines.append("### AUROC of the image score 1ᵀz (mean over folds, 14 classes)\n")
     lines.append("| method | " + " | ".join(results) + " |")
     lines.append("|---|" + "---|" * len(results))
