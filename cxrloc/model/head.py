@@ -10,7 +10,7 @@ from torch import nn
 
 
 class PatchHead(nn.Module):
-    """Resize the stride-32 feature map to ``P x P``, then two convolutions to ``num_classes`` logits.
+    """Resize the backbone's feature map to ``P x P``, then two convolutions to ``num_classes`` logits.
 
     - resize: bilinear interpolation (``align_corners=False``) of the feature map to ``P x P``
       (Li et al.'s "resize"; e.g. 512 px -> 16 x 16 features -> 20 x 20). Skipped when the map
