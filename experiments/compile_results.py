@@ -28,13 +28,14 @@ def _per_fold(result: dict, key: str, metric: str) -> dict[int, list[float]]:
     return {int(f["fold"]): f[key][metric] for f in result["per_fold"]}
 
 
-def paired_differences(results: dict[str, dict], ts: list[float]) -> list[str]:
-    """The first method minus each other method (and the prior), fold by fold, in mean IoU/IoR accuracy.
+def paired_differences(results: dict[str, dict], ts: list[float], ref_label: str) -> list[str]:
+    """Method ``ref_label`` minus each other method (and the prior), fold by fold, in mean IoU/IoR accuracy.
 
     Folds share their test images, so the per-fold difference removes the fold-to-fold spread that
-    the ± std of the main tables carries; "ahead" counts the folds where the first method is higher.
+    the ± std of the main tables carries; "ahead" counts the folds where ``ref_label`` is higher.
     """
-    (ref_label, ref), *others = results.items()
+    ref = results[ref_label]
+    others = [(label, r) for label, r in results.items() if label != ref_label]
     lines: list[str] = []
     for metric in ("iou", "ior"):
         title = f"{ref_label} minus each method, fold by fold ({metric.upper()} accuracy, mean of 8 classes)"
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--method", action="append", required=True, help="LABEL=RUN_FOLDER_NAME")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--compare", action="append", help="LABEL to compare fold by fold (default: the first)")
     args = ap.parse_args()
 
     results = {}
@@ -87,7 +89,10 @@ def main() -> None:
                 mean = _fmt(s["boxed_mean"][j]) + ("" if std is None else f" ± {std:.3f}")
                 lines.append(f"| {label} | {t:g} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
-    lines += paired_differences(results, ts)
+    for ref_label in args.compare or [next(iter(results))]:
+        if ref_label not in results:
+            raise SystemExit(f"--compare {ref_label!r} is not one of the --method labels: {', '.join(results)}")
+        lines += paired_differences(results, ts, ref_label)
     lines.append("### AUROC of the image score 1ᵀz (mean over folds, 14 classes)\n")
     lines.append("| method | " + " | ".join(results) + " |")
     lines.append("|---|" + "---|" * len(results))
