@@ -3,7 +3,7 @@
 # 5 patient-grouped folds, 0% unannotated, from scratch. Two queues run side by side, one thread each.
 # The CRF stage starts from the unary run's weights and the preset's initial thresholds (no fitting
 # in between: fit-thresholds' rho_hat = tau_hat / 2 would undo the cpu preset's rho_hat choice).
-# Usage: bash experiments/nih_cv.sh OUT_DIR   (about an hour on 2 CPU cores; the plot needs pip install -e ".[plots]")
+# Usage: bash experiments/nih_cv.sh OUT_DIR   (about 75 minutes on 2 CPU cores; the plot needs pip install -e ".[plots]")
 set -euo pipefail
 OUT=${1:-runs/nih}
 NIH=${NIH:-../shared/data/nih}
@@ -35,5 +35,6 @@ for run in full full_joint full_unary li2018 li2018_nopb noaa sigmoid; do
 done
 python experiments/compile_results.py "$OUT" --out docs/results_nih_tables.md --plot docs/img/nih_acc_vs_t.png \
   --method "full (threshold+CRF+AA)=full" --method "full + joint fine-tune=full_joint" --method "no CRF=full_unary" --method "no anti-aliasing=noaa" \
-  --method "sigmoid loss=sigmoid" --method "Li et al. 2018=li2018" --method "Li et al. 2018, no position bias=li2018_nopb"
+  --method "sigmoid loss=sigmoid" --method "Li et al. 2018=li2018" --method "Li et al. 2018, no position bias=li2018_nopb" \
+  --compare "full (threshold+CRF+AA)" --compare "full + joint fine-tune"
 
