@@ -89,6 +89,7 @@ def demo_settings(size: int = 128, quick: bool = False) -> DemoSettings:
         "head_coords": False,
         "position_bias": False,
         "rho_hat_box_fraction": 0.0,
+        "output_stride": 32,
         "workers": 0,
         "device": "cpu",
         "amp": "off",

@@ -100,3 +100,17 @@ def test_demo_cli_help_and_bad_size(tmp_path: Path) -> None:
                          check=False)
     assert bad.returncode == 2 and "--size 100" in bad.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_recipe_is_pinned_against_cpu_preset_changes() -> None:
+    # The demo's measured numbers (docs/results.md) are for this recipe; fields that the cpu preset
+    # has changed since (or may change) are pinned, so the demo does not silently follow them.
+    from cxrloc.config import PRESETS, make_config
+    from cxrloc.demo import demo_settings
+
+    overrides = demo_settings().overrides
+    cfg = make_config("cpu", overrides)
+    assert cfg.output_stride == 32 and cfg.optimizer == "adam" and cfg.weight_decay == 0.01
+    assert not cfg.head_coords and not cfg.position_bias and cfg.rho_hat_box_fraction == 0.0
+    inherited = set(PRESETS["cpu"]) - set(overrides)
+    assert inherited <= {"arch", "init"}, f"demo follows cpu preset fields {sorted(inherited)}: pin them"
