@@ -16,6 +16,9 @@ from typing import Any
 
 from cxrloc.utils import CxrlocError
 
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
+"""Supported backbone output strides (``Config.output_stride``)."""
+
 
 @dataclass
 class Config:
@@ -280,7 +283,7 @@ def validate(cfg: Config) -> None:
             raise CxrlocError(f"Invalid {key}={value!r}: choose one of {', '.join(choices)}.")
     if cfg.crf_window % 2 == 0 or cfg.crf_window < 1:
         raise CxrlocError(f"Invalid crf_window={cfg.crf_window}: it must be a positive odd number.")
-    if cfg.output_stride not in (8, 16, 32):
+    if cfg.output_stride not in OUTPUT_STRIDES:
         raise CxrlocError(f"Invalid output_stride={cfg.output_stride}: use 32 (the paper), 16 or 8.")
     if not 2 <= cfg.blur_size <= 7:
         raise CxrlocError(f"Invalid blur_size={cfg.blur_size}: use 2 to 7 (the paper uses 3 to 5).")

@@ -32,17 +32,6 @@ from cxrloc.utils import CxrlocError
 
 CACHE_VERSION = 1
 
-
-def to_network_range(u8: np.ndarray) -> np.ndarray:
-    """Cached uint8 pixels to the network's input range: ``u8 / 127.5 - 1`` in float32, in [-1, 1].
-
-    The one place that defines the conversion (training, evaluation and prediction all use it);
-    plain float32 numpy arithmetic, about 7x faster per core than the same arithmetic on a fresh
-    torch tensor and bit-identical to it (``bench/bench_loader.py``).
-    """
-    out = np.divide(np.asarray(u8, dtype=np.uint8), np.float32(127.5), dtype=np.float32)
-    out -= np.float32(1.0)
-    return out
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "image_id",
     "patient_id",
@@ -80,6 +69,18 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     if missing:
         raise CxrlocError(f"{path}: manifest lacks columns {missing}; run `cxrloc prepare` again")
     return df.set_index("image_id", drop=False)
+
+
+def to_network_range(u8: np.ndarray) -> np.ndarray:
+    """Cached uint8 pixels to the network's input range: ``u8 / 127.5 - 1`` in float32, in [-1, 1].
+
+    The one place that defines the conversion (training, evaluation and prediction all use it);
+    plain float32 numpy arithmetic, bit-identical to the same arithmetic on a torch tensor and
+    faster per core (``bench/bench_loader.py``: 3,572 against 1,532 batched images/s at 512 px).
+    """
+    out = np.divide(np.asarray(u8, dtype=np.uint8), np.float32(127.5), dtype=np.float32)
+    out -= np.float32(1.0)
+    return out
 
 
 @dataclass

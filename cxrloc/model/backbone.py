@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from cxrloc.config import OUTPUT_STRIDES
 from cxrloc.model.blurpool import BlurConv2d, BlurPool2d
 from cxrloc.utils import CxrlocError
 
@@ -31,8 +32,6 @@ _WEIGHTS = {
 
 OUTPUT_STRIDE = 32
 """Total subsampling of the torchvision backbone (stem conv 2, max-pool 2, layers 2-4 one each)."""
-OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
-"""Supported output strides: 16 runs ``layer4`` at stride 1, 8 also ``layer3``."""
 
 
 class ResNetBackbone(nn.Module):
