@@ -458,7 +458,7 @@ def _train(
         rank=dd.rank,
         world_size=dd.world_size,
         max_batches=cfg.max_steps_per_epoch,
-        repeat_factors=repeat_factors(dataset.boxes, cfg.repeat_threshold) if cfg.repeat_threshold > 0 else None,
+        repeat_factors=repeat_factors(dataset.boxes, cfg.repeat_threshold),  # all ones (off) at threshold 0
     )
     micro = cfg.batch_size // dd.world_size
     if micro % cfg.accum_steps:
@@ -723,8 +723,7 @@ def run_training(
                 prepared_dir, out, fold=fold, cfg=cfg_r, stage=stage, resume=resume or r > 0,
                 init_from=init_from, progress=progress,
             )
-            device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-            fit_thresholds(fold_dir, device=device, which="best", progress=progress)
+            fit_thresholds(fold_dir, device=_resolve_device(cfg, 0).type, which="best", progress=progress)
             console.print(f"Fold {fold}: alternation round {r + 1}/{alternate} done (thresholds fitted).")
         results.append(fold_dir)
     return results

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from cxrloc.classes import BOXED_CLASSES
@@ -51,8 +52,8 @@ def paired_differences(results: dict[str, dict], ts: list[float], ref_label: str
                 diffs = [mine[f][j] - theirs[f][j] for f in folds]
                 if not diffs:
                     continue
-                mean = sum(diffs) / len(diffs)
-                std = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+                mean = statistics.mean(diffs)
+                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
                 ahead = sum(d > 0 for d in diffs)
                 lines.append(f"| {label} | {t:g} | {mean:+.3f} | {std:.3f} | {ahead} of {len(diffs)} |")
         lines.append("")
