@@ -102,6 +102,9 @@ class Config:
     per epoch on average (0: off, every image once); not in the paper."""
     val_fraction: float = 0.1
     """Share of the fold's training patients held out for model selection (never test images)."""
+    val_seed: int = -1
+    """Seed of the validation carve-out (-1: ``seed``). Fix it to compare or ensemble runs of several
+    training seeds on the same validation images."""
     augment: bool = True
     aug_scale: float = 0.1
     """Random zoom range (+/-) of the augmentation; boxes move with the pixels."""
@@ -289,6 +292,8 @@ def validate(cfg: Config) -> None:
         raise CxrlocError(f"Invalid blur_size={cfg.blur_size}: use 2 to 7 (the paper uses 3 to 5).")
     if cfg.patch_grid < 1 or cfg.image_size < 32:
         raise CxrlocError("patch_grid must be >= 1 and image_size >= 32.")
+    if cfg.val_seed < -1:
+        raise CxrlocError(f"Invalid val_seed={cfg.val_seed}: use -1 (same as seed) or a seed >= 0.")
     if not 0 <= cfg.val_fraction < 1:
         raise CxrlocError(f"Invalid val_fraction={cfg.val_fraction}: use a value in [0, 1).")
     if cfg.batch_size < 1 or cfg.epochs < 0:
