@@ -26,10 +26,13 @@ from rich.table import Table
 from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.fit_thresholds import fold_dirs, read_run_json
 from cxrloc.metrics import METRICS, auroc_per_class, image_scores, is_correct, localization_table
-from cxrloc.prior import boxes_by_class, fit_prior
+from cxrloc.prior import boxes_by_class, fit_prior, fit_prior_per_t
 from cxrloc.utils import CxrlocError, console, write_json_atomic, write_text_atomic
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
+METHODS: tuple[str, ...] = ("model", "prior", "prior_t")
+"""Rows of every report: the model, the prior (one q for all T) and the per-T prior (q chosen per T)."""
+LABELS: dict[str, str] = {"model": "model", "prior": "prior", "prior_t": "prior per-T"}
 BOXED: tuple[int, ...] = tuple(range(len(BOXED_CLASSES)))
 
 PAPER_TABLE1: dict[str, dict[str, list[float]]] = {
@@ -123,8 +126,10 @@ def evaluate_fold(
 
     # The prior sees the same fold's training boxes (never a test box).
     train_ids = [str(i) for i in run["train_ids"]] + [str(i) for i in run.get("val_ids", [])]
-    prior = fit_prior(boxes_by_class(prepared.boxes(i) for i in train_ids), z.shape[-1])
+    train_boxes = boxes_by_class(prepared.boxes(i) for i in train_ids)
+    prior = fit_prior(train_boxes, z.shape[-1])
     prior_table = localization_table(prior.predict(len(test_ids)), boxes, ts)
+    prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, ts)
 
     rows = []
     for row, prow in zip(table["rows"], prior_table["rows"], strict=True):
@@ -141,16 +146,40 @@ def evaluate_fold(
         "count": table["count"],
         "model": table["accuracy"],
         "prior": prior_table["accuracy"],
+        "prior_t": prior_t["accuracy"],
         "auroc": auroc_per_class(image_scores(z), labels),
         "rows": rows,
         "prior_info": prior.to_json(),
+        "prior_t_q": prior_t["q"],
     }
+
+
+def per_t_prior_accuracy(
+    train_boxes: dict[int, list[tuple[float, ...]]],
+    patch_grid: int,
+    boxes: Sequence[Sequence[tuple[int, float, float, float, float]]],
+    ts: Sequence[float],
+) -> dict[str, Any]:
+    """Accuracy of the per-T prior (q chosen on the training boxes for each T) on ``boxes``.
+
+    Returns:
+        ``{"accuracy": {"iou": (K, T), "ior": (K, T)}, "q": {T: [q_k or None]}}``: column j of each
+        array is the prior fitted for ``ts[j]``, scored at ``ts[j]``.
+    """
+    priors = fit_prior_per_t(train_boxes, patch_grid, ts)
+    acc = {m: np.full((len(CLASSES), len(ts)), np.nan) for m in METRICS}
+    for j, t in enumerate(ts):
+        table = localization_table(priors[float(t)].predict(len(boxes)), boxes, [t])
+        for m in METRICS:
+            acc[m][:, j] = table["accuracy"][m][:, 0]
+    q = {f"{t:g}": [_nan_to_none(float(v)) for v in priors[float(t)].q] for t in ts}
+    return {"accuracy": acc, "q": q}
 
 
 def summarise(folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any]:
     """Mean and std over folds of per-class accuracies, of the boxed-class means, and of the AUROC."""
     out: dict[str, Any] = {}
-    for method in ("model", "prior"):
+    for method in METHODS:
         out[method] = {}
         for m in METRICS:
             per = np.stack([f[method][m] for f in folds])  # (F, K, T)
@@ -184,7 +213,8 @@ def _accuracy_rows(
     """(method, T, cells for the 8 boxed classes + mean) for one metric, paper rows at T=0.1."""
     rows: list[tuple[str, str, list[str]]] = []
     for j, t in enumerate(ts):
-        for method, label in (("model", "model"), ("prior", "prior")):
+        for method in METHODS:
+            label = LABELS[method]
             s = summary[method][metric]
             cells = [_fmt(s["per_class_mean"][k, j], s["per_class_std"][k, j] if with_std else None) for k in BOXED]
             cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
@@ -243,7 +273,7 @@ def _rich_tables(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence
 
 def _csv(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence[str], n_folds: int) -> str:
     records = []
-    for method in ("model", "prior"):
+    for method in METHODS:
         for m in metrics:
             s = summary[method][m]
             for j, t in enumerate(ts):
@@ -309,7 +339,7 @@ def _jsonable(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Sequence
         return [_nan_to_none(float(v)) for v in arr]
 
     summ: dict[str, Any] = {}
-    for method in ("model", "prior"):
+    for method in METHODS:
         summ[method] = {
             m: {
                 "per_class_mean": per_class(summary[method][m]["per_class_mean"]),
@@ -332,10 +362,13 @@ def _jsonable(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Sequence
             "boxes": dict(zip(CLASSES, [int(c) for c in f["count"]], strict=True)),
             "model": {m: per_class(f["model"][m]) for m in METRICS},
             "prior": {m: per_class(f["prior"][m]) for m in METRICS},
+            "prior_t": {m: per_class(f["prior_t"][m]) for m in METRICS},
             "model_boxed_mean": {m: vec(_boxed_mean(f["model"][m], f["count"])) for m in METRICS},
             "prior_boxed_mean": {m: vec(_boxed_mean(f["prior"][m], f["count"])) for m in METRICS},
+            "prior_t_boxed_mean": {m: vec(_boxed_mean(f["prior_t"][m], f["count"])) for m in METRICS},
             "auroc": dict(zip(CLASSES, vec(f["auroc"]), strict=True)),
             "prior_fit": f["prior_info"],
+            "prior_t_q": f["prior_t_q"],
         }
         for f in folds
     ]

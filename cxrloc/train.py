@@ -415,7 +415,8 @@ def _train(
     compute_loss: Any,
     compute_gamma: Any,
 ) -> Path:
-    train_ids, val_ids = split_train_val(prepared, fold, cfg.val_fraction, cfg.val_seed if cfg.val_seed >= 0 else cfg.seed)
+    val_seed = cfg.val_seed if cfg.val_seed >= 0 else cfg.seed
+    train_ids, val_ids = split_train_val(prepared, fold, cfg.val_fraction, val_seed)
     test_ids = prepared.fold(fold)["test"]
     init_path = Path(init_from) if init_from is not None else None
     init_dir = _fold_dir_of(init_path, fold) if init_path is not None else None

@@ -175,3 +175,105 @@ def test_prepare_shared_nih(tmp_path: Path) -> None:
     assert k == CLASS_INDEX["Atelectasis"] and abs(x0 - 225.084745762712 / 1024) < 1e-12
     tests = [i for k in range(5) for i in p.fold(k)["test"]]
     assert sorted(tests) == sorted(p.manifest.index) and len(set(tests)) == 704
+
+
+SHARED = NIH.parent
+UNBOXED = SHARED / "nih-unboxed"
+
+
+def _patients_disjoint(p: Prepared) -> None:
+    """No fold trains (annotated or not) on an image of one of its test patients."""
+    for k in range(p.num_folds):
+        f = p.fold(k)
+        test_patients = {int(p.manifest.loc[i, "patient_id"]) for i in f["test"]}
+        for key in ("train_annotated", "train_unannotated"):
+            assert not test_patients & {int(p.manifest.loc[i, "patient_id"]) for i in f[key]}, (k, key)
+
+
+def test_find_images_by_stem_in_several_folders_with_links(tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "sub", tmp_path / "b"
+    a.mkdir(parents=True)
+    b.mkdir()
+    px = np.zeros((8, 8), dtype=np.uint8)
+    Image.fromarray(px).save(a / "x_000.png")
+    Image.fromarray(px).save(b / "x_000.JPG")  # a converted copy of the same image: exact name wins
+    Image.fromarray(px).save(b / "y_000.jpeg")
+    (b / "z_000.dcm").write_bytes(b"")  # found by stem; decoding is prepare's business
+    (b / "notes.txt").write_text("not an image")
+    (b / "other_001.png").write_bytes(b"")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")  # a link loop must not hang the walk
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "linked").symlink_to(b, target_is_directory=True)
+    wanted = {"x_000.png", "y_000.png", "z_000.png", "w_000.png"}
+    found, unlisted, dups = prep_mod.find_images([tmp_path / "a", tmp_path / "c"], wanted)
+    assert found == {"x_000.png": a / "x_000.png", "y_000.png": tmp_path / "c" / "linked" / "y_000.jpeg",
+                     "z_000.png": tmp_path / "c" / "linked" / "z_000.dcm"}
+    assert dups == ["x_000.png"] and unlisted == 1
+    # The same folder given twice (or reached through a link and directly) is walked once.
+    found2, _, dups2 = prep_mod.find_images([b, tmp_path / "c"], wanted)
+    assert dups2 == [] and found2["x_000.png"] == b / "x_000.JPG"
+    assert set(found2) == {"x_000.png", "y_000.png", "z_000.png"}
+
+
+@pytest.mark.slow
+def test_prepare_real_images_in_two_folders_any_extension(tmp_path: Path) -> None:
+    """The shared NIH images split over two folders (one of them reached through a symbolic link),
+    some re-encoded as JPEG and one stored as a real DICOM file, all under their NIH stems."""
+    if not (NIH / "Data_Entry_2017.csv").exists():
+        pytest.skip("shared data ../shared/data/nih not present")
+    names = sorted(p.name for p in (NIH / "images").glob("*.png"))
+    first, second = tmp_path / "first", tmp_path / "elsewhere" / "second"
+    first.mkdir()
+    second.mkdir(parents=True)
+    jpeg, dicom = set(names[1:40:2]), names[3]
+    for n, name in enumerate(names):
+        target = (first if n % 2 == 0 else second) / name
+        if name in jpeg:
+            Image.open(NIH / "images" / name).convert("L").save(target.with_suffix(".jpg"), quality=95)
+        elif name == dicom:
+            (second / name).with_suffix(".dcm").write_bytes(
+                (SHARED / "fixtures" / "cr_monochrome2_jpeg.dcm").read_bytes()
+            )
+        else:
+            target.symlink_to(NIH / "images" / name)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    out = prepare(
+        first,
+        tmp_path / "p",
+        images=[tmp_path / "link"],
+        data_entry=NIH / "Data_Entry_2017.csv",
+        bbox_list=NIH / "BBox_List_2017.csv",
+        size=32,
+        progress=False,
+    )
+    p = Prepared.open(out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["counts"]["found"] == 704 and fp["counts"]["annotated"] == 704 and fp["counts"]["skipped"] == 0
+    assert sorted(p.manifest.index) == names  # NIH names, whatever the stored extension
+    # A JPEG copy decodes to (nearly) the same pixels as the PNG it came from.
+    ref = prepare(NIH, tmp_path / "ref", size=32, progress=False)
+    jp = sorted(jpeg)[0]
+    diff = np.abs(p.image(jp).astype(int) - Prepared.open(ref).image(jp).astype(int))
+    assert diff.mean() < 2.0
+    # Patients with images in both folders exist, and folds still group them.
+    patient = p.manifest["patient_id"]
+    where = {i: n % 2 for n, i in enumerate(names)}
+    both = {pt for pt in set(patient) if len({where[i] for i in patient.index[patient == pt]}) == 2}
+    assert both
+    _patients_disjoint(p)
+
+
+@pytest.mark.slow
+def test_prepare_unboxed_pool_real(tmp_path: Path) -> None:
+    """The 1,475 unboxed NIH images as a second image folder: with fraction 1 they all join the pool."""
+    if not UNBOXED.is_dir():
+        pytest.skip(f"{UNBOXED} not present (the unboxed NIH images are not on this machine)")
+    if not (NIH / "Data_Entry_2017.csv").exists():
+        pytest.skip("shared data ../shared/data/nih not present")
+    n_unboxed = sum(1 for _ in UNBOXED.rglob("*.png")) + sum(1 for _ in UNBOXED.rglob("*.jp*g"))
+    out = prepare(NIH, tmp_path / "p", images=[UNBOXED], size=16, unannotated_fraction=1.0, workers=2, progress=False)
+    p = Prepared.open(out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["counts"]["annotated"] == 704
+    assert fp["counts"]["unannotated_pool"] == n_unboxed == 1475
+    _patients_disjoint(p)

@@ -56,7 +56,7 @@ def test_quick_demo_summary_structure(quick_demo: tuple[Path, dict]) -> None:
     out, summary = quick_demo
     ts = summary["ts"]
     assert ts == [0.1, 0.3, 0.5] and summary["classes"] == list(BOXED_CLASSES)
-    for method in ("model", "unary", "prior"):
+    for method in ("model", "unary", "prior", "prior_t"):
         for metric in ("iou", "ior"):
             block = summary["accuracy"][method][metric]
             assert set(block["per_class"]) == set(BOXED_CLASSES)
@@ -69,6 +69,9 @@ def test_quick_demo_summary_structure(quick_demo: tuple[Path, dict]) -> None:
     target = summary["target"]
     assert target["T"] == 0.3 and target["required"] == 0.8 and isinstance(target["met"], bool)
     assert math.isclose(target["model"], summary["accuracy"]["model"]["iou"]["mean"][1])
+    # The floor is the stronger of the two priors at T = 0.3.
+    floors = [summary["accuracy"][m]["iou"]["mean"][1] for m in ("prior", "prior_t")]
+    assert math.isclose(target["prior"], max(v for v in floors if v is not None))
     assert summary["timings_s"]["total"] > 0
 
     # The test set is fold 0's, counted independently from splits.json and the box list.

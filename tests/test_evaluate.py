@@ -129,6 +129,9 @@ def test_evaluate_end_to_end(run_dir: Path) -> None:
     assert per_fold[0]["prior"]["iou"]["Atelectasis"] == pytest.approx([2 / 3, 1 / 3, 1 / 3])
     assert per_fold[0]["prior"]["iou"]["Cardiomegaly"] == pytest.approx([1, 1, 1])
     assert per_fold[0]["prior"]["iou"]["Mass"] == pytest.approx([0, 0, 0])
+    # The per-T prior: each class's training boxes give one coverage level, so the same regions.
+    assert per_fold[0]["prior_t"]["iou"]["Atelectasis"] == pytest.approx([2 / 3, 1 / 3, 1 / 3])
+    assert per_fold[0]["prior_t_q"]["0.1"][0] == pytest.approx(1.0)
 
     # Over folds: class 0 IoU at T=0.1 is mean(2/3, 1) with sample std |1 - 2/3| / sqrt(2).
     s = result["summary"]["model"]["iou"]
@@ -158,7 +161,7 @@ def test_evaluate_end_to_end(run_dir: Path) -> None:
     assert row.iloc[0]["correct_iou@0.1"] == 1 and row.iloc[0]["correct_ior@0.3"] == 0
 
     md = (out / "results.md").read_text()
-    assert "paper ours" in md and "| prior |" in md
+    assert "paper ours" in md and "| prior |" in md and "| prior per-T |" in md
     csv = pd.read_csv(out / "results.csv")
     paper = csv[(csv.method == "paper ours") & (csv.metric == "iou") & (csv["class"] == "Nodule")]
     assert paper["mean"].iloc[0] == pytest.approx(0.404)

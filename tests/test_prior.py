@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrloc.prior import boxes_by_class, fit_prior
+from cxrloc.prior import boxes_by_class, fit_prior, fit_prior_per_t
 
 
 def test_prior_picks_level_by_hand() -> None:
@@ -65,3 +65,18 @@ def test_overlap_coverage_counts_area_share() -> None:
 def test_boxes_by_class_groups_per_class() -> None:
     grouped = boxes_by_class([[(0, 0.1, 0.1, 0.2, 0.2), (3, 0, 0, 1, 1)], [], [(0, 0.5, 0.5, 0.6, 0.6)]])
     assert grouped == {0: [(0.1, 0.1, 0.2, 0.2), (0.5, 0.5, 0.6, 0.6)], 3: [(0.0, 0.0, 1.0, 1.0)]}
+
+
+def test_per_t_prior_chooses_q_for_each_t_by_hand() -> None:
+    # The boxes of the test above. Training IoU accuracy of the two candidate regions:
+    #   q = 4/5 (A, 4 patches): IoU 1, 1, 1, 1, 0      -> 0.8 at every T
+    #   q = 1/5 (A + far patch): IoU 0.8 x 4, far 0.2  -> T = 0.1: 1.0; T = 0.5: 0.8 (tie -> larger q)
+    a, far = (0.0, 0.0, 0.5, 0.5), (0.75, 0.75, 1.0, 1.0)
+    priors = fit_prior_per_t({2: [a, a, a, a, far]}, 4, (0.1, 0.5))
+    assert set(priors) == {0.1, 0.5}
+    assert priors[0.1].masks[2].sum() == 5 and priors[0.1].train_accuracy[2] == pytest.approx(1.0)
+    assert priors[0.5].masks[2].sum() == 4 and priors[0.5].q[2] == pytest.approx(4 / 5)
+    assert priors[0.5].train_accuracy[2] == pytest.approx(0.8)
+    # Each per-T prior is at least as good on its training boxes at its T as the one-q prior.
+    one = fit_prior({2: [a, a, a, a, far]}, 4)
+    assert one.masks[2].sum() == 5

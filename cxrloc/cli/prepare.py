@@ -13,6 +13,11 @@ Example (the official download, images in images_001/images/ ... images_012/imag
 
   cxrloc prepare ~/data/nih --out prepared/nih --size 512 --folds 5 --unannotated-fraction 0.2 --workers 4
 
+Images in several folders (the CSVs in ~/data/nih, extra images elsewhere), stored as PNG, JPEG or
+DICOM under their NIH names:
+
+  cxrloc prepare ~/data/nih --images /mnt/nih_batch2 --images ~/more_jpeg --out prepared/nih --size 256
+
 Running it again after an interruption finishes the cache without redoing finished images;
 an existing PREPARED_DIR/splits.json is reused (delete it to recompute the folds).
 """
@@ -33,6 +38,12 @@ def register(app: typer.Typer) -> None:
             None, "--data-entry", help="Data_Entry_2017.csv (or _v2020, .gz) if not in NIH_DIR."
         ),
         bbox_list: Path | None = typer.Option(None, "--bbox-list", help="BBox_List_2017.csv if not in NIH_DIR."),
+        images: list[Path] = typer.Option(
+            [],
+            "--images",
+            help="Another folder to search for images (repeatable), besides NIH_DIR. Images are matched by "
+            "name stem, so 00000001_000.png may be stored as .jpg, .jpeg, .dcm or .dicom.",
+        ),
         size: int = typer.Option(512, "--size", help="Side of the cached square images (area filter)."),
         folds: int = typer.Option(5, "--folds", help="Number of patient-grouped folds."),
         unannotated_fraction: float = typer.Option(
@@ -48,6 +59,7 @@ def register(app: typer.Typer) -> None:
             out,
             data_entry=data_entry,
             bbox_list=bbox_list,
+            images=images,
             size=size,
             folds=folds,
             unannotated_fraction=unannotated_fraction,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,26 +68,81 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def find_images(root: Path, wanted: set[str]) -> tuple[dict[str, Path], int, list[str]]:
-    """Map each wanted file name to its path anywhere below ``root``.
+def _stem_key(name: str) -> str | None:
+    """The lookup key of an image file name: its stem when the extension is an image one, else None."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or "." + ext.lower() not in IMAGE_EXTENSIONS:
+        return None
+    return stem
+
+
+def _walk(root: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, list[str]]]:
+    """``(folder, sorted file names)`` below ``root``, following symbolic links.
+
+    Folders are identified by (device, inode), so a link loop or a folder reached twice (through
+    a link, or because it was also given as another root) is visited once.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames.sort()
+        yield Path(dirpath), sorted(filenames)
+
+
+def find_images(
+    roots: Path | Sequence[Path], wanted: set[str]
+) -> tuple[dict[str, Path], int, list[str]]:
+    """Map each wanted image name to a file anywhere below ``roots``, matching by stem.
+
+    A name listed as ``00000001_000.png`` is found as ``00000001_000.png``, ``.jpg``, ``.jpeg``,
+    ``.dcm`` or ``.dicom`` (any case), in any folder below any root: users convert and compress
+    datasets, and the NIH download itself comes as twelve folders. Symbolic links are followed;
+    every folder is visited once. File names from the tables are only compared with names found
+    on disk, never joined to a path.
 
     Returns:
-        (name -> path, number of image files not listed in ``wanted``, names found twice).
-        When a name occurs in several folders the first in sorted walk order is used.
+        (wanted name -> path, number of image files matching no wanted name, wanted names found
+        more than once). With several candidates the file whose name is exactly the wanted one
+        wins, else the first in root order, then sorted walk order.
     """
+    roots = [roots] if isinstance(roots, Path | str) else list(roots)
+    by_stem: dict[str, str] = {}
+    for name in wanted:
+        key = _stem_key(name) or name
+        by_stem.setdefault(key, name)
     found: dict[str, Path] = {}
+    exact: set[str] = set()
     unlisted = 0
-    duplicates: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name in wanted:
-                if name in found:
-                    duplicates.append(name)
-                else:
-                    found[name] = Path(dirpath) / name
-            elif name.lower().endswith(IMAGE_EXTENSIONS):
-                unlisted += 1
+    duplicates: set[str] = set()
+    seen: set[tuple[int, int]] = set()
+    for root in roots:
+        for folder, filenames in _walk(Path(root), seen):
+            for fname in filenames:
+                key = _stem_key(fname)
+                target = by_stem.get(key) if key is not None else by_stem.get(fname)
+                if target is None and fname in wanted:
+                    target = fname
+                if target is None:
+                    if key is not None:
+                        unlisted += 1
+                    continue
+                if target in found:
+                    duplicates.add(target)
+                    if fname == target and target not in exact:
+                        found[target] = folder / fname  # the exact name beats a converted copy
+                        exact.add(target)
+                    continue
+                found[target] = folder / fname
+                if fname == target:
+                    exact.add(target)
     return found, unlisted, sorted(duplicates)
 
 
@@ -219,6 +274,7 @@ def prepare(
     *,
     data_entry: str | os.PathLike[str] | None = None,
     bbox_list: str | os.PathLike[str] | None = None,
+    images: Sequence[str | os.PathLike[str]] = (),
     size: int = 512,
     folds: int = 5,
     unannotated_fraction: float = 0.0,
@@ -233,6 +289,9 @@ def prepare(
         out_dir: the prepared folder to write (created; resumed when a previous run stopped).
         data_entry: ``Data_Entry_2017.csv`` (default: looked up in ``nih_dir``).
         bbox_list: ``BBox_List_2017.csv`` (default: looked up in ``nih_dir``).
+        images: more folders to search for images, besides ``nih_dir`` (e.g. the twelve folders of
+            the NIH download kept apart, or a folder of extra unannotated images). Images are
+            matched by stem, whatever their extension (PNG, JPEG or DICOM).
         size: side of the cached square images.
         folds: number of patient-grouped folds.
         unannotated_fraction: fraction of the usable unannotated images put in the training pool.
@@ -249,6 +308,12 @@ def prepare(
     nih_dir, out = Path(nih_dir), Path(out_dir)
     if not nih_dir.is_dir():
         raise CxrlocError(f"{nih_dir}: NIH folder not found")
+    image_roots = [nih_dir]
+    for extra in images:
+        if not Path(extra).is_dir():
+            raise CxrlocError(f"--images {extra}: folder not found")
+        image_roots.append(Path(extra))
+    where = nih_dir if len(image_roots) == 1 else ", ".join(str(r) for r in image_roots)
     if not 8 <= size <= 4096:
         raise CxrlocError(f"--size must be between 8 and 4096, got {size}")
     if workers < 1:
@@ -275,10 +340,10 @@ def prepare(
         else:
             box_skipped.extend(f"{image_id}: box for an image not listed in {entry_path.name}" for _ in bs)
 
-    found, unlisted, duplicates = find_images(nih_dir, listed)
+    found, unlisted, duplicates = find_images(image_roots, listed)
     if not found:
         raise CxrlocError(
-            f"{nih_dir}: none of the {len(entries):,} images listed in {entry_path.name} was found below it; "
+            f"{where}: none of the {len(entries):,} images listed in {entry_path.name} was found below it; "
             "check the folder (images may sit in subfolders such as images_001/images/)"
         )
     ids = entries["image_id"].to_numpy(dtype=object)
@@ -290,7 +355,7 @@ def prepare(
     unannotated_ids = [i for i in patient_of if i not in boxes]
     if not annotated_ids:
         raise CxrlocError(
-            f"{nih_dir}: no image with a box in {box_path.name} was found on disk; "
+            f"{where}: no image with a box in {box_path.name} was found on disk; "
             "folds are built over annotated images, so nothing usable can be prepared"
         )
 
@@ -304,7 +369,7 @@ def prepare(
         absent = sorted(wanted - set(patient_of))
         if absent:
             raise CxrlocError(
-                f"{splits_path}: lists {len(absent)} image(s) not found below {nih_dir} (first {absent[0]!r}); "
+                f"{splits_path}: lists {len(absent)} image(s) not found below {where} (first {absent[0]!r}); "
                 "fix it or delete it to recompute the folds"
             )
     else:
@@ -368,6 +433,7 @@ def prepare(
         "inputs": {
             "data_entry": {"name": entry_path.name, "sha256": _sha256(entry_path), "rows": len(entries)},
             "bbox_list": {"name": box_path.name, "sha256": _sha256(box_path), "rows": box_list.rows},
+            "image_folders": [str(r) for r in image_roots],
         },
         "parameters": {
             "size": size,
