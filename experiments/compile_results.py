@@ -46,6 +46,8 @@ def paired_differences(results: dict[str, dict], ts: list[float], ref_label: str
         mine = _per_fold(ref, "model_boxed_mean", metric)
         against = [(label, _per_fold(r, "model_boxed_mean", metric)) for label, r in others]
         against.append(("prior", _per_fold(ref, "prior_boxed_mean", metric)))
+        if "prior_t_boxed_mean" in ref["per_fold"][0]:
+            against.append(("prior per-T", _per_fold(ref, "prior_t_boxed_mean", metric)))
         for j, t in enumerate(ts):
             for label, theirs in against:
                 folds = sorted(set(mine) & set(theirs))
@@ -84,6 +86,8 @@ def main() -> None:
         for j, t in enumerate(ts):
             rows = [(label, r["summary"]["model"][metric]) for label, r in results.items()]
             rows.append(("prior", first["summary"]["prior"][metric]))
+            if "prior_t" in first["summary"]:
+                rows.append(("prior per-T", first["summary"]["prior_t"][metric]))
             for label, s in rows:
                 cells = [_fmt(s["per_class_mean"][c][j]) for c in BOXED_CLASSES]
                 std = s["boxed_mean_std"][j]
@@ -114,6 +118,8 @@ def main() -> None:
             for label, r in results.items():
                 ax.plot(ts, r["summary"]["model"][metric]["boxed_mean"], marker="o", label=label)
             ax.plot(ts, first["summary"]["prior"][metric]["boxed_mean"], "k--", marker="s", label="prior")
+            if "prior_t" in first["summary"]:
+                ax.plot(ts, first["summary"]["prior_t"][metric]["boxed_mean"], "k:", marker="^", label="prior per-T")
             ax.set_xlabel("T")
             ax.set_title(f"{metric.upper()} accuracy, mean of 8 boxed classes")
             ax.grid(alpha=0.3)
