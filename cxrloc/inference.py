@@ -32,6 +32,66 @@ def uint8_to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
     return x
 
 
+TTA_TRANSFORMS: tuple[tuple[float, float, float], ...] = (
+    (1.0, 0.0, 0.0),
+    (1.0, 0.05, 0.0),
+    (1.0, -0.05, 0.0),
+    (1.0, 0.0, 0.05),
+    (1.0, 0.0, -0.05),
+    (0.92, 0.0, 0.0),
+    (1.08, 0.0, 0.0),
+    (1.0, 0.05, 0.05),
+    (1.0, -0.05, -0.05),
+)
+"""Test-time views ``(s, tx, ty)``: the network sees the image at ``s * u + t`` for every output
+position ``u`` (normalised coordinates in [-1, 1]); the first is the identity. Shifts of 2.5 % of
+the side and zooms of 8 %, inside the training augmentation's range."""
+
+
+def _affine(theta: tuple[float, float, float], batch: int, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    s, tx, ty = theta
+    mat = torch.tensor([[s, 0.0, tx], [0.0, s, ty]], dtype=like.dtype, device=like.device)
+    return F.affine_grid(mat.expand(batch, 2, 3), [batch, 1, *size], align_corners=False)
+
+
+def forward_tta(
+    model: torch.nn.Module, x: torch.Tensor, views: int | Sequence[tuple[float, float, float]]
+) -> torch.Tensor:
+    """``z`` averaged over the first ``views`` of :data:`TTA_TRANSFORMS` (1: plain forward), or
+    over the given ``(s, tx, ty)`` views.
+
+    Each view resamples the input (bilinear, border pixels repeated), runs the model, and maps its
+    ``z`` back to the original frame on the P x P grid (bilinear); patches that a view does not
+    see are left out of that view's average.
+    """
+    if isinstance(views, int):
+        if not 1 <= views <= len(TTA_TRANSFORMS):
+            raise CxrlocError(f"tta must be between 1 and {len(TTA_TRANSFORMS)}, got {views}.")
+        views = TTA_TRANSFORMS[:views]
+    total: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    for theta in views:
+        if theta == (1.0, 0.0, 0.0):
+            xv = x
+        else:
+            xv = F.grid_sample(x, _affine(theta, x.shape[0], x.shape[-2:], x), mode="bilinear",
+                               padding_mode="border", align_corners=False)
+        out = model(xv)
+        z = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        if theta == (1.0, 0.0, 0.0):
+            back, seen = z, torch.ones_like(z[:, :1])
+        else:
+            s, tx, ty = theta
+            grid = _affine((1.0 / s, -tx / s, -ty / s), z.shape[0], z.shape[-2:], z)
+            back = F.grid_sample(z, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            seen = F.grid_sample(torch.ones_like(z[:, :1]), grid, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)
+        total = back if total is None else total + back
+        weight = seen if weight is None else weight + seen
+    assert total is not None and weight is not None
+    return total / weight.clamp_min(1e-6)
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -54,6 +114,7 @@ def iter_predictions(
     batch_size: int = 16,
     progress: bool = True,
     description: str = "Predicting",
+    tta: int = 1,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, z)`` batch by batch, so callers can reduce without holding every ``z``.
 
@@ -70,9 +131,8 @@ def iter_predictions(
             chunk = ids[start : start + batch_size]
             images = np.stack([np.asarray(prepared.image(i)) for i in chunk])
             x = uint8_to_input(images, image_size).to(device)
-            out = model(x)
-            z = out[0] if isinstance(out, (tuple, list)) else out
-            yield chunk, z.float().cpu().numpy()
+            z = forward_tta(model, x, tta)
+            yield chunk, z.cpu().numpy()
             bar.advance(task, len(chunk))
 
 
@@ -86,6 +146,7 @@ def predict_prepared(
     batch_size: int = 16,
     progress: bool = True,
     description: str = "Predicting",
+    tta: int = 1,
 ) -> np.ndarray:
     """Run ``model`` on cached images and return its output probabilities ``z``.
 
@@ -99,6 +160,7 @@ def predict_prepared(
         batch_size: images per forward pass.
         progress: show a progress bar on stderr.
         description: label of the progress bar.
+        tta: test-time views averaged (:func:`forward_tta`; 1 = none).
 
     Returns:
         ``(N, 14, P, P)`` float32 array of ``z``.
@@ -114,6 +176,7 @@ def predict_prepared(
             batch_size=batch_size,
             progress=progress,
             description=description,
+            tta=tta,
         )
     ]
     if not outputs:
