@@ -1,7 +1,7 @@
 """Single-image CPU latency of torch eager vs onnxruntime, and peak memory of ``cxrloc predict``.
 
 Builds the paper-preset network from scratch (weights do not change the cost), saves it as a
-checkpoint, exports it with ``cxrloc.export.export_onnx`` (which also checks onnxruntime
+checkpoint, exports it with ``cxrloc.inference.export.export_onnx`` (which also checks onnxruntime
 against torch), then times one 512 px image: the median of ``--repeats`` runs after one
 warm-up, with 2 threads for both backends. Finally runs ``cxrloc predict`` on a real image
 (or a generated one) in a child process per backend and reads its peak resident memory
@@ -28,10 +28,10 @@ import torch
 
 from cxrloc.checkpoint import make_meta, save_checkpoint
 from cxrloc.config import make_config
-from cxrloc.export import chest_like_image, default_check_image, export_onnx
+from cxrloc.inference.export import chest_like_image, default_check_image, export_onnx
 from cxrloc.model.net import build_model
-from cxrloc.onnx_runner import open_session
-from cxrloc.predict import preprocess
+from cxrloc.inference.backends import open_session
+from cxrloc.inference.predict import preprocess
 
 
 def _median_ms(fn, repeats: int) -> tuple[float, list[float]]:

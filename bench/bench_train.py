@@ -25,7 +25,7 @@ from torchvision.models import resnet50
 
 from cxrloc.classes import NUM_CLASSES
 from cxrloc.config import make_config
-from cxrloc.losses import compute_loss
+from cxrloc.training.losses import compute_loss
 from cxrloc.model.net import build_model
 
 

@@ -4,12 +4,12 @@ Steps, each with the library function every command uses:
 
 1. :func:`cxrloc.data.synthetic.generate_synthetic_nih` -> ``DIR/nih`` (NIH layout and CSV quirks);
 2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
-3. :func:`cxrloc.train.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
-4. :func:`cxrloc.fit_thresholds.fit_thresholds` on that fold (the paper's alternation);
-5. :func:`cxrloc.train.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds again;
-6. :func:`cxrloc.evaluate.evaluate` of both runs on fold 0's test images, beside the data-free prior;
-7. :func:`cxrloc.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch);
-8. :func:`cxrloc.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
+3. :func:`cxrloc.training.loop.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
+4. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation);
+5. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds again;
+6. :func:`cxrloc.evaluation.evaluate.evaluate` of both runs on fold 0's test images, beside the data-free prior;
+7. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch);
+8. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
 
 ``DIR/summary.json`` holds the accuracy table (per class and mean over the 8 boxed classes, IoU
 and IoR, for the model, the unary model and the prior, at each T), the timings and every output.
@@ -180,11 +180,11 @@ def run_demo(
     """
     from cxrloc.data.prepare import prepare
     from cxrloc.data.synthetic import generate_synthetic_nih
-    from cxrloc.evaluate import evaluate
-    from cxrloc.export import export_onnx
-    from cxrloc.fit_thresholds import fit_thresholds
-    from cxrloc.predict import predict_files
-    from cxrloc.train import train
+    from cxrloc.evaluation.evaluate import evaluate
+    from cxrloc.inference.export import export_onnx
+    from cxrloc.evaluation.fit_thresholds import fit_thresholds
+    from cxrloc.inference.predict import predict_files
+    from cxrloc.training.loop import train
 
     settings = demo_settings(size, quick)
     out = Path(out_dir)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.data.prepared import Prepared
-from cxrloc.predict import predict_files
+from cxrloc.inference.predict import predict_files
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import torch
 from cxrloc.checkpoint import load_model
 from cxrloc.classes import BOXED_CLASSES
 from cxrloc.data.prepared import Prepared
-from cxrloc.evaluate import per_t_prior_accuracy
-from cxrloc.inference import predict_prepared
-from cxrloc.metrics import localization_table
-from cxrloc.prior import boxes_by_class, fit_prior
+from cxrloc.evaluation.evaluate import per_t_prior_accuracy
+from cxrloc.inference.batch import predict_prepared
+from cxrloc.evaluation.metrics import localization_table
+from cxrloc.evaluation.prior import boxes_by_class, fit_prior
 
 TS = (0.1, 0.3, 0.5)
 BOXED = list(range(len(BOXED_CLASSES)))

@@ -27,7 +27,7 @@ def old_run(tmp_path: Path) -> Path:
 def test_old_run_predicts_the_same_z(old_run: Path) -> None:
     from cxrloc.checkpoint import load_model
     from cxrloc.data.prepared import Prepared
-    from cxrloc.inference import predict_prepared
+    from cxrloc.inference.batch import predict_prepared
 
     expected = np.load(old_run / "expected.npz")
     model, meta, cfg = load_model(old_run / "run" / "fold_0")
@@ -40,7 +40,7 @@ def test_old_run_predicts_the_same_z(old_run: Path) -> None:
 
 
 def test_old_run_evaluates_to_the_same_numbers(old_run: Path) -> None:
-    from cxrloc.evaluate import evaluate
+    from cxrloc.evaluation.evaluate import evaluate
 
     result = evaluate(old_run / "run", fold=0, progress=False, out_dir=old_run / "eval")
     want = json.loads((old_run / "expected_eval.json").read_text())

@@ -102,7 +102,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def test_evaluate_end_to_end(run_dir: Path) -> None:
-    from cxrloc.evaluate import evaluate
+    from cxrloc.evaluation.evaluate import evaluate
 
     result = evaluate(run_dir, ts=(0.1, 0.3, 0.5), fold="all", progress=False)
     out = Path(result["out_dir"])
@@ -168,7 +168,7 @@ def test_evaluate_end_to_end(run_dir: Path) -> None:
 
 
 def test_fit_thresholds_end_to_end(run_dir: Path) -> None:
-    from cxrloc.fit_thresholds import fit_thresholds
+    from cxrloc.evaluation.fit_thresholds import fit_thresholds
     from cxrloc.thresholds import RHO_BOUNDS, TAU_BOUNDS, Thresholds
 
     th = fit_thresholds(run_dir / "fold_0", progress=False)
@@ -198,7 +198,7 @@ def test_cli_evaluate_and_errors(run_dir: Path) -> None:
     data = json.loads((run_dir / "eval" / "results.json").read_text())
     assert data["folds"] == [1] and data["ts"] == [0.1] and data["metrics"] == ["iou"]
 
-    from cxrloc.evaluate import evaluate
+    from cxrloc.evaluation.evaluate import evaluate
     from cxrloc.utils import CxrlocError
 
     with pytest.raises(CxrlocError, match="metric"):
@@ -210,7 +210,7 @@ def test_cli_evaluate_and_errors(run_dir: Path) -> None:
 
 
 def test_predict_prepared_scales_and_area_resizes() -> None:
-    from cxrloc.inference import predict_prepared
+    from cxrloc.inference.batch import predict_prepared
 
     class Echo(torch.nn.Module):
         """Returns its input as ``z`` so the preprocessing can be checked."""

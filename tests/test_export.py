@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cxrloc.checkpoint import load_checkpoint
 from cxrloc.classes import CLASSES
-from cxrloc.export import chest_like_image, export_onnx
+from cxrloc.inference.export import chest_like_image, export_onnx
 from cxrloc.utils import CxrlocError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

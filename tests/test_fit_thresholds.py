@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cxrloc.classes import NUM_CLASSES
-from cxrloc.fit_thresholds import best_cut, box_fractions, fit_thresholds_from_predictions
+from cxrloc.evaluation.fit_thresholds import best_cut, box_fractions, fit_thresholds_from_predictions
 from cxrloc.thresholds import RHO_BOUNDS, TAU_BOUNDS, TAU_HAT_MIN, Thresholds
 
 P = 8

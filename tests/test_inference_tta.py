@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxrloc.inference import TTA_TRANSFORMS, forward_tta
+from cxrloc.inference.batch import TTA_TRANSFORMS, forward_tta
 from cxrloc.utils import CxrlocError
 
 P = 16

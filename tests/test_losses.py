@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxrloc.config import make_config
-from cxrloc.losses import compute_gamma, compute_loss, log_prob_any
+from cxrloc.training.losses import compute_gamma, compute_loss, log_prob_any
 from cxrloc.thresholds import ThresholdBuffers
 from cxrloc.utils import CxrlocError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cxrloc.classes import NUM_CLASSES
-from cxrloc.metrics import (
+from cxrloc.evaluation.metrics import (
     auroc,
     auroc_per_class,
     box_rows,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrloc.overlay import BLOB_ALPHA, class_color, load_box_csv, render_overlay
+from cxrloc.inference.overlay import BLOB_ALPHA, class_color, load_box_csv, render_overlay
 from cxrloc.utils import CxrlocError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -78,7 +78,7 @@ def test_predicted_overlay_file(tmp_path: Path) -> None:
     from cxrloc.checkpoint import make_meta, save_checkpoint
     from cxrloc.config import make_config
     from cxrloc.model.net import build_model
-    from cxrloc.predict import predict_files
+    from cxrloc.inference.predict import predict_files
 
     src = DATA / "fixtures" / "rgb_nonsquare.jpg"
     if not src.is_file():

@@ -7,7 +7,7 @@ import torch
 
 from cxrloc.config import make_config
 from cxrloc.model.net import build_model
-from cxrloc.train import init_position_bias
+from cxrloc.training.loop import init_position_bias
 
 
 class _FakePrepared:

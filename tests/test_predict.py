@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxrloc.classes import CLASSES
-from cxrloc.predict import connected_components, make_record, predict_files, regions_from_map
+from cxrloc.inference.predict import connected_components, make_record, predict_files, regions_from_map
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
@@ -169,7 +169,7 @@ def test_dicom_fixtures_map_back_to_their_frame(tiny_run, tmp_path: Path) -> Non
 
 
 def test_checkpoint_and_onnx_agree_on_real_image(tiny_run, tmp_path: Path) -> None:
-    from cxrloc.export import export_onnx
+    from cxrloc.inference.export import export_onnx
 
     run, _ = tiny_run
     image = need(NIH_IMAGE)
@@ -235,7 +235,7 @@ def test_real_entry_point_exit_codes(tiny_run, tmp_path: Path) -> None:
 
 def test_overlay_classes_gt_draws_only_the_ground_truth_classes(tiny_run, tmp_path: Path) -> None:
     from cxrloc.data.imageio import read_image
-    from cxrloc.overlay import load_box_csv, render_overlay
+    from cxrloc.inference.overlay import load_box_csv, render_overlay
 
     run, _ = tiny_run
     csv_path = need(DATA / "nih" / "BBox_List_2017.csv")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrloc.prior import boxes_by_class, fit_prior, fit_prior_per_t
+from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
 
 
 def test_prior_picks_level_by_hand() -> None:

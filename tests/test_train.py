@@ -16,7 +16,7 @@ import torch
 
 from cxrloc.checkpoint import load_checkpoint, load_model
 from cxrloc.config import make_config
-from cxrloc.train import run_training, train
+from cxrloc.training.loop import run_training, train
 from cxrloc.utils import CxrlocError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -220,7 +220,7 @@ def test_alternate_trains_then_fits_thresholds_each_round(prep: Path, tmp_path: 
         assert saved.tolist() == pytest.approx(expected, rel=1e-6), name
     # ... and they are not the initial thresholds (the comparison above would then prove nothing).
     from cxrloc.data.prepared import Prepared
-    from cxrloc.train import box_patch_counts
+    from cxrloc.training.loop import box_patch_counts
 
     run = json.loads((fold_dir / "run.json").read_text())
     p = make_config("tiny").patch_grid

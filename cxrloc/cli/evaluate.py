@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         which: str = typer.Option("best", "--which", help="Checkpoint: best or last."),
         batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     ) -> None:
-        from cxrloc.evaluate import evaluate as run_evaluate
+        from cxrloc.evaluation.evaluate import evaluate as run_evaluate
 
         choices = {"iou": ("iou",), "ior": ("ior",), "both": ("iou", "ior")}
         if metric not in choices:

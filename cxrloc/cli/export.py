@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(2, "--threads", help="onnxruntime CPU threads."),
         tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest allowed |z_onnx - z_torch|."),
     ) -> None:
-        from cxrloc.export import export_onnx
+        from cxrloc.inference.export import export_onnx
 
         report = export_onnx(
             run_dir, out, fold=fold, opset=opset, check_image=check_image, device=device, threads=threads,

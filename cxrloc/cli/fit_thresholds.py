@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         which: str = typer.Option("best", "--which", help="Checkpoint: best or last."),
         batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     ) -> None:
-        from cxrloc.fit_thresholds import fit_thresholds_run
+        from cxrloc.evaluation.fit_thresholds import fit_thresholds_run
 
         paths = fit_thresholds_run(run_dir, fold=fold, device=device, which=which, batch_size=batch_size)
         where = paths[0] if len(paths) == 1 else f"{run_dir}/fold_*/thresholds.json ({len(paths)} folds)"

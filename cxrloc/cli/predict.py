@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
             None, "--thresholds", help="thresholds.json overriding the thresholds stored with the model."
         ),
     ) -> None:
-        from cxrloc.predict import predict_files
+        from cxrloc.inference.predict import predict_files
 
         summary = predict_files(
             inputs, model, out_dir=out_dir, overlay=overlay, json_path=json_out, boxes_csv=boxes,

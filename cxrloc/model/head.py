@@ -29,7 +29,7 @@ class PatchHead(nn.Module):
     bases), which a convolutional head can otherwise only infer from image content.
 
     ``position_bias=True`` adds a learned logit offset per class and patch. Started from the
-    training boxes (``cxrloc.train.init_position_bias``), the network begins where the data-free
+    training boxes (``cxrloc.training.loop.init_position_bias``), the network begins where the data-free
     prior is and has to learn from the image how to do better; neither is in the paper.
     """
 
@@ -53,7 +53,7 @@ class PatchHead(nn.Module):
             self.register_buffer("coord_grid", grid.unsqueeze(0).contiguous(), persistent=False)
         self.conv1 = nn.Conv2d(in_channels + (2 if coords else 0), hidden, kernel_size=3, padding=1, bias=False)
         # A learned per-class, per-patch logit offset (K, P, P); training initialises it from the
-        # training boxes (cxrloc.train.init_position_bias).
+        # training boxes (cxrloc.training.loop.init_position_bias).
         self.position_bias = nn.Parameter(torch.zeros(num_classes, patch_grid, patch_grid)) if position_bias else None
         self.bn1 = nn.BatchNorm2d(hidden)
         self.relu = nn.ReLU(inplace=True)

@@ -120,7 +120,7 @@ class OnnxPredictor(Predictor):
         threads: int = 2,
         thresholds_json: dict[str, Any] | None = None,
     ) -> None:
-        from cxrloc.onnx_runner import INPUT_NAME, OUTPUT_NAMES, open_session, session_meta
+        from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, open_session, session_meta
 
         path = Path(path)
         self.session = open_session(path, device=device, threads=threads)
@@ -435,7 +435,7 @@ def predict_files(
         raise CxrlocError("--batch-size must be at least 1.")
     gt_boxes = None
     if boxes_csv is not None:
-        from cxrloc.overlay import load_box_csv
+        from cxrloc.inference.overlay import load_box_csv
 
         gt_boxes = load_box_csv(boxes_csv)
     if not files:
@@ -534,7 +534,7 @@ def _finish_one(
         record["maps"] = str(maps_path)
         summary.outputs.append(maps_path)
     if overlay is not None:
-        from cxrloc.overlay import render_overlay, save_png
+        from cxrloc.inference.overlay import render_overlay, save_png
 
         gts = gt_boxes.get(path.name, []) if gt_boxes is not None else None
         if overlay_classes == "gt":

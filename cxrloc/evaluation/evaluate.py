@@ -1,7 +1,7 @@
 """The paper's evaluation of a trained run, beside the data-free prior and the paper's Table 1.
 
 For each fold: ``z`` of the fold's test images (``run.json`` ``test_ids``), IoU / IoR
-accuracy at each T per class (:mod:`cxrloc.metrics`), the prior fitted on the same fold's
+accuracy at each T per class (:mod:`cxrloc.evaluation.metrics`), the prior fitted on the same fold's
 training boxes (``train_ids`` + ``val_ids``) evaluated the same way, and the per-class
 AUROC of ``1'z``. Then mean and standard deviation over folds.
 
@@ -24,9 +24,9 @@ from rich import box
 from rich.table import Table
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
-from cxrloc.fit_thresholds import fold_dirs, read_run_json
-from cxrloc.metrics import METRICS, auroc_per_class, image_scores, is_correct, localization_table
-from cxrloc.prior import boxes_by_class, fit_prior, fit_prior_per_t
+from cxrloc.evaluation.fit_thresholds import fold_dirs, read_run_json
+from cxrloc.evaluation.metrics import METRICS, auroc_per_class, image_scores, is_correct, localization_table
+from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
 from cxrloc.utils import CxrlocError, console, write_json_atomic, write_text_atomic
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
@@ -100,7 +100,7 @@ def evaluate_fold(
     """
     from cxrloc.checkpoint import load_model, resolve_checkpoint
     from cxrloc.data.prepared import Prepared
-    from cxrloc.inference import predict_prepared
+    from cxrloc.inference.batch import predict_prepared
 
     run = read_run_json(fold_dir)
     prepared = Prepared.open(run["prepared_dir"])

@@ -271,7 +271,7 @@ def fit_thresholds(
     """
     from cxrloc.checkpoint import load_model, resolve_checkpoint
     from cxrloc.data.prepared import Prepared
-    from cxrloc.inference import iter_predictions
+    from cxrloc.inference.batch import iter_predictions
 
     fold_dir = Path(fold_dir)
     run = read_run_json(fold_dir)

@@ -147,8 +147,8 @@ def export_onnx(
     import torch
 
     from cxrloc.checkpoint import load_model, resolve_checkpoint
-    from cxrloc.onnx_runner import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
-    from cxrloc.predict import preprocess
+    from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
+    from cxrloc.inference.predict import preprocess
 
     if opset < MIN_OPSET:
         raise CxrlocError(f"--opset {opset} is too old: use {MIN_OPSET} or newer.")

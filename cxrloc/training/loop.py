@@ -294,8 +294,8 @@ def validation_accuracy(
     model: nn.Module, prepared: Any, val_ids: Sequence[str], cfg: Config, device: torch.device
 ) -> tuple[float, float]:
     """Mean per-class IoU and IoR accuracy at ``cfg.eval_threshold`` on annotated validation images."""
-    from cxrloc.inference import predict_prepared
-    from cxrloc.metrics import localization_table, mean_localization_accuracy
+    from cxrloc.inference.batch import predict_prepared
+    from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
 
     ids = [i for i in val_ids if prepared.boxes(i)]
     if not ids:
@@ -349,7 +349,7 @@ def train(
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; rank 0 writes the files.
     """
     from cxrloc.data.prepared import Prepared
-    from cxrloc.losses import compute_gamma, compute_loss
+    from cxrloc.training.losses import compute_gamma, compute_loss
     from cxrloc.model.net import build_model
 
     if stage not in STAGES:
@@ -671,7 +671,7 @@ def run_training(
 
     ``alternate=N`` runs the paper's alternation N times per fold: train ``epochs`` more epochs
     with the thresholds fixed, then fit the thresholds with the network frozen
-    (:func:`cxrloc.fit_thresholds.fit_thresholds`, written to ``fold_K/thresholds.json``), which
+    (:func:`cxrloc.evaluation.fit_thresholds.fit_thresholds`, written to ``fold_K/thresholds.json``), which
     the next round's training reads. The run ends with ``N * epochs`` epochs and fitted thresholds.
 
     With ``resume`` and no ``preset``, each fold's saved ``config.json`` is the base, so a resumed
@@ -711,7 +711,7 @@ def run_training(
                 )
             )
             continue
-        from cxrloc.fit_thresholds import fit_thresholds
+        from cxrloc.evaluation.fit_thresholds import fit_thresholds
 
         per_round = cfg.epochs
         start = 0
