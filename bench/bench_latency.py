@@ -28,10 +28,11 @@ import torch
 
 from cxrloc.checkpoint import make_meta, save_checkpoint
 from cxrloc.config import make_config
-from cxrloc.inference.export import chest_like_image, default_check_image, export_onnx
-from cxrloc.model.net import build_model
+from cxrloc.data.synthetic import healthy_chest
 from cxrloc.inference.backends import open_session
-from cxrloc.inference.predict import preprocess
+from cxrloc.inference.export import default_check_image, export_onnx
+from cxrloc.inference.inputs import preprocess
+from cxrloc.model.net import build_model
 
 
 def _median_ms(fn, repeats: int) -> tuple[float, list[float]]:
@@ -91,7 +92,7 @@ def main() -> None:
 
             img = read_image(real)
         else:
-            img = chest_like_image(cfg.image_size)
+            img = healthy_chest(cfg.image_size)
         x = preprocess(img, cfg.image_size)[None]
         xt = torch.from_numpy(x)
 

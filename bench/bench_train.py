@@ -25,8 +25,8 @@ from torchvision.models import resnet50
 
 from cxrloc.classes import NUM_CLASSES
 from cxrloc.config import make_config
-from cxrloc.training.losses import compute_loss
 from cxrloc.model.net import build_model
+from cxrloc.training.losses import compute_loss
 
 
 def _time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:

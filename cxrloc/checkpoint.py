@@ -72,49 +72,28 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return state
 
 
-def resolve_checkpoint(path: str | os.PathLike[str], fold: int | None = None, which: str = "best") -> Path:
-    """Find the checkpoint meant by a run folder, a fold folder or a ``.pt`` file.
-
-    ``RUN_DIR`` with a single ``fold_K`` uses it; with several, ``fold`` must be given.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CxrlocError(f"No run folder or checkpoint at {path}.")
-    if (path / "checkpoints").is_dir():
-        ckpt = path / "checkpoints" / f"{which}.pt"
-        if not ckpt.is_file():
-            raise CxrlocError(f"{ckpt} does not exist: has training finished an epoch in {path}?")
-        return ckpt
-    folds = sorted(p for p in path.glob("fold_*") if (p / "checkpoints").is_dir())
-    if fold is not None:
-        return resolve_checkpoint(path / f"fold_{fold}", which=which)
-    if len(folds) == 1:
-        return resolve_checkpoint(folds[0], which=which)
-    if not folds:
-        raise CxrlocError(f"{path} holds no trained fold (no fold_*/checkpoints). Run 'cxrloc train' first.")
-    names = ", ".join(p.name for p in folds)
-    raise CxrlocError(f"{path} holds several folds ({names}); pick one with --fold N.")
-
-
 def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     fold: int | None = None,
     which: str = "best",
+    thresholds_file: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any], Config]:
     """Load a trained model in eval mode from a run folder or checkpoint file.
 
-    When the checkpoint's fold folder holds a ``thresholds.json`` (written by
-    ``cxrloc fit-thresholds``), those thresholds replace the ones saved in the
-    checkpoint, in the model's buffers and in ``meta["thresholds"]``, so that
-    ``predict``, ``evaluate`` and ``export`` all use the fitted values.
+    Thresholds follow the one rule of :mod:`cxrloc.rundir`: ``thresholds_file`` when given, else
+    the fold's fitted ``thresholds.json`` (written by ``cxrloc fit-thresholds``), else the ones
+    saved in the checkpoint. The chosen ones are in the model's buffers and in
+    ``meta["thresholds"]`` (with ``meta["thresholds_source"]`` when a file replaced the saved
+    ones), so ``predict``, ``evaluate`` and
+    ``export`` all use the same values.
 
     Returns:
         ``(model, meta, config)``.
     """
     from cxrloc.model.net import build_model
+    from cxrloc.rundir import resolve_checkpoint, thresholds_for_checkpoint
+    from cxrloc.thresholds import Thresholds
 
     ckpt_path = resolve_checkpoint(path, fold=fold, which=which)
     state = load_checkpoint(ckpt_path, map_location="cpu")
@@ -123,13 +102,13 @@ def load_model(
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     meta = dict(state["meta"])
-    fitted = ckpt_path.parent.parent / "thresholds.json"
-    if ckpt_path.parent.name == "checkpoints" and fitted.is_file():
-        from cxrloc.thresholds import Thresholds
-
-        thresholds = Thresholds.load(fitted)
+    chosen = thresholds_for_checkpoint(ckpt_path, thresholds_file)
+    if chosen is not None:
+        thresholds = Thresholds.load(chosen)
         model.thresholds.set(thresholds)
         meta["thresholds"] = thresholds.to_json()
-        meta["thresholds_source"] = str(fitted)
+        meta["thresholds_source"] = str(chosen)
+    elif not meta.get("thresholds"):
+        meta["thresholds"] = model.thresholds.get().to_json()
     model.to(device).eval()
     return model, meta, cfg

@@ -323,4 +323,6 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
 def load_config(path: str | Path) -> Config:
     """Read a config written by ``save_config``."""
-    return Config.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    from cxrloc.utils import read_json
+
+    return Config.from_dict(read_json(path, "config"))

@@ -19,7 +19,6 @@ See ``docs/demo.md``.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -36,6 +35,7 @@ from rich.table import Table
 from cxrloc import __version__
 from cxrloc.classes import BOXED_CLASSES
 from cxrloc.config import Config, make_config
+from cxrloc.rundir import FoldDir
 from cxrloc.utils import CxrlocError, console, write_json_atomic
 
 T = TypeVar("T")
@@ -181,14 +181,15 @@ def run_demo(
     from cxrloc.data.prepare import prepare
     from cxrloc.data.synthetic import generate_synthetic_nih
     from cxrloc.evaluation.evaluate import evaluate
-    from cxrloc.inference.export import export_onnx
     from cxrloc.evaluation.fit_thresholds import fit_thresholds
+    from cxrloc.inference.export import export_onnx
     from cxrloc.inference.predict import predict_files
     from cxrloc.training.loop import train
 
     settings = demo_settings(size, quick)
     out = Path(out_dir)
-    if (out / "run" / "fold_0").exists() or (out / "run_unary" / "fold_0").exists():
+    unary_run, run = out / "run_unary", out / "run"
+    if FoldDir.of(run, 0).path.exists() or FoldDir.of(unary_run, 0).path.exists():
         raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
     cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed})
     crf_cfg: Config = make_config("cpu", {**settings.overrides, **settings.crf_overrides, "seed": seed})
@@ -204,19 +205,18 @@ def run_demo(
         prepared = _step("2/8 prepare", timings, lambda: prepare(
             nih, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
             seed=seed, workers=1, progress=progress))
-        unary_run = out / "run_unary"
         _step("3/8 train (unary stage)", timings, lambda: train(
             prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
-        _step("4/8 fit thresholds (unary)", timings, lambda: fit_thresholds(unary_run / "fold_0", progress=progress))
-        run = out / "run"
+        _step("4/8 fit thresholds (unary)", timings, lambda: fit_thresholds(
+            FoldDir.of(unary_run, 0).path, progress=progress))
         _step("5/8 train (CRF stage)", timings, lambda: train(
             prepared, run, fold=0, cfg=crf_cfg, stage="crf", init_from=unary_run, progress=progress))
-        _step("5/8 fit thresholds (CRF)", timings, lambda: fit_thresholds(run / "fold_0", progress=progress))
+        _step("5/8 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
         results = _step("6/8 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
         unary_results = _step("6/8 evaluate (unary model)", timings, lambda: evaluate(
             unary_run, ts=DEMO_TS, progress=progress))
         report = _step("7/8 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
-        picks = _overlay_picks(_test_ids(run), nih / "BBox_List_2017.csv", settings.overlays)
+        picks = _overlay_picks(_test_ids(run), prepared, settings.overlays)
         files = [str(next(nih.glob(f"images_*/images/{i}"))) for i in picks]
         overlays = _step("8/8 overlays", timings, lambda: predict_files(
             files, report.path, out_dir=out / "overlays", boxes_csv=nih / "BBox_List_2017.csv", progress=progress))
@@ -273,7 +273,7 @@ def run_demo(
             "prepared": str(prepared),
             "unary_run": str(unary_run),
             "run": str(run),
-            "thresholds": str(run / "fold_0" / "thresholds.json"),
+            "thresholds": str(FoldDir.of(run, 0).thresholds_json),
             "eval": results["out_dir"],
             "unary_eval": unary_results["out_dir"],
             "onnx": str(report.path),
@@ -290,23 +290,22 @@ def run_demo(
 
 
 def _test_ids(run: Path) -> list[str]:
-    return [str(i) for i in json.loads((run / "fold_0" / "run.json").read_text(encoding="utf-8"))["test_ids"]]
+    return [str(i) for i in FoldDir.of(run, 0).read_run()["test_ids"]]
 
 
-def _overlay_picks(test_ids: list[str], bbox_csv: Path, count: int) -> list[str]:
+def _overlay_picks(test_ids: list[str], prepared: Path, count: int) -> list[str]:
     """Test images for the overlays: one per boxed class first (so the figures show every class)."""
-    import csv
+    from cxrloc.data.prepared import Prepared
 
-    with open(bbox_csv, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))[1:]
-    wanted = set(test_ids)
+    boxes = Prepared.open(prepared).boxes
     picks: list[str] = []
-    seen: set[str] = set()
-    for image_id, label, *_ in sorted(rows, key=lambda r: r[0]):
-        if image_id in wanted and label not in seen and image_id not in picks:
-            picks.append(image_id)
-            seen.add(label)
-    picks += [i for i in sorted(wanted) if i not in picks]
+    seen: set[int] = set()
+    for image_id in sorted(test_ids):
+        for k, *_ in boxes(image_id):
+            if k not in seen and image_id not in picks:
+                picks.append(image_id)
+                seen.add(k)
+    picks += [i for i in sorted(test_ids) if i not in picks]
     return picks[:count]
 
 

@@ -7,7 +7,7 @@ Coordinates are fractions of the image side: ``(x0, y0, x1, y1)`` with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,3 +81,21 @@ def region_box_iou_ior(region: np.ndarray, box: Sequence[float]) -> tuple[float,
     iou = inter / union if union > 0 else 0.0
     ior = inter / region_area if region_area > 0 else 0.0
     return iou, ior
+
+
+def class_box_masks(
+    box_lists: Iterable[Sequence[Sequence[float]]], patch_grid: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(k, b_k)`` for every (image, class) with boxes: the union of that image's class-k boxes as
+    a ``(P, P)`` bool patch mask (:func:`union_patch_mask`, the losses' ``b_k``).
+
+    Args:
+        box_lists: for each image, its boxes ``(class_index, x0, y0, x1, y1)``.
+        patch_grid: P.
+    """
+    for boxes in box_lists:
+        by_class: dict[int, list[tuple[float, float, float, float]]] = {}
+        for k, x0, y0, x1, y1 in boxes:
+            by_class.setdefault(int(k), []).append((x0, y0, x1, y1))
+        for k, rects in by_class.items():
+            yield k, union_patch_mask(rects, patch_grid)

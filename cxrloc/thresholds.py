@@ -12,7 +12,7 @@ and ``cxrloc train --set thresholds_file=...`` reads.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cxrloc.classes import CLASSES, NUM_CLASSES
-from cxrloc.utils import CxrlocError, write_json_atomic
+from cxrloc.utils import CxrlocError, read_json, write_json_atomic
 
 # Bounds keep fitted thresholds away from the degenerate values (tau, tau_hat -> 0;
 # rho -> 1; rho_hat -> P^2) that minimise the loss without localizing anything.
@@ -39,6 +39,17 @@ DEFAULT_TAU_HAT_FRACTION: float = 0.5
 """Initial tau_hat = this share of the class's median box size in patches."""
 DEFAULT_RHO_HAT: float = 1.0
 """Initial rho_hat, in patches: a negative image should detect (softly) under one patch."""
+
+
+def box_patch_counts(box_masks: Iterable[tuple[int, np.ndarray]]) -> dict[int, list[float]]:
+    """Sizes ``|b_k|`` in patches of every (image, class) box union, for :meth:`Thresholds.initial`.
+
+    ``box_masks`` as :func:`cxrloc.geometry.class_box_masks` yields them.
+    """
+    counts: dict[int, list[float]] = {}
+    for k, mask in box_masks:
+        counts.setdefault(int(k), []).append(float(mask.sum()))
+    return counts
 
 
 @dataclass
@@ -115,13 +126,7 @@ class Thresholds:
 
     @classmethod
     def load(cls, path: str | Path) -> Thresholds:
-        path = Path(path)
-        if not path.is_file():
-            raise CxrlocError(f"Thresholds file not found: {path}. Run 'cxrloc fit-thresholds RUN_DIR' to make one.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CxrlocError(f"{path} is not valid JSON ({exc}).") from None
+        data = read_json(path, "thresholds file", hint="run 'cxrloc fit-thresholds RUN_DIR' to make one")
         return cls.from_json(data)
 
     @classmethod

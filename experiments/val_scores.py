@@ -22,9 +22,9 @@ from cxrloc.checkpoint import load_model
 from cxrloc.classes import BOXED_CLASSES
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.evaluate import per_t_prior_accuracy
-from cxrloc.inference.batch import predict_prepared
 from cxrloc.evaluation.metrics import localization_table
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior
+from cxrloc.inference.batch import predict_prepared
 
 TS = (0.1, 0.3, 0.5)
 BOXED = list(range(len(BOXED_CLASSES)))

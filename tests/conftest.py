@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from cxrloc.checkpoint import make_meta, save_checkpoint
+from cxrloc.classes import CLASSES
 from cxrloc.config import make_config
 from cxrloc.model.net import build_model
 from cxrloc.thresholds import Thresholds
@@ -51,3 +54,143 @@ def save_tiny_run(
 def tiny_run_factory() -> Callable[..., tuple[Path, torch.nn.Module]]:
     """:func:`save_tiny_run`, for tests that need a saved run without training one."""
     return save_tiny_run
+
+
+def write_prepared(root: Path, *, n_images: int = 40, size: int = 64, n_annotated: int = 16, seed: int = 0) -> Path:
+    """Write a tiny prepared folder by hand, in the format ``cxrloc prepare`` writes (docs/data.md).
+
+    Images are dark noise with one bright rectangle per box (a learnable lesion); patients hold
+    two images each; two patient-grouped folds over the annotated images.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    images = (rng.random((n_images, size, size)) * 60).astype(np.uint8)
+    rows = []
+    for i in range(n_images):
+        labels = np.zeros(len(CLASSES), dtype=int)
+        boxes = []
+        if i < n_annotated:
+            k = [0, 1, 4, 7][i % 4]  # Atelectasis, Cardiomegaly, Infiltration, Pneumothorax
+            x0, y0 = rng.uniform(0.05, 0.5, size=2)
+            w, h = rng.uniform(0.2, 0.4, size=2)
+            box = [k, round(float(x0), 4), round(float(y0), 4), round(float(x0 + w), 4), round(float(y0 + h), 4)]
+            boxes.append(box)
+            labels[k] = 1
+            c0, r0, c1, r1 = (int(round(v * size)) for v in box[1:])
+            images[i, r0:r1, c0:c1] = 220
+        elif i % 3 == 0:
+            labels[2] = 1  # an unboxed positive (Effusion)
+        rows.append(
+            {
+                "image_id": f"{i:05d}_000.png",
+                "patient_id": i // 2,
+                "follow_up": i % 2,
+                "view_position": "PA",
+                **{c: int(v) for c, v in zip(CLASSES, labels, strict=True)},
+                "annotated": int(bool(boxes)),
+                "cache_index": i,
+                "boxes": json.dumps(boxes),
+            }
+        )
+    images.tofile(root / "images.u8")
+    np.ones(n_images, dtype=np.uint8).tofile(root / "done.u8")
+    (root / "cache.json").write_text(
+        json.dumps({"version": 1, "size": size, "count": n_images, "file": "images.u8", "dtype": "uint8"})
+    )
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    ids = [r["image_id"] for r in rows]
+    ann, unann = ids[:n_annotated], ids[n_annotated:]
+    half = n_annotated // 2  # patients hold images 2j, 2j+1: an even cut keeps them together
+    folds = []
+    for f, (test, train) in enumerate(((ann[:half], ann[half:]), (ann[half:], ann[:half]))):
+        folds.append({"fold": f, "test": test, "train_annotated": train, "train_unannotated": unann})
+    splits = {"version": 1, "seed": 0, "group_by": "patient", "unannotated_fraction": 1.0, "folds": folds}
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared_writer() -> Callable[..., Path]:
+    """:func:`write_prepared`, for tests that need a tiny prepared folder."""
+    return write_prepared
+
+
+HAND_SIZE = 64
+
+# The hand-worked run: boxes (class, x0, y0, x1, y1) per image; images "a", "b" are the test set of fold 0.
+BOXES: dict[str, list[tuple[int, float, float, float, float]]] = {
+    "a": [(0, 0.0, 0.0, 0.5, 0.5), (1, 0.25, 0.25, 0.75, 0.75)],
+    "b": [(0, 0.0, 0.0, 0.25, 0.25), (0, 0.5, 0.5, 1.0, 1.0), (4, 0.1, 0.1, 0.2, 0.2)],
+    "c": [(0, 0.0, 0.0, 0.5, 0.5), (1, 0.25, 0.25, 0.75, 0.75)],
+    "d": [(0, 0.0, 0.0, 0.5, 0.5)],
+    "e": [(4, 0.5, 0.5, 0.75, 0.75)],
+    "f": [(0, 0.0, 0.0, 0.5, 0.5)],
+}
+EXTRA_LABELS = {"a": [5], "c": [5]}  # Nodule label without a box
+
+
+def _write_prepared(root: Path) -> None:
+    ids = list(BOXES)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(len(ids), HAND_SIZE, HAND_SIZE), dtype=np.uint8)
+    root.mkdir(parents=True)
+    images.tofile(root / "images.u8")
+    np.ones(len(ids), dtype=np.uint8).tofile(root / "done.u8")
+    (root / "cache.json").write_text(
+        json.dumps({"version": 1, "size": HAND_SIZE, "count": len(ids), "file": "images.u8", "dtype": "uint8"})
+    )
+    rows = []
+    for i, image_id in enumerate(ids):
+        row = {"image_id": image_id, "patient_id": i, "follow_up": 0, "view_position": "PA"}
+        present = {b[0] for b in BOXES[image_id]} | set(EXTRA_LABELS.get(image_id, []))
+        row.update({c: int(k in present) for k, c in enumerate(CLASSES)})
+        row.update({"annotated": 1, "cache_index": i, "boxes": json.dumps([list(b) for b in BOXES[image_id]])})
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    folds = [{"fold": 0, "test": ["a", "b"], "train_annotated": ["c", "d", "e", "f"], "train_unannotated": []}]
+    (root / "splits.json").write_text(json.dumps({"version": 1, "seed": 0, "group_by": "patient", "folds": folds}))
+
+
+def _write_fold(run: Path, fold: int, prepared: Path, test_ids: list[str]) -> None:
+    cfg = make_config("tiny")
+    cfg.crf = False  # z = sigmoid(logits): set exactly through the head's last bias
+    model = build_model(cfg)
+    conv = model.unary.head.conv2
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-20.0)
+        conv.bias[0] = 20.0
+        conv.bias[4] = 20.0
+    fold_dir = run / f"fold_{fold}"
+    save_checkpoint(
+        fold_dir / "checkpoints" / "best.pt",
+        {"config": cfg.to_dict(), "model": model.state_dict(), "meta": make_meta(cfg)},
+    )
+    (fold_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "prepared_dir": str(prepared),
+                "fold": fold,
+                "stage": "unary",
+                "train_ids": ["c", "d", "e"],
+                "val_ids": ["f"],
+                "test_ids": test_ids,
+            }
+        )
+    )
+
+
+def write_hand_run(root: Path) -> Path:
+    """A prepared folder and a two-fold run whose z is known exactly (see tests/test_evaluate.py)."""
+    prepared = root / "prepared"
+    _write_prepared(prepared)
+    run = root / "run"
+    _write_fold(run, 0, prepared, ["a", "b"])
+    _write_fold(run, 1, prepared, ["a"])
+    return run
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    """:func:`write_hand_run` in a fresh folder."""
+    return write_hand_run(tmp_path)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxrloc.checkpoint import load_checkpoint, load_model, make_meta, resolve_checkpoint, save_checkpoint
+from cxrloc.checkpoint import load_checkpoint, load_model, make_meta, save_checkpoint
 from cxrloc.config import make_config
 from cxrloc.model.net import build_model
+from cxrloc.rundir import resolve_checkpoint
 from cxrloc.thresholds import Thresholds
 from cxrloc.utils import CxrlocError
 

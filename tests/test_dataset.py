@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cxrloc.classes import CLASSES
 from cxrloc.config import make_config
 from cxrloc.data.dataset import (
     AffineParams,
@@ -24,64 +23,9 @@ from cxrloc.data.prepared import Prepared
 from cxrloc.utils import CxrlocError
 
 
-def write_prepared(root: Path, *, n_images: int = 40, size: int = 64, n_annotated: int = 16, seed: int = 0) -> Path:
-    """Write a tiny prepared folder by hand, in the format of INTERFACES.md.
-
-    Images are dark noise with one bright rectangle per box (a learnable lesion); patients hold
-    two images each; two patient-grouped folds over the annotated images.
-    """
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    images = (rng.random((n_images, size, size)) * 60).astype(np.uint8)
-    rows = []
-    for i in range(n_images):
-        labels = np.zeros(len(CLASSES), dtype=int)
-        boxes = []
-        if i < n_annotated:
-            k = [0, 1, 4, 7][i % 4]  # Atelectasis, Cardiomegaly, Infiltration, Pneumothorax
-            x0, y0 = rng.uniform(0.05, 0.5, size=2)
-            w, h = rng.uniform(0.2, 0.4, size=2)
-            box = [k, round(float(x0), 4), round(float(y0), 4), round(float(x0 + w), 4), round(float(y0 + h), 4)]
-            boxes.append(box)
-            labels[k] = 1
-            c0, r0, c1, r1 = (int(round(v * size)) for v in box[1:])
-            images[i, r0:r1, c0:c1] = 220
-        elif i % 3 == 0:
-            labels[2] = 1  # an unboxed positive (Effusion)
-        rows.append(
-            {
-                "image_id": f"{i:05d}_000.png",
-                "patient_id": i // 2,
-                "follow_up": i % 2,
-                "view_position": "PA",
-                **{c: int(v) for c, v in zip(CLASSES, labels, strict=True)},
-                "annotated": int(bool(boxes)),
-                "cache_index": i,
-                "boxes": json.dumps(boxes),
-            }
-        )
-    images.tofile(root / "images.u8")
-    np.ones(n_images, dtype=np.uint8).tofile(root / "done.u8")
-    (root / "cache.json").write_text(
-        json.dumps({"version": 1, "size": size, "count": n_images, "file": "images.u8", "dtype": "uint8"})
-    )
-    import pandas as pd
-
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    ids = [r["image_id"] for r in rows]
-    ann, unann = ids[:n_annotated], ids[n_annotated:]
-    half = n_annotated // 2  # patients hold images 2j, 2j+1: an even cut keeps them together
-    folds = []
-    for f, (test, train) in enumerate(((ann[:half], ann[half:]), (ann[half:], ann[:half]))):
-        folds.append({"fold": f, "test": test, "train_annotated": train, "train_unannotated": unann})
-    splits = {"version": 1, "seed": 0, "group_by": "patient", "unannotated_fraction": 1.0, "folds": folds}
-    (root / "splits.json").write_text(json.dumps(splits))
-    return root
-
-
 @pytest.fixture()
-def prepared(tmp_path: Path) -> Prepared:
-    return Prepared.open(write_prepared(tmp_path / "prep"))
+def prepared(tmp_path: Path, prepared_writer: Callable[..., Path]) -> Prepared:
+    return Prepared.open(prepared_writer(tmp_path / "prep"))
 
 
 def test_validation_split_is_by_patient_and_holds_annotated_images(prepared: Prepared) -> None:

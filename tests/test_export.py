@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cxrloc.checkpoint import load_checkpoint
 from cxrloc.classes import CLASSES
-from cxrloc.inference.export import chest_like_image, export_onnx
+from cxrloc.data.synthetic import healthy_chest
+from cxrloc.inference.export import export_onnx
 from cxrloc.utils import CxrlocError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -61,7 +62,7 @@ def test_default_path_metadata_and_graph(exported) -> None:
 def test_onnxruntime_matches_torch_for_any_batch(exported) -> None:
     _, model, report = exported
     rng = np.random.default_rng(0)
-    x = np.stack([chest_like_image(64, seed=s)[None] * 2 - 1 for s in range(3)]).astype(np.float32)
+    x = np.stack([healthy_chest(64, seed=s)[None] * 2 - 1 for s in range(3)]).astype(np.float32)
     x[2] = rng.uniform(-1, 1, size=x[2].shape)
     sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     z, unary = sess.run(["z", "unary_logits"], {"image": x})

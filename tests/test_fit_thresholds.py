@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,23 @@ def test_saturated_predictions_are_clipped() -> None:
     th = fit_thresholds_from_predictions(z, labels, [[(0, 0.0, 0.0, 0.5, 0.5)]] * n, _current())
     assert th.tau[0] == pytest.approx(1.0)
     assert th.rho[0] == pytest.approx(RHO_BOUNDS[1])
+
+
+def test_fit_thresholds_end_to_end(run_dir: Path) -> None:
+    from cxrloc.evaluation.fit_thresholds import fit_thresholds
+    from cxrloc.thresholds import RHO_BOUNDS, TAU_BOUNDS, Thresholds
+
+    th = fit_thresholds(run_dir / "fold_0", progress=False)
+    saved = Thresholds.load(run_dir / "fold_0" / "thresholds.json")
+    np.testing.assert_allclose(saved.tau, th.tau)
+    # Class 0 detects everything: in-box fraction 1 -> tau 1; outside fraction 1 -> clipped rho.
+    assert th.tau[0] == pytest.approx(1.0, abs=1e-6)
+    assert th.rho[0] == pytest.approx(RHO_BOUNDS[1])
+    # Class 1 detects nothing: tau clipped up to its lower bound, rho 0.
+    assert th.tau[1] == pytest.approx(TAU_BOUNDS[0])
+    assert th.rho[1] == pytest.approx(0.0, abs=1e-6)
+    info = saved.info
+    assert info["images"] == 3 and info["round"] == 1 and info["which"] == "best"
+    assert info["per_class"]["Atelectasis"]["annotated_images"] == 2  # c and d (f is validation)
+    again = fit_thresholds(run_dir / "fold_0", progress=False)
+    assert again.info["round"] == 2

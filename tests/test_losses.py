@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cxrloc.config import make_config
-from cxrloc.training.losses import compute_gamma, compute_loss, log_prob_any
 from cxrloc.thresholds import ThresholdBuffers
+from cxrloc.training.losses import compute_gamma, compute_loss, log_prob_any
 from cxrloc.utils import CxrlocError
 
 K = 14

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrloc.inference.overlay import BLOB_ALPHA, class_color, load_box_csv, render_overlay
-from cxrloc.utils import CxrlocError
+from cxrloc.inference.overlay import BLOB_ALPHA, class_color, gt_boxes_by_image, render_overlay
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -18,7 +17,7 @@ def test_real_box_list() -> None:
     csv_path = DATA / "nih" / "BBox_List_2017.csv"
     if not csv_path.is_file():
         pytest.skip("../shared/data/nih/BBox_List_2017.csv is absent")
-    boxes = load_box_csv(csv_path)
+    boxes = gt_boxes_by_image(csv_path)
     assert sum(len(v) for v in boxes.values()) == 781
     assert len(boxes) == 704
     # First data row: 00013118_008.png,Atelectasis,225.08,547.02,86.78,79.19 (1024 frame).
@@ -30,11 +29,13 @@ def test_real_box_list() -> None:
     assert "Infiltration" in labels and "Infiltrate" not in labels
 
 
-def test_bad_box_row_is_named(tmp_path: Path) -> None:
+def test_bad_box_row_is_named_and_left_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "b.csv"
     bad.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Mass,1,2,3,4\nb.png,Mass,oops,2,3,4\n")
-    with pytest.raises(CxrlocError, match="line 3"):
-        load_box_csv(bad)
+    boxes = gt_boxes_by_image(bad)
+    assert list(boxes) == ["a.png"] and boxes["a.png"][0][0] == "Mass"
+    err = capsys.readouterr().err
+    assert "line 3" in err and "b.png" in err
 
 
 def test_overlay_size_blob_and_gt_box() -> None:
@@ -77,8 +78,8 @@ def test_predicted_overlay_file(tmp_path: Path) -> None:
 
     from cxrloc.checkpoint import make_meta, save_checkpoint
     from cxrloc.config import make_config
-    from cxrloc.model.net import build_model
     from cxrloc.inference.predict import predict_files
+    from cxrloc.model.net import build_model
 
     src = DATA / "fixtures" / "rgb_nonsquare.jpg"
     if not src.is_file():

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from cxrloc.config import make_config
+from cxrloc.geometry import class_box_masks
+from cxrloc.model.head import init_position_bias
 from cxrloc.model.net import build_model
-from cxrloc.training.loop import init_position_bias
 
 
 class _FakePrepared:
@@ -32,7 +33,8 @@ def test_position_bias_starts_at_box_coverage_log_odds():
             "c": [],
         }
     )
-    assert init_position_bias(model, prepared, ["a", "b", "c"], p) == 1
+    masks = class_box_masks((prepared.boxes(i) for i in ["a", "b", "c"]), p)
+    assert init_position_bias(model.unary.head, masks) == 1
     bias = model.unary.head.position_bias.detach().numpy()
     logit = lambda f: np.log(f / (1 - f))  # noqa: E731
     # Top-left quarter: covered by both boxes -> 1.0, clipped to 0.98; bottom-left: 1 of 2;

@@ -14,7 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxrloc.classes import CLASSES
-from cxrloc.inference.predict import connected_components, make_record, predict_files, regions_from_map
+from cxrloc.inference.postprocess import connected_components, make_record, regions_from_map
+from cxrloc.inference.predict import predict_files
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
@@ -235,12 +236,12 @@ def test_real_entry_point_exit_codes(tiny_run, tmp_path: Path) -> None:
 
 def test_overlay_classes_gt_draws_only_the_ground_truth_classes(tiny_run, tmp_path: Path) -> None:
     from cxrloc.data.imageio import read_image
-    from cxrloc.inference.overlay import load_box_csv, render_overlay
+    from cxrloc.inference.overlay import gt_boxes_by_image, render_overlay
 
     run, _ = tiny_run
     csv_path = need(DATA / "nih" / "BBox_List_2017.csv")
     image = need(DATA / "nih" / "images" / "00013118_008.png")
-    gts = load_box_csv(csv_path)[image.name]
+    gts = gt_boxes_by_image(csv_path)[image.name]
     wanted = sorted({CLASSES.index(name) for name, *_ in gts})
     summary = predict_files(
         [str(image)], run, overlay=tmp_path / "gt.png", json_path=tmp_path / "r.json", boxes_csv=csv_path,

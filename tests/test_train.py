@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,9 @@ import torch
 
 from cxrloc.checkpoint import load_checkpoint, load_model
 from cxrloc.config import make_config
-from cxrloc.training.loop import run_training, train
+from cxrloc.training.loop import train
+from cxrloc.training.runner import run_training
 from cxrloc.utils import CxrlocError
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dataset import write_prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--set", "device=cpu", "--set", "workers=0", "--set", "deterministic=true", "--quiet"]
@@ -41,8 +40,8 @@ def _weights(fold_dir: Path, which: str = "last") -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def prep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_prepared(tmp_path_factory.mktemp("prep") / "prepared")
+def prep(tmp_path_factory: pytest.TempPathFactory, prepared_writer: Callable[..., Path]) -> Path:
+    return prepared_writer(tmp_path_factory.mktemp("prep") / "prepared")
 
 
 @pytest.mark.slow
@@ -220,11 +219,13 @@ def test_alternate_trains_then_fits_thresholds_each_round(prep: Path, tmp_path: 
         assert saved.tolist() == pytest.approx(expected, rel=1e-6), name
     # ... and they are not the initial thresholds (the comparison above would then prove nothing).
     from cxrloc.data.prepared import Prepared
-    from cxrloc.training.loop import box_patch_counts
+    from cxrloc.geometry import class_box_masks
+    from cxrloc.thresholds import box_patch_counts
 
     run = json.loads((fold_dir / "run.json").read_text())
     p = make_config("tiny").patch_grid
-    initial = Thresholds.initial(p, box_patch_counts(Prepared.open(prep), run["train_ids"], p))
+    prepared = Prepared.open(prep)
+    initial = Thresholds.initial(p, box_patch_counts(class_box_masks((prepared.boxes(i) for i in run["train_ids"]), p)))
     assert any(
         abs(prev[c][name] - float(getattr(initial, name)[k])) > 1e-6
         for k, c in enumerate(names) for name in ("tau", "rho", "tau_hat", "rho_hat")

@@ -6,12 +6,12 @@ function; the modules only parse options and call one library function.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
 from cxrloc import __version__
+from cxrloc.cli import demo, evaluate, export, fit_thresholds, predict, prepare, train
 from cxrloc.utils import CxrlocError, console
 
 app = typer.Typer(
@@ -22,8 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Modules that define working commands, in the order of the pipeline.
-COMMAND_MODULES: tuple[str, ...] = ("prepare", "train", "predict", "export", "fit_thresholds", "evaluate", "demo")
 
 
 def _version(value: bool) -> None:
@@ -39,8 +37,9 @@ def _root(
     """cxrloc: localization with limited annotation for chest X-rays."""
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"cxrloc.cli.{_name}").register(app)
+# The commands, in the order of the pipeline (each module only parses options and calls the library).
+for _module in (prepare, train, predict, export, fit_thresholds, evaluate, demo):
+    _module.register(app)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cxrloc.inference.backends import DEFAULT_THREADS
+from cxrloc.inference.export import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from cxrloc.utils import console
 
 EXAMPLE = """
@@ -25,14 +27,14 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="RUN_DIR, RUN_DIR/fold_K or a .pt checkpoint."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Output .onnx (default RUN_DIR/export/model.onnx)."),
         fold: int | None = typer.Option(None, "--fold", help="Fold of a multi-fold RUN_DIR."),
-        opset: int = typer.Option(17, "--opset", help="ONNX opset (17 or newer)."),
+        opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (17 or newer)."),
         check_image: Path | None = typer.Option(
             None, "--check-image", help="Image for the torch/onnxruntime check (default: a real NIH image when "
-            "../shared/data exists, else a generated chest-like image)."
+            "../shared/data exists, else a generated synthetic chest)."
         ),
         device: str = typer.Option("cpu", "--device", help="onnxruntime device for the check: cpu or cuda."),
-        threads: int = typer.Option(2, "--threads", help="onnxruntime CPU threads."),
-        tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest allowed |z_onnx - z_torch|."),
+        threads: int = typer.Option(DEFAULT_THREADS, "--threads", help="onnxruntime CPU threads."),
+        tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="Largest allowed |z_onnx - z_torch|."),
     ) -> None:
         from cxrloc.inference.export import export_onnx
 

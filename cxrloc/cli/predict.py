@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from cxrloc.inference.backends import DEFAULT_THREADS
 from cxrloc.utils import console
 
 EXAMPLE = """
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         save_maps: bool = typer.Option(False, "--save-maps", help="Also save the raw (14, P, P) maps z as .npy."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (falls back to cpu when unavailable)."),
         fold: int | None = typer.Option(None, "--fold", help="Fold of a multi-fold RUN_DIR."),
-        threads: int = typer.Option(2, "--threads", help="onnxruntime CPU threads."),
+        threads: int = typer.Option(DEFAULT_THREADS, "--threads", help="onnxruntime CPU threads."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
         thresholds: Path | None = typer.Option(
             None, "--thresholds", help="thresholds.json overriding the thresholds stored with the model."
@@ -61,6 +62,4 @@ def register(app: typer.Typer) -> None:
         status = f"{n_ok} image(s) predicted" + (f", {n_bad} failed" if n_bad else "")
         console.print(f"{status}. Results saved to {summary.location}")
         if n_bad:
-            # SystemExit, not typer.Exit: the entry point runs click with standalone_mode=False,
-            # which would turn typer.Exit into an ignored return value.
             sys.exit(1)

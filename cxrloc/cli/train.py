@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     ) -> None:
-        from cxrloc.training.loop import run_training
+        from cxrloc.training.runner import run_training
 
         paths = run_training(
             prepared_dir,

@@ -23,6 +23,10 @@ from PIL import Image
 
 from cxrloc.utils import CxrlocError
 
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+"""File extensions taken for images when folders are searched (lower case; extensionless DICOM
+files are recognised by :func:`looks_like_dicom`)."""
+
 MAX_PIXELS: int = 50_000_000
 """Largest image (rows x columns) accepted, checked from the header before decoding.
 
@@ -59,11 +63,24 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "png"
     if head.startswith(_JPEG_MAGIC):
         return "jpeg"
-    if head[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
+    if _is_dicom_head(head):
         return "dicom"
     raise ImageReadError(
         f"{path}: not a PNG, JPEG or DICOM file (first bytes {head[:8]!r}); check the file or remove it"
     )
+
+
+def _is_dicom_head(head: bytes) -> bool:
+    return head[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
+    """Whether a file starts like a DICOM Part 10 file ("DICM" at byte 128); ``False`` if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            return _is_dicom_head(fh.read(_DICOM_MAGIC_OFFSET + 4))
+    except OSError:
+        return False
 
 
 def _check_size(path: Path, rows: int, cols: int, frames: int, max_pixels: int) -> None:

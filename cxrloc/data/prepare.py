@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cxrloc.classes import CLASSES
-from cxrloc.data.imageio import ImageReadError, read_image_u8
+from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
 from cxrloc.data.nih import (
     BBOX_LIST_NAMES,
     DATA_ENTRY_NAMES,
@@ -51,9 +50,8 @@ from cxrloc.data.splits import (
     split_image_ids,
     write_splits,
 )
-from cxrloc.utils import CxrlocError, atomic_path, console, write_json_atomic
+from cxrloc.utils import CxrlocError, atomic_path, console, progress_bar, read_json, write_json_atomic
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FLUSH_EVERY = 64
 """Entries written between two flushes (a flush also happens every 2 s and on exit)."""
 
@@ -241,9 +239,8 @@ def _fill_cache(
     ok: list[int] = []
     failed: list[int] = []
     last = time.monotonic()
-    columns = (TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        job = bar.add_task("images", total=cache.count, completed=cache.count - len(todo))
+    with progress_bar(enabled=progress) as bar:
+        job = bar.add_task("prepare", total=cache.count, completed=cache.count - len(todo))
         try:
             for index, pixels, reason in _tasks_results(tasks, workers):
                 if pixels is None:
@@ -484,7 +481,7 @@ def _check_parameters(splits: dict[str, Any], path: Path, *, folds: int, seed: i
 
 def summary_line(out: Path) -> str:
     """One line describing a prepared folder (for the CLI's closing message)."""
-    fp = json.loads((out / "fingerprint.json").read_text(encoding="utf-8"))
+    fp = read_json(out / "fingerprint.json", "fingerprint")
     c = fp["counts"]
     return (
         f"{c['cached']} images cached ({c['annotated']} annotated, {c['unannotated_pool']} unannotated in the pool), "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import pandas as pd
 
 from cxrloc.classes import CLASSES
 from cxrloc.data.nih import Box
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, read_json
 
 CACHE_VERSION = 1
 
@@ -45,12 +46,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise CxrlocError(f"{path}: {what} missing; is {path.parent} a folder written by `cxrloc prepare`?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CxrlocError(f"{path}: cannot read {what} ({exc})") from exc
+    return read_json(path, what, hint=f"is {path.parent} a folder written by `cxrloc prepare`?")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -181,6 +177,10 @@ class Prepared:
     def labels(self, image_id: str) -> np.ndarray:
         """The 14 image-level labels as ``float32`` 0/1, in ``CLASSES`` order."""
         return self._labels[self._pos(image_id)].copy()
+
+    def label_matrix(self, image_ids: Sequence[str]) -> np.ndarray:
+        """``(N, K)`` float64 labels of ``image_ids`` (a boxed class is positive: ``prepare`` adds it)."""
+        return np.stack([self.labels(i) for i in image_ids]).astype(np.float64)
 
     def boxes(self, image_id: str) -> list[Box]:
         """Boxes ``(class_index, x0, y0, x1, y1)`` (fractions of the side); ``[]`` when not annotated."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrloc.utils import CxrlocError, write_text_atomic
+from cxrloc.utils import CxrlocError, read_json, write_text_atomic
 
 SPLITS_VERSION = 1
 SPLIT_KEYS: tuple[str, ...] = ("test", "train_annotated", "train_unannotated")
@@ -139,10 +139,7 @@ def write_splits(path: str | os.PathLike[str], splits: Mapping[str, Any]) -> Pat
 def load_splits(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``splits.json`` and check its structure (not its content; see :func:`check_splits`)."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CxrlocError(f"{path}: cannot read splits ({exc}); fix it or delete it to recompute") from exc
+    obj = read_json(path, "splits", hint="fix it or delete it to recompute")
     if not isinstance(obj, dict) or obj.get("version") != SPLITS_VERSION or not isinstance(obj.get("folds"), list):
         raise CxrlocError(f"{path}: not a version-{SPLITS_VERSION} splits file; fix it or delete it to recompute")
     for k, f in enumerate(obj["folds"]):

@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES, NO_FINDING
-from cxrloc.utils import CxrlocError, atomic_path, console
+from cxrloc.data.nih import NIH_SIDE
+from cxrloc.utils import CxrlocError, atomic_path, progress_bar
 
 DATA_ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -45,8 +46,6 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 BBOX_LABEL_SPELLING: dict[str, str] = {"Infiltration": "Infiltrate"}
 """Labels that NIH's box list spells differently from ``Data_Entry_2017.csv``."""
 
-NIH_FRAME = 1024
-"""Side of the pixel frame of NIH box coordinates."""
 
 REFERENCE_GRID = 256
 """Grid on which boxes are measured, so that they do not depend on the written ``size``."""
@@ -435,6 +434,22 @@ def render(spec: ImageSpec, size: int) -> np.ndarray:
     return np.clip(img + 0.012 * noise, 0.0, 1.0).astype(np.float32)
 
 
+def healthy_chest(size: int = 512, seed: int = 0) -> np.ndarray:
+    """One synthetic chest without findings, ``(size, size)`` float32 in [0, 1] (``read_image``'s
+    convention): for checks that need a radiograph-like input when no real image is at hand."""
+    rng = np.random.default_rng([seed, 3])
+    spec = ImageSpec(
+        anatomy=_patient_anatomy(seed, 1),
+        findings=(),
+        markings=rng.standard_normal((33, 33)),
+        gain=1.0,
+        offset=0.0,
+        gamma=1.0,
+        noise_seed=int(rng.integers(2**31)),
+    )
+    return render(spec, size)
+
+
 def finding_box(f: Finding, a: Anatomy) -> tuple[float, float, float, float] | None:
     """Normalised ``(x0, y0, x1, y1)`` box of a finding, measured on the reference grid."""
     U, V = _grid(REFERENCE_GRID)
@@ -597,7 +612,7 @@ def bbox_list_text(images: list[SyntheticImage]) -> str:
     rows: list[tuple[int, str, str]] = []
     for im in images:
         for name, (x0, y0, x1, y1) in im.boxes:
-            x, y, w, h = (v * NIH_FRAME for v in (x0, y0, x1 - x0, y1 - y0))
+            x, y, w, h = (v * NIH_SIDE for v in (x0, y0, x1 - x0, y1 - y0))
             label = BBOX_LABEL_SPELLING.get(name, name)
             rows.append(
                 (
@@ -678,11 +693,7 @@ def _run_with_progress(fn: Callable[[int], None], count: int, label: str, progre
         for i in range(count):
             fn(i)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-    ) as bar:
+    with progress_bar() as bar:
         task = bar.add_task(label, total=count)
         for i in range(count):
             fn(i)

@@ -1,68 +1,34 @@
-"""The paper's evaluation of a trained run, beside the data-free prior and the paper's Table 1.
+"""The paper's evaluation of a trained run, beside the data-free priors and the paper's Table 1.
 
-For each fold: ``z`` of the fold's test images (``run.json`` ``test_ids``), IoU / IoR
-accuracy at each T per class (:mod:`cxrloc.evaluation.metrics`), the prior fitted on the same fold's
-training boxes (``train_ids`` + ``val_ids``) evaluated the same way, and the per-class
-AUROC of ``1'z``. Then mean and standard deviation over folds.
-
-Outputs in ``RUN_DIR/eval/`` (written atomically): ``results.json``, ``results.csv``
-(long format), ``results.md`` (Markdown tables) and ``per_image.csv`` (one row per test box).
+For each fold: ``z`` of the fold's test images (``run.json`` ``test_ids``; or its validation
+images with ``split="val"``), IoU / IoR accuracy at each T per class
+(:mod:`cxrloc.evaluation.metrics`), both priors fitted on the same fold's training boxes and
+evaluated the same way, and the per-class AUROC of ``1'z``. Then mean and standard deviation
+over folds. The reports (``results.{json,csv,md}``, ``per_image.csv`` and the terminal tables)
+are made by :mod:`cxrloc.evaluation.report` from the ``results.json`` content built here.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from rich import box
-from rich.table import Table
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
-from cxrloc.evaluation.fit_thresholds import fold_dirs, read_run_json
-from cxrloc.evaluation.metrics import METRICS, auroc_per_class, image_scores, is_correct, localization_table
+from cxrloc.evaluation.metrics import METRICS, auroc_per_class, image_scores, localization_table
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
-from cxrloc.utils import CxrlocError, console, write_json_atomic, write_text_atomic
+from cxrloc.evaluation.report import METHODS, PAPER_T, PAPER_TABLE1, nan_to_none, write_reports
+from cxrloc.rundir import FoldDir, RunDir
+from cxrloc.utils import CxrlocError
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
-METHODS: tuple[str, ...] = ("model", "prior", "prior_t")
-"""Rows of every report: the model, the prior (one q for all T) and the per-T prior (q chosen per T)."""
-LABELS: dict[str, str] = {"model": "model", "prior": "prior", "prior_t": "prior per-T"}
 BOXED: tuple[int, ...] = tuple(range(len(BOXED_CLASSES)))
-
-PAPER_TABLE1: dict[str, dict[str, list[float]]] = {
-    # Rozenberg et al. 2019, Table 1, T = 0.1, 0% unannotated; "ref." = Li et al. 2018.
-    # Values in BOXED_CLASSES order.
-    "iou": {
-        "paper ours": [0.818, 1.0, 0.882, 0.927, 0.695, 0.404, 0.918, 0.726],
-        "paper Li2018": [0.488, 0.989, 0.693, 0.842, 0.342, 0.081, 0.715, 0.437],
-    },
-    "ior": {
-        "paper ours": [0.889, 1.0, 0.92, 0.95, 0.773, 0.58, 0.933, 0.767],
-        "paper Li2018": [0.528, 1.0, 0.753, 0.875, 0.452, 0.111, 0.786, 0.473],
-    },
-}
-PAPER_T: float = 0.1
-
-SHORT: dict[str, str] = {
-    **{c: c[:4] for c in CLASSES},
-    # The paper's abbreviations; "Pneu" alone would not tell Pneumonia from Pneumothorax.
-    "Pneumonia": "Pnia",
-    "Pneumothorax": "Pnth",
-    "Pleural_Thickening": "PlTh",
-    "Consolidation": "Cons",
-}
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
+SPLITS: tuple[str, ...] = ("test", "val")
+"""Images an evaluation reads: the fold's test images, or its validation images (carved out of the
+training patients, for choosing settings without reading test folds)."""
 
 
 def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,66 +49,74 @@ def _boxed_mean(acc: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 
 def evaluate_fold(
-    fold_dir: Path,
+    fold_dir: Path | FoldDir,
     *,
     ts: Sequence[float],
     device: str = "cpu",
     which: str = "best",
     progress: bool = True,
     batch_size: int = 16,
+    split: str = "test",
+    tta: int = 1,
 ) -> dict[str, Any]:
-    """Evaluate the model and the prior on one fold's test images.
+    """Evaluate the model and both priors on one fold's test (or validation) images.
+
+    The priors are fitted on the fold's training boxes: ``train_ids`` + ``val_ids`` for the test
+    split, ``train_ids`` alone for the validation split (never a box of the images scored).
 
     Returns:
-        dict with ``fold``, ``checkpoint``, ``test_images``, ``count`` (K,), ``model`` and ``prior``
-        (each ``{"iou": (K, T), "ior": (K, T)}`` accuracy), ``auroc`` (K,), ``rows`` (per-box dicts
-        with ``image_id`` and ``fold``), ``prior_info``.
+        dict with ``fold``, ``checkpoint``, ``test_images``, ``count`` (K,), ``model``, ``prior`` and
+        ``prior_t`` (each ``{"iou": (K, T), "ior": (K, T)}`` accuracy), ``auroc`` (K,), ``rows``
+        (per-box dicts with ``image_id`` and ``fold``), ``prior_info``, ``prior_t_q``.
     """
-    from cxrloc.checkpoint import load_model, resolve_checkpoint
-    from cxrloc.data.prepared import Prepared
+    from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import predict_prepared
 
-    run = read_run_json(fold_dir)
-    prepared = Prepared.open(run["prepared_dir"])
-    ckpt = resolve_checkpoint(fold_dir, which=which)
-    model, _meta, cfg = load_model(fold_dir, device=device, which=which)
-    test_ids = [str(i) for i in run["test_ids"]]
-    if not test_ids:
-        raise CxrlocError(f"{fold_dir / 'run.json'} lists no test image.")
-    fold = run.get("fold", fold_dir.name.split("_", 1)[-1])
+    if split not in SPLITS:
+        raise CxrlocError(f"Unknown split {split!r}: use {' or '.join(SPLITS)}.")
+    tf = TrainedFold.open(fold_dir if isinstance(fold_dir, FoldDir) else FoldDir(Path(fold_dir)), device=device,
+                          which=which)
+    prepared = tf.prepared
+    ids = tf.ids("test_ids" if split == "test" else "val_ids")
+    if split == "val":
+        ids = [i for i in ids if prepared.boxes(i)]
+    if not ids:
+        raise CxrlocError(f"{tf.fold_dir.run_json} lists no {'test' if split == 'test' else 'annotated validation'} "
+                          "image.")
     z = predict_prepared(
-        model,
+        tf.model,
         prepared,
-        test_ids,
-        image_size=cfg.image_size,
+        ids,
+        image_size=tf.cfg.image_size,
         device=device,
         batch_size=batch_size,
         progress=progress,
-        description=f"Evaluating {fold_dir.name}",
+        description=f"Evaluating {tf.fold_dir.name}",
+        tta=tta,
     )
-    boxes = [prepared.boxes(i) for i in test_ids]
-    labels = np.stack([prepared.labels(i) for i in test_ids])
+    boxes = [prepared.boxes(i) for i in ids]
+    labels = prepared.label_matrix(ids)
     table = localization_table(z, boxes, ts)
 
-    # The prior sees the same fold's training boxes (never a test box).
-    train_ids = [str(i) for i in run["train_ids"]] + [str(i) for i in run.get("val_ids", [])]
+    # The priors see the same fold's training boxes (never a box of the images scored).
+    train_ids = tf.ids("train_ids") + (tf.ids("val_ids") if split == "test" else [])
     train_boxes = boxes_by_class(prepared.boxes(i) for i in train_ids)
     prior = fit_prior(train_boxes, z.shape[-1])
-    prior_table = localization_table(prior.predict(len(test_ids)), boxes, ts)
+    prior_table = localization_table(prior.predict(len(ids)), boxes, ts)
     prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, ts)
 
     rows = []
     for row, prow in zip(table["rows"], prior_table["rows"], strict=True):
         row = dict(row)
-        row["image_id"] = test_ids[row["image_index"]]
-        row["fold"] = fold
+        row["image_id"] = ids[row["image_index"]]
+        row["fold"] = tf.fold
         row["prior_iou"], row["prior_ior"] = prow["iou"], prow["ior"]
         rows.append(row)
     return {
-        "fold": fold,
-        "fold_dir": str(fold_dir),
-        "checkpoint": str(ckpt),
-        "test_images": len(test_ids),
+        "fold": tf.fold,
+        "fold_dir": str(tf.fold_dir.path),
+        "checkpoint": str(tf.checkpoint),
+        "test_images": len(ids),
         "count": table["count"],
         "model": table["accuracy"],
         "prior": prior_table["accuracy"],
@@ -172,7 +146,7 @@ def per_t_prior_accuracy(
         table = localization_table(priors[float(t)].predict(len(boxes)), boxes, [t])
         for m in METRICS:
             acc[m][:, j] = table["accuracy"][m][:, 0]
-    q = {f"{t:g}": [_nan_to_none(float(v)) for v in priors[float(t)].q] for t in ts}
+    q = {f"{t:g}": [nan_to_none(float(v)) for v in priors[float(t)].q] for t in ts}
     return {"accuracy": acc, "q": q}
 
 
@@ -199,144 +173,12 @@ def summarise(folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any
     return out
 
 
-def _fmt(v: float, std: float | None = None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if std is None or math.isnan(std):
-        return f"{v:.3f}"
-    return f"{v:.3f}±{std:.3f}"
-
-
-def _accuracy_rows(
-    summary: dict[str, Any], ts: Sequence[float], metric: str, with_std: bool = True
-) -> list[tuple[str, str, list[str]]]:
-    """(method, T, cells for the 8 boxed classes + mean) for one metric, paper rows at T=0.1."""
-    rows: list[tuple[str, str, list[str]]] = []
-    for j, t in enumerate(ts):
-        for method in METHODS:
-            label = LABELS[method]
-            s = summary[method][metric]
-            cells = [_fmt(s["per_class_mean"][k, j], s["per_class_std"][k, j] if with_std else None) for k in BOXED]
-            cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
-            rows.append((label, f"{t:g}", cells))
-        if abs(t - PAPER_T) < 1e-9:
-            for label, values in PAPER_TABLE1[metric].items():
-                rows.append((label, f"{t:g}", [f"{v:.3f}" for v in values] + [f"{np.mean(values):.3f}"]))
-    return rows
-
-
-def _markdown(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence[str], n_folds: int, info: str) -> str:
-    buf = io.StringIO()
-    buf.write(f"# Evaluation\n\n{info}\n\nMean ± sample std over {n_folds} fold(s); 'mean' = mean over the ")
-    buf.write("8 boxed classes. Paper rows: Rozenberg et al. 2019 Table 1 (T = 0.1, 0% unannotated).\n\n")
-    head = ["method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"]
-    for m in metrics:
-        buf.write(f"## {m.upper()} accuracy\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-        for method, t, cells in _accuracy_rows(summary, ts, m):
-            buf.write(f"| {method} | {t} | " + " | ".join(cells) + " |\n")
-        buf.write("\n")
-    buf.write("## AUROC of 1'z (model)\n\n| class | AUROC |\n|---|---|\n")
-    for k, c in enumerate(CLASSES):
-        buf.write(f"| {c} | {_fmt(summary['auroc']['mean'][k], summary['auroc']['std'][k])} |\n")
-    buf.write("\n")
-    return buf.getvalue()
-
-
-def _rich_tables(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence[str]) -> list[Table]:
-    tables = []
-    # "0.818±0.123" cells need about 150 columns; a narrower terminal gets means only.
-    with_std = console.width >= 150
-    for m in metrics:
-        t = Table(
-            title=f"{m.upper()} accuracy ({'mean ± std' if with_std else 'mean'} over folds)",
-            box=box.SIMPLE_HEAD,
-            padding=(0, 1),
-            collapse_padding=True,
-        )
-        for col in ("method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"):
-            if col == "method":
-                t.add_column(col, justify="left", overflow="fold")
-            else:  # numbers are never cut: an 80-column terminal fits them
-                t.add_column(col, justify="right", no_wrap=True, min_width=3 if col == "T" else 5)
-        for method, tt, cells in _accuracy_rows(summary, ts, m, with_std):
-            style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
-            t.add_row(method, tt, *cells, style=style)
-        tables.append(t)
-    a = Table(title="AUROC of 1'z")
-    a.add_column("class")
-    a.add_column("AUROC", justify="right")
-    for k, c in enumerate(CLASSES):
-        a.add_row(c, _fmt(summary["auroc"]["mean"][k], summary["auroc"]["std"][k]))
-    tables.append(a)
-    return tables
-
-
-def _csv(summary: dict[str, Any], ts: Sequence[float], metrics: Sequence[str], n_folds: int) -> str:
-    records = []
-    for method in METHODS:
-        for m in metrics:
-            s = summary[method][m]
-            for j, t in enumerate(ts):
-                for k in BOXED:
-                    records.append(
-                        (
-                            method,
-                            m,
-                            t,
-                            CLASSES[k],
-                            s["per_class_mean"][k, j],
-                            s["per_class_std"][k, j],
-                            n_folds,
-                            int(summary["count"][k]),
-                        )
-                    )
-                records.append(
-                    (
-                        method,
-                        m,
-                        t,
-                        "mean",
-                        s["boxed_mean"][j],
-                        s["boxed_mean_std"][j],
-                        n_folds,
-                        int(sum(summary["count"][k] for k in BOXED)),
-                    )
-                )
-    for m in metrics:
-        for label, values in PAPER_TABLE1[m].items():
-            for k, v in enumerate(values):
-                records.append((label, m, PAPER_T, CLASSES[k], v, np.nan, np.nan, np.nan))
-            records.append((label, m, PAPER_T, "mean", float(np.mean(values)), np.nan, np.nan, np.nan))
-    for k, c in enumerate(CLASSES):
-        records.append(
-            ("model", "auroc", np.nan, c, summary["auroc"]["mean"][k], summary["auroc"]["std"][k], n_folds, np.nan)
-        )
-    df = pd.DataFrame(records, columns=["method", "metric", "T", "class", "mean", "std", "folds", "boxes"])
-    return df.to_csv(index=False, float_format="%.6g")
-
-
-def _per_image_csv(rows: list[dict[str, Any]], ts: Sequence[float]) -> str:
-    cols = ["fold", "image_id", "box_index", "class", "x0", "y0", "x1", "y1", "region_patches", "iou", "ior"]
-    records = []
-    for r in rows:
-        rec = {c: r[c] for c in cols}
-        for m in METRICS:
-            for t in ts:
-                rec[f"correct_{m}@{t:g}"] = int(bool(is_correct(r[m], t)))
-        rec["prior_iou"], rec["prior_ior"] = r["prior_iou"], r["prior_ior"]
-        records.append(rec)
-    df = pd.DataFrame.from_records(records)
-    if df.empty:
-        df = pd.DataFrame(columns=cols)
-    return df.to_csv(index=False, float_format="%.6g")
-
-
-def _jsonable(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any]:
+def results_json(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any]:
     def per_class(arr: np.ndarray) -> dict[str, list[float | None]]:
-        return {CLASSES[k]: [_nan_to_none(float(v)) for v in arr[k]] for k in range(arr.shape[0])}
+        return {CLASSES[k]: [nan_to_none(float(v)) for v in arr[k]] for k in range(arr.shape[0])}
 
     def vec(arr: np.ndarray) -> list[float | None]:
-        return [_nan_to_none(float(v)) for v in arr]
+        return [nan_to_none(float(v)) for v in arr]
 
     summ: dict[str, Any] = {}
     for method in METHODS:
@@ -397,8 +239,10 @@ def evaluate(
     progress: bool = True,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
+    split: str = "test",
+    tta: int = 1,
 ) -> dict[str, Any]:
-    """Evaluate a run (one or every fold) and write ``eval/`` in the run folder.
+    """Evaluate a run (one or every fold) and write its reports.
 
     Args:
         run_dir: ``RUN_DIR`` (with ``fold_K/``) or a single fold folder.
@@ -409,10 +253,13 @@ def evaluate(
         which: checkpoint, ``best`` or ``last``.
         progress: progress bars.
         batch_size: images per forward pass.
-        out_dir: where to write (default ``RUN_DIR/eval``).
+        out_dir: where to write (default ``RUN_DIR/eval``, ``RUN_DIR/eval_val`` for ``split="val"``,
+            with ``_ttaN`` appended for test-time augmentation).
+        split: ``test`` (the fold's test images) or ``val`` (its validation images).
+        tta: test-time views averaged (1 = none; :func:`cxrloc.inference.batch.forward_tta`).
 
     Returns:
-        The content of ``results.json`` plus ``"out_dir"``.
+        The content of ``results.json`` plus ``"out_dir"`` and ``"rows"`` (per-box results).
     """
     metrics = tuple(metrics)
     bad = [m for m in metrics if m not in METRICS]
@@ -421,32 +268,34 @@ def evaluate(
     ts = tuple(float(t) for t in ts)
     if not ts or any(not 0.0 < t <= 1.0 for t in ts):
         raise CxrlocError(f"Every --t must be in (0, 1], got {list(ts)}.")
-    run_dir = Path(run_dir)
-    dirs = fold_dirs(run_dir, fold)
+    run = RunDir(Path(run_dir))
     folds = [
-        evaluate_fold(d, ts=ts, device=device, which=which, progress=progress, batch_size=batch_size) for d in dirs
+        evaluate_fold(d, ts=ts, device=device, which=which, progress=progress, batch_size=batch_size, split=split,
+                      tta=tta)
+        for d in run.folds(fold)
     ]
     summary = summarise(folds, ts)
-    out = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    if out_dir is None:
+        out = run.path / ("eval" if split == "test" else "eval_val")
+        out = out.with_name(out.name + (f"_tta{tta}" if tta > 1 else ""))
+    else:
+        out = Path(out_dir)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    info = f"Run `{run_dir}`, checkpoint `{which}`, folds {[f['fold'] for f in folds]}, T = {list(ts)}, {date}."
+    info = (f"Run `{run.path}`, checkpoint `{which}`, {split} images, folds {[f['fold'] for f in folds]}, "
+            f"T = {list(ts)}{f', {tta} test-time views' if tta > 1 else ''}, {date}.")
     result = {
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "which": which,
+        "split": split,
+        "tta": tta,
         "folds": [f["fold"] for f in folds],
         "ts": list(ts),
         "metrics": list(metrics),
         "date": date,
         "region_rule": "z >= 0.5",
         "std": "sample standard deviation over folds (ddof=1); null with one fold",
-        **_jsonable(summary, folds, ts),
+        **results_json(summary, folds, ts),
     }
     rows = [r for f in folds for r in f["rows"]]
-    write_json_atomic(out / "results.json", result)
-    write_text_atomic(out / "results.csv", _csv(summary, ts, metrics, len(folds)))
-    write_text_atomic(out / "results.md", _markdown(summary, ts, metrics, len(folds), info))
-    write_text_atomic(out / "per_image.csv", _per_image_csv(rows, ts))
-    for table in _rich_tables(summary, ts, metrics):
-        console.print(table)
-    result["out_dir"] = str(out)
-    return result
+    write_reports(result, rows, out, info)
+    return {**result, "out_dir": str(out), "rows": rows}

@@ -30,7 +30,6 @@ accuracy <= 0.5, e.g. an all-zero network), keeps its current tau_hat and rho_ha
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from cxrloc.classes import CLASSES, NUM_CLASSES
 from cxrloc.geometry import union_patch_mask
+from cxrloc.rundir import RunDir
 from cxrloc.thresholds import Thresholds
 from cxrloc.utils import CxrlocError, console
 
@@ -202,49 +202,6 @@ def fit_thresholds_from_predictions(
     return thresholds_from_stats(stats, current, **kwargs)
 
 
-def read_run_json(fold_dir: Path) -> dict[str, Any]:
-    """Read and check ``fold_dir/run.json`` (written by ``cxrloc train``)."""
-    path = fold_dir / "run.json"
-    if not path.is_file():
-        raise CxrlocError(f"{path} not found: is {fold_dir} a fold folder made by 'cxrloc train'?")
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CxrlocError(f"{path} is not valid JSON ({exc}).") from None
-    missing = [k for k in ("prepared_dir", "train_ids", "test_ids") if k not in run]
-    if missing:
-        raise CxrlocError(f"{path} lacks {', '.join(missing)}; re-run 'cxrloc train' to rewrite it.")
-    return run
-
-
-def fold_dirs(run_dir: str | Path, fold: int | str | None) -> list[Path]:
-    """Fold folders meant by ``fold``: ``None`` (the only one, or all), an index, or ``"all"``."""
-    run_dir = Path(run_dir)
-    if (run_dir / "run.json").is_file():
-        if fold not in (None, "all"):
-            raise CxrlocError(f"{run_dir} is a single fold folder; drop --fold or pass the run folder.")
-        return [run_dir]
-    if not run_dir.is_dir():
-        raise CxrlocError(f"No run folder at {run_dir}.")
-    found = sorted(
-        (p for p in run_dir.glob("fold_*") if (p / "run.json").is_file()),
-        key=lambda p: int(p.name.split("_", 1)[1]) if p.name.split("_", 1)[1].isdigit() else 1 << 30,
-    )
-    if not found:
-        raise CxrlocError(f"{run_dir} holds no fold_*/run.json. Run 'cxrloc train' first.")
-    if fold is None or fold == "all":
-        return found
-    try:
-        k = int(fold)
-    except ValueError:
-        raise CxrlocError(f"--fold must be a number or 'all', got {fold!r}.") from None
-    target = run_dir / f"fold_{k}"
-    if target not in found:
-        names = ", ".join(p.name for p in found)
-        raise CxrlocError(f"{target} is not a trained fold; {run_dir} holds {names}.")
-    return [target]
-
-
 def fit_thresholds(
     fold_dir: str | Path,
     *,
@@ -269,19 +226,16 @@ def fit_thresholds(
     Returns:
         The fitted thresholds (also written to ``fold_dir/thresholds.json``).
     """
-    from cxrloc.checkpoint import load_model, resolve_checkpoint
-    from cxrloc.data.prepared import Prepared
+    from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import iter_predictions
 
-    fold_dir = Path(fold_dir)
-    run = read_run_json(fold_dir)
-    prepared = Prepared.open(run["prepared_dir"])
-    ckpt = resolve_checkpoint(fold_dir, which=which)
-    model, _meta, cfg = load_model(fold_dir, device=device, which=which)
+    tf = TrainedFold.open(fold_dir, device=device, which=which)
+    run, prepared, model, cfg, ckpt = tf.run, tf.prepared, tf.model, tf.cfg, tf.checkpoint
+    fold_dir = tf.fold_dir.path
     current = model.thresholds.get()
-    ids = [str(i) for i in run["train_ids"]]
+    ids = tf.ids("train_ids")
     if not ids:
-        raise CxrlocError(f"{fold_dir / 'run.json'} lists no training image; nothing to fit thresholds on.")
+        raise CxrlocError(f"{tf.fold_dir.run_json} lists no training image; nothing to fit thresholds on.")
     stats = ThresholdStats()
     for chunk, z in iter_predictions(
         model,
@@ -297,7 +251,7 @@ def fit_thresholds(
     fitted = thresholds_from_stats(
         stats, current, tau_quantile=tau_quantile, rho_quantile=rho_quantile, rho_hat_fraction=rho_hat_fraction
     )
-    out = fold_dir / "thresholds.json"
+    out = tf.fold_dir.thresholds_json
     previous_round = 0
     if out.is_file():
         try:
@@ -331,10 +285,12 @@ def fit_thresholds_run(
 ) -> list[Path]:
     """:func:`fit_thresholds` for one or every fold of a run; returns the ``thresholds.json`` paths."""
     paths = []
-    for fd in fold_dirs(run_dir, fold):
-        th = fit_thresholds(fd, device=device, which=which, progress=progress, batch_size=batch_size)
+    for fd in RunDir(Path(run_dir)).folds(fold):
+        th = fit_thresholds(fd.path, device=device, which=which, progress=progress, batch_size=batch_size)
         fitted = sum(v.get("tau_hat_from") == "fitted" for v in (th.info or {}).get("per_class", {}).values())
         images = (th.info or {}).get("images", 0)
-        console.print(f"{fd.name}: thresholds fitted on {images} training images ({fitted}/14 tau_hat fitted)")
-        paths.append(fd / "thresholds.json")
+        console.print(
+            f"{fd.name}: thresholds fitted on {images} training images ({fitted}/{len(th.tau)} tau_hat fitted)"
+        )
+        paths.append(fd.thresholds_json)
     return paths

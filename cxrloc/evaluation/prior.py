@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from cxrloc.classes import CLASSES, NUM_CLASSES
-from cxrloc.geometry import box_patch_mask, patch_box_overlap
 from cxrloc.evaluation.metrics import is_correct
+from cxrloc.geometry import box_patch_mask, patch_box_overlap
 
 PRIOR_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
 """T values whose mean training IoU accuracy selects q."""

@@ -1,8 +1,10 @@
-"""onnxruntime sessions for exported cxrloc models, and the metadata stored in the ONNX file.
+"""Model backends behind one interface: a torch checkpoint or an exported ONNX file.
 
-An exported file carries everything ``predict`` needs in its ``metadata_props`` (the same
-content as a checkpoint's ``meta``, see :func:`cxrloc.checkpoint.make_meta`): every value is
-stored as a JSON string under its own key, plus ``format = "cxrloc-onnx"``.
+:class:`Predictor` is what ``predict`` runs: :class:`TorchPredictor` loads a checkpoint
+(``torch.load(weights_only=True)``), :class:`OnnxPredictor` an onnxruntime session. An exported
+file carries everything ``predict`` needs in its ``metadata_props`` (the same content as a
+checkpoint's ``meta``, see :func:`cxrloc.checkpoint.make_meta`): every value is stored as a JSON
+string under its own key, plus ``format = "cxrloc-onnx"``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from cxrloc.classes import CLASSES
 from cxrloc.utils import CxrlocError, console
 
 ONNX_FORMAT = "cxrloc-onnx"
@@ -85,3 +90,134 @@ def open_session(path: str | os.PathLike[str], device: str = "cpu", threads: int
 def session_meta(session: Any, source: str | os.PathLike[str]) -> dict[str, Any]:
     """The cxrloc metadata of an open session."""
     return props_to_meta(dict(session.get_modelmeta().custom_metadata_map), source)
+
+
+class Predictor:
+    """One interface over a torch checkpoint and an ONNX file.
+
+    Attributes:
+        backend: ``"torch"`` or ``"onnx"``.
+        source: the file the model came from.
+        meta: the inference metadata (``checkpoint.make_meta`` content).
+        image_size: S, the network's input side.
+        patch_grid: P.
+        classes: class names in output order.
+        tau_hat: per-class decision thresholds on ``1'z`` (shape ``(K,)``).
+    """
+
+    backend: str = ""
+
+    def __init__(self, source: Path, meta: dict[str, Any], thresholds_json: dict[str, Any]) -> None:
+        from cxrloc.thresholds import Thresholds
+
+        self.source = source
+        self.meta = meta
+        self.image_size = int(meta["image_size"])
+        self.patch_grid = int(meta["patch_grid"])
+        self.classes: list[str] = list(meta.get("classes") or CLASSES)
+        if self.classes != list(CLASSES):
+            raise CxrlocError(f"{source} was made for classes {self.classes}, not cxrloc's {list(CLASSES)}.")
+        th = Thresholds.from_json(thresholds_json)
+        if th.patch_grid != self.patch_grid:
+            raise CxrlocError(f"Thresholds are for P={th.patch_grid} but {source} has P={self.patch_grid}.")
+        self.thresholds_json = thresholds_json
+        self.tau_hat = np.asarray(th.tau_hat, dtype=np.float64)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the network on ``x`` (B, 1, S, S) float32 in [-1, 1]; return ``(z, unary_logits)``."""
+        raise NotImplementedError
+
+
+class TorchPredictor(Predictor):
+    """A model loaded from a checkpoint (``torch.load(weights_only=True)``)."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        fold: int | None = None,
+        thresholds_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        import torch
+
+        from cxrloc.checkpoint import load_model
+        from cxrloc.rundir import resolve_checkpoint
+
+        if device == "cuda" and not torch.cuda.is_available():
+            console.print("[yellow]Note:[/] CUDA is not available to torch here; using the CPU.")
+            device = "cpu"
+        ckpt = resolve_checkpoint(path, fold=fold)
+        # Thresholds by the one rule of cxrloc.rundir (explicit file > fitted file > checkpoint).
+        model, meta, _cfg = load_model(ckpt, device=device, thresholds_file=thresholds_file)
+        self.model = model
+        self.device = device
+        super().__init__(ckpt, meta, meta["thresholds"])
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            z, unary = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
+        return z.float().cpu().numpy(), unary.float().cpu().numpy()
+
+
+class OnnxPredictor(Predictor):
+    """A model exported by ``cxrloc export``, run by onnxruntime."""
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        threads: int = DEFAULT_THREADS,
+        thresholds_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        path = Path(path)
+        self.session = open_session(path, device=device, threads=threads)
+        self.provider = self.session.get_providers()[0]
+        meta = session_meta(self.session, path)
+        self._input = INPUT_NAME
+        self._outputs = list(OUTPUT_NAMES)
+        if thresholds_file is not None:
+            from cxrloc.thresholds import Thresholds
+
+            th = Thresholds.load(thresholds_file).to_json()
+        else:
+            th = meta.get("thresholds")
+        if not th:
+            raise CxrlocError(f"{path} carries no thresholds; re-export it or pass --thresholds FILE.")
+        super().__init__(path, meta, th)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z, unary = self.session.run(self._outputs, {self._input: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(z, dtype=np.float32), np.asarray(unary, dtype=np.float32)
+
+
+def load_predictor(
+    model: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    fold: int | None = None,
+    threads: int = DEFAULT_THREADS,
+    thresholds_file: str | os.PathLike[str] | None = None,
+) -> Predictor:
+    """Open a run folder / checkpoint (torch backend) or a ``.onnx`` file (onnxruntime backend).
+
+    Args:
+        model: ``RUN_DIR``, ``RUN_DIR/fold_K``, a ``.pt`` checkpoint or a ``.onnx`` file.
+        device: ``cpu`` or ``cuda`` (falls back to the CPU with a note when CUDA is missing).
+        fold: which fold of a multi-fold run folder.
+        threads: onnxruntime CPU threads.
+        thresholds_file: a ``thresholds.json`` overriding the thresholds stored with the model.
+    """
+    if device not in ("cpu", "cuda"):
+        raise CxrlocError(f"Unknown device {device!r}: use cpu or cuda.")
+    path = Path(model)
+    if path.suffix.lower() == ".onnx":
+        return OnnxPredictor(path, device=device, threads=threads, thresholds_file=thresholds_file)
+    return TorchPredictor(path, device=device, fold=fold, thresholds_file=thresholds_file)

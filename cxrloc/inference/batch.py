@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cxrloc.classes import NUM_CLASSES
 from cxrloc.data.prepared import to_network_range
-from cxrloc.utils import CxrlocError, console
+from cxrloc.utils import CxrlocError, progress_bar
 
 
 def uint8_to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
@@ -92,18 +91,6 @@ def forward_tta(
     return total / weight.clamp_min(1e-6)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=True,
-    )
-
-
 def iter_predictions(
     model: torch.nn.Module,
     prepared: Any,
@@ -125,7 +112,7 @@ def iter_predictions(
     ids = list(image_ids)
     device = torch.device(device)
     model.eval()
-    with _progress(progress and len(ids) > 0) as bar, torch.inference_mode():
+    with progress_bar(enabled=progress and len(ids) > 0, transient=True) as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(ids))
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]

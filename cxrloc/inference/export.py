@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrloc.data.synthetic import healthy_chest
+from cxrloc.inference.backends import DEFAULT_THREADS
 from cxrloc.utils import CxrlocError, atomic_path, console
 
 DEFAULT_OPSET: int = 17
@@ -43,7 +45,7 @@ class ExportReport:
     checkpoint: Path
     opset: int
     check_image: str
-    """The image used for the check (a file, or ``"generated chest-like image"``)."""
+    """The image used for the check (a file, or ``"generated synthetic chest"``)."""
     provider: str
     """The onnxruntime execution provider that ran the check."""
     max_abs_diff_z: float
@@ -77,24 +79,6 @@ def default_check_image() -> Path | None:
     return None
 
 
-def chest_like_image(size: int = 512, seed: int = 0) -> np.ndarray:
-    """A generated image with a chest's large structures (dark lungs, bright mediastinum and ribs).
-
-    Used only when no real image is available: it exercises the same value range and
-    spatial structure as a radiograph, unlike a constant or white-noise input.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = 0.75 - 0.25 * ((xx - 0.5) ** 2 + (yy - 0.55) ** 2)
-    for cx in (0.3, 0.7):
-        lung = ((xx - cx) / 0.17) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1.0
-        img = np.where(lung, 0.25 + 0.1 * yy, img)
-    ribs = 0.08 * (np.sin(yy * 60.0 + 8.0 * (xx - 0.5) ** 2) > 0.6)
-    img = img + ribs + ((np.abs(xx - 0.5) < 0.08) & (yy > 0.15)) * 0.3
-    img = img + rng.normal(0.0, 0.02, size=(size, size)).astype(np.float32)
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
-
-
 class _Wrapper:
     """Builds a module returning exactly ``(z, unary_logits)`` (a model may return extras in future)."""
 
@@ -122,7 +106,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     check_image: str | os.PathLike[str] | None = None,
     device: str = "cpu",
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportReport:
     """Export a run's model to ONNX with its metadata, then check onnxruntime against torch.
@@ -134,7 +118,7 @@ def export_onnx(
         fold: the fold of a multi-fold run folder.
         opset: ONNX opset (>= 17).
         check_image: image for the check (default: a real NIH image from ``../shared/data``
-            when present, else a generated chest-like image).
+            when present, else a generated synthetic chest).
         device: onnxruntime device for the check (``cpu`` or ``cuda``; CPU when CUDA is missing).
         threads: onnxruntime CPU threads.
         tolerance: largest allowed absolute difference of ``z`` between torch and onnxruntime.
@@ -146,9 +130,10 @@ def export_onnx(
     import onnx
     import torch
 
-    from cxrloc.checkpoint import load_model, resolve_checkpoint
+    from cxrloc.checkpoint import load_model
     from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
-    from cxrloc.inference.predict import preprocess
+    from cxrloc.inference.inputs import preprocess
+    from cxrloc.rundir import resolve_checkpoint
 
     if opset < MIN_OPSET:
         raise CxrlocError(f"--opset {opset} is too old: use {MIN_OPSET} or newer.")
@@ -160,9 +145,6 @@ def export_onnx(
     out_path = Path(out_path)
     model, meta, _cfg = load_model(ckpt, device="cpu")
     meta = dict(meta)
-    if not meta.get("thresholds"):
-        # The model's threshold buffers are what it was trained with: predict decides with them.
-        meta["thresholds"] = model.thresholds.get().to_json()
     size = int(meta["image_size"])
 
     if check_image is not None:
@@ -177,7 +159,7 @@ def export_onnx(
 
             img, check_name = read_image(found), str(found)
         else:
-            img, check_name = chest_like_image(size), "generated chest-like image"
+            img, check_name = healthy_chest(size), "generated synthetic chest"
     x1 = preprocess(img, size)
     x = np.stack([x1, x1[:, :, ::-1]]).astype(np.float32)  # batch of 2: tests the dynamic axis
 

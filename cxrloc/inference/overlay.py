@@ -8,15 +8,15 @@ ground-truth boxes of the image as labelled rectangles in the colour of their cl
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cxrloc.classes import CLASSES, canonical_label
-from cxrloc.utils import CxrlocError, atomic_path
+from cxrloc.classes import CLASSES
+from cxrloc.evaluation.metrics import REGION_THRESHOLD
+from cxrloc.utils import atomic_path
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -28,45 +28,25 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 BLOB_ALPHA: float = 0.45
 """Opacity of a blob's interior: the anatomy under it stays readable."""
 
-NIH_BOX_FRAME: float = 1024.0
-"""NIH's BBox_List_2017.csv gives pixels of the released 1024 x 1024 PNGs, whatever the file at hand."""
-
 GtBox = tuple[str, float, float, float, float]
 """``(class name, x0, y0, x1, y1)`` with coordinates as fractions of the image side."""
 
 
-def load_box_csv(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
-    """Read NIH's ``BBox_List_2017.csv`` into boxes per image file name.
+def gt_boxes_by_image(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
+    """Ground-truth boxes per image file name from NIH's ``BBox_List_2017.csv``, for drawing.
 
-    The header (``Image Index,Finding Label,Bbox [x,y,w,h],,,``) and trailing empty columns are
-    tolerated; ``Infiltrate`` becomes ``Infiltration``. Coordinates (1024 frame, x, y, w, h) are
-    returned as normalised ``(x0, y0, x1, y1)``.
-
-    Raises:
-        CxrlocError: missing file, or a row that is not ``name,label,x,y,w,h`` (named by line).
+    Read by :func:`cxrloc.data.nih.read_bbox_list` (its quirks, label spellings, 1024-pixel frame
+    and clipping), with each class index turned into its name. Rows that cannot be used are left
+    out with one note naming the first of them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CxrlocError(f"Box list not found: {path} (expected NIH's BBox_List_2017.csv).")
-    boxes: dict[str, list[GtBox]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        for line_no, row in enumerate(csv.reader(fh), start=1):
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if line_no == 1 and row[0].strip().lower().startswith("image"):
-                continue
-            try:
-                name, label = row[0].strip(), row[1]
-                x, y, w, h = (float(v) for v in row[2:6])
-            except (IndexError, ValueError):
-                raise CxrlocError(
-                    f"{path}, line {line_no}: expected 'image,label,x,y,w,h', got {','.join(row)!r}."
-                ) from None
-            cls = canonical_label(label) or label.strip()
-            boxes.setdefault(Path(name).name, []).append(
-                (cls, x / NIH_BOX_FRAME, y / NIH_BOX_FRAME, (x + w) / NIH_BOX_FRAME, (y + h) / NIH_BOX_FRAME)
-            )
-    return boxes
+    from cxrloc.data.nih import read_bbox_list
+    from cxrloc.utils import console
+
+    parsed = read_bbox_list(path)
+    if parsed.skipped:
+        console.print(f"[yellow]Note:[/] {len(parsed.skipped)} row(s) of {path} not drawn; first: {parsed.skipped[0]}")
+    boxes = parsed.boxes
+    return {name: [(CLASSES[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in rows] for name, rows in boxes.items()}
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -81,7 +61,7 @@ def class_color(k: int) -> tuple[int, int, int]:
     return PALETTE[k % len(PALETTE)]
 
 
-def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = 0.5) -> np.ndarray:
+def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = REGION_THRESHOLD) -> np.ndarray:
     """Opacity (H, W) in [0, BLOB_ALPHA] of one class's blob: the positive-patch mask, upsampled bilinearly."""
     mask = Image.fromarray(((zk >= threshold) * 255).astype(np.uint8), mode="L")
     up = mask.resize((width, height), Image.Resampling.BILINEAR)
@@ -96,7 +76,7 @@ def render_overlay(
     classes: tuple[str, ...] | list[str] = CLASSES,
     scores: list[float] | None = None,
     gt_boxes: list[GtBox] | None = None,
-    threshold: float = 0.5,
+    threshold: float = REGION_THRESHOLD,
     min_side: int = 512,
 ) -> Image.Image:
     """Draw the prediction of one image.

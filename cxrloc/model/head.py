@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,7 @@ class PatchHead(nn.Module):
     bases), which a convolutional head can otherwise only infer from image content.
 
     ``position_bias=True`` adds a learned logit offset per class and patch. Started from the
-    training boxes (``cxrloc.training.loop.init_position_bias``), the network begins where the data-free
+    training boxes (:func:`init_position_bias`), the network begins where the data-free
     prior is and has to learn from the image how to do better; neither is in the paper.
     """
 
@@ -53,7 +55,7 @@ class PatchHead(nn.Module):
             self.register_buffer("coord_grid", grid.unsqueeze(0).contiguous(), persistent=False)
         self.conv1 = nn.Conv2d(in_channels + (2 if coords else 0), hidden, kernel_size=3, padding=1, bias=False)
         # A learned per-class, per-patch logit offset (K, P, P); training initialises it from the
-        # training boxes (cxrloc.training.loop.init_position_bias).
+        # training boxes (init_position_bias).
         self.position_bias = nn.Parameter(torch.zeros(num_classes, patch_grid, patch_grid)) if position_bias else None
         self.bn1 = nn.BatchNorm2d(hidden)
         self.relu = nn.ReLU(inplace=True)
@@ -74,3 +76,36 @@ class PatchHead(nn.Module):
         if self.position_bias is not None:
             logits = logits + self.position_bias
         return logits
+
+
+POSITION_BIAS_CLIP: tuple[float, float] = (0.02, 0.98)
+"""Box coverage is clipped into this range before its log-odds start the position bias, so a
+patch no training box covers (or every box covers) starts at a finite logit of about -/+ 3.9."""
+
+
+def init_position_bias(head: PatchHead, box_masks: Iterable[tuple[int, np.ndarray]]) -> int:
+    """Start the head's position bias at the log-odds of each patch's coverage by the class's boxes.
+
+    For class k, ``f_kj`` = the share of the training (image, class-k box union) masks that cover
+    patch j (``cxrloc.geometry.class_box_masks``); the bias becomes
+    ``logit(clip(f, *POSITION_BIAS_CLIP))`` and the last conv's bias is zeroed for those classes,
+    so the untrained network's region ``z >= 0.5`` is the set of patches covered by at least half of
+    the class's boxes. Classes without training boxes keep the default start.
+
+    Returns:
+        The number of classes initialised (0 when the head has no position bias).
+    """
+    if head.position_bias is None:
+        return 0
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for k, mask in box_masks:
+        sums[k] = sums.get(k, 0) + mask.astype(np.float64)
+        counts[k] = counts.get(k, 0) + 1
+    lo, hi = POSITION_BIAS_CLIP
+    with torch.no_grad():
+        for k, total in sums.items():
+            f = np.clip(total / counts[k], lo, hi)
+            head.position_bias[k] = torch.as_tensor(np.log(f / (1 - f)), dtype=head.position_bias.dtype)
+            head.conv2.bias[k] = 0.0
+    return len(sums)

@@ -1,7 +1,9 @@
-"""Test-time augmentation: views are mapped back to the original frame before averaging."""
+"""Batched inference on prepared images: preprocessing, and test-time augmentation (views mapped
+back to the original frame before averaging)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,29 @@ def test_tta_bounds() -> None:
         forward_tta(PoolNet(), _blob(), 0)
     with pytest.raises(CxrlocError):
         forward_tta(PoolNet(), _blob(), len(TTA_TRANSFORMS) + 1)
+
+
+def test_predict_prepared_scales_and_area_resizes() -> None:
+    from cxrloc.inference.batch import predict_prepared
+
+    class Echo(torch.nn.Module):
+        """Returns its input as ``z`` so the preprocessing can be checked."""
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    class Cache:
+        def __init__(self) -> None:
+            rng = np.random.default_rng(3)
+            self.data = {i: rng.integers(0, 256, (8, 8), dtype=np.uint8) for i in ("p", "q", "r")}
+
+        def image(self, image_id: str) -> np.ndarray:
+            return self.data[image_id]
+
+    cache = Cache()
+    z = predict_prepared(Echo(), cache, ["r", "p", "q"], image_size=4, batch_size=2, progress=False)
+    assert z.shape == (3, 1, 4, 4) and z.dtype == np.float32
+    for n, i in enumerate(["r", "p", "q"]):
+        x = cache.data[i].astype(np.float64) / 127.5 - 1.0
+        expected = x.reshape(4, 2, 4, 2).mean(axis=(1, 3))  # 2x2 box filter
+        np.testing.assert_allclose(z[n, 0], expected, atol=1e-6)

@@ -1,0 +1,200 @@
+"""Reports of an evaluation: ``results.{json,csv,md}``, ``per_image.csv`` and the terminal tables.
+
+Every report is made from the ``results.json`` content that
+:func:`cxrloc.evaluation.evaluate.evaluate` builds, so the files and the tables cannot disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich import box
+from rich.table import Table
+
+from cxrloc.classes import BOXED_CLASSES, CLASSES
+from cxrloc.evaluation.metrics import METRICS, is_correct
+from cxrloc.utils import write_json_atomic, write_text_atomic
+
+METHODS: tuple[str, ...] = ("model", "prior", "prior_t")
+"""Rows of every report: the model, the prior (one q for all T) and the per-T prior (q chosen per T)."""
+
+LABELS: dict[str, str] = {"model": "model", "prior": "prior", "prior_t": "prior per-T"}
+
+PAPER_TABLE1: dict[str, dict[str, list[float]]] = {
+    # Rozenberg et al. 2019, Table 1, T = 0.1, 0% unannotated; "ref." = Li et al. 2018.
+    # Values in BOXED_CLASSES order.
+    "iou": {
+        "paper ours": [0.818, 1.0, 0.882, 0.927, 0.695, 0.404, 0.918, 0.726],
+        "paper Li2018": [0.488, 0.989, 0.693, 0.842, 0.342, 0.081, 0.715, 0.437],
+    },
+    "ior": {
+        "paper ours": [0.889, 1.0, 0.92, 0.95, 0.773, 0.58, 0.933, 0.767],
+        "paper Li2018": [0.528, 1.0, 0.753, 0.875, 0.452, 0.111, 0.786, 0.473],
+    },
+}
+PAPER_T: float = 0.1
+
+SHORT: dict[str, str] = {
+    **{c: c[:4] for c in CLASSES},
+    # The paper's abbreviations; "Pneu" alone would not tell Pneumonia from Pneumothorax.
+    "Pneumonia": "Pnia",
+    "Pneumothorax": "Pnth",
+    "Pleural_Thickening": "PlTh",
+    "Consolidation": "Cons",
+}
+
+WIDE_TERMINAL: int = 150
+"""Terminal width from which the tables show "mean±std" cells (about 150 columns); narrower: means."""
+
+
+def nan_to_none(x: Any) -> Any:
+    """JSON has no NaN: ``None`` instead."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def _fmt(v: float | None, std: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if std is None or math.isnan(std):
+        return f"{v:.3f}"
+    return f"{v:.3f}±{std:.3f}"
+
+
+def accuracy_rows(result: dict[str, Any], metric: str, with_std: bool = True) -> list[tuple[str, str, list[str]]]:
+    """``(method, T, cells for the 8 boxed classes + mean)`` for one metric; the paper's rows at T = 0.1."""
+    summary = result["summary"]
+    rows: list[tuple[str, str, list[str]]] = []
+    for j, t in enumerate(result["ts"]):
+        for method in METHODS:
+            s = summary[method][metric]
+            cells = [
+                _fmt(s["per_class_mean"][c][j], s["per_class_std"][c][j] if with_std else None) for c in BOXED_CLASSES
+            ]
+            cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
+            rows.append((LABELS[method], f"{t:g}", cells))
+        if abs(t - PAPER_T) < 1e-9:
+            for label, values in PAPER_TABLE1[metric].items():
+                rows.append((label, f"{t:g}", [f"{v:.3f}" for v in values] + [f"{np.mean(values):.3f}"]))
+    return rows
+
+
+def markdown(result: dict[str, Any], info: str) -> str:
+    """``results.md``: one table per metric, then the AUROC of every class."""
+    n_folds = len(result["folds"])
+    buf = io.StringIO()
+    buf.write(f"# Evaluation\n\n{info}\n\nMean ± sample std over {n_folds} fold(s); 'mean' = mean over the ")
+    buf.write("8 boxed classes. 'prior' chooses one coverage level q for all T, 'prior per-T' the best q for each ")
+    buf.write("T (both on the training boxes). Paper rows: Rozenberg et al. 2019 Table 1 (T = 0.1, ")
+    buf.write("0% unannotated).\n\n")
+    head = ["method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"]
+    for m in result["metrics"]:
+        buf.write(f"## {m.upper()} accuracy\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+        for method, t, cells in accuracy_rows(result, m):
+            buf.write(f"| {method} | {t} | " + " | ".join(cells) + " |\n")
+        buf.write("\n")
+    auroc = result["summary"]["auroc"]
+    buf.write("## AUROC of 1'z (model)\n\n| class | AUROC |\n|---|---|\n")
+    for c in CLASSES:
+        buf.write(f"| {c} | {_fmt(auroc['mean'][c], auroc['std'][c])} |\n")
+    buf.write("\n")
+    return buf.getvalue()
+
+
+def rich_tables(result: dict[str, Any], width: int) -> list[Table]:
+    """The terminal tables (means only below :data:`WIDE_TERMINAL` columns)."""
+    tables = []
+    with_std = width >= WIDE_TERMINAL
+    for m in result["metrics"]:
+        t = Table(
+            title=f"{m.upper()} accuracy ({'mean ± std' if with_std else 'mean'} over folds)",
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1),
+            collapse_padding=True,
+        )
+        for col in ("method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"):
+            if col == "method":
+                t.add_column(col, justify="left", overflow="fold")
+            else:  # numbers are never cut: an 80-column terminal fits them
+                t.add_column(col, justify="right", no_wrap=True, min_width=3 if col == "T" else 5)
+        for method, tt, cells in accuracy_rows(result, m, with_std):
+            style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
+            t.add_row(method, tt, *cells, style=style)
+        tables.append(t)
+    a = Table(title="AUROC of 1'z")
+    a.add_column("class")
+    a.add_column("AUROC", justify="right")
+    auroc = result["summary"]["auroc"]
+    for c in CLASSES:
+        a.add_row(c, _fmt(auroc["mean"][c], auroc["std"][c]))
+    tables.append(a)
+    return tables
+
+
+def _nan(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def csv_text(result: dict[str, Any]) -> str:
+    """``results.csv``: one row per (method, metric, T, class), long format."""
+    summary, ts, n_folds = result["summary"], result["ts"], len(result["folds"])
+    boxes = summary["boxes"]
+    records = []
+    for method in METHODS:
+        for m in result["metrics"]:
+            s = summary[method][m]
+            for j, t in enumerate(ts):
+                for c in BOXED_CLASSES:
+                    records.append(
+                        (method, m, t, c, _nan(s["per_class_mean"][c][j]), _nan(s["per_class_std"][c][j]),
+                         n_folds, int(boxes[c]))
+                    )
+                records.append(
+                    (method, m, t, "mean", _nan(s["boxed_mean"][j]), _nan(s["boxed_mean_std"][j]), n_folds,
+                     int(sum(boxes[c] for c in BOXED_CLASSES)))
+                )
+    for m in result["metrics"]:
+        for label, values in PAPER_TABLE1[m].items():
+            for c, v in zip(BOXED_CLASSES, values, strict=True):
+                records.append((label, m, PAPER_T, c, v, np.nan, np.nan, np.nan))
+            records.append((label, m, PAPER_T, "mean", float(np.mean(values)), np.nan, np.nan, np.nan))
+    auroc = summary["auroc"]
+    for c in CLASSES:
+        records.append(("model", "auroc", np.nan, c, _nan(auroc["mean"][c]), _nan(auroc["std"][c]), n_folds, np.nan))
+    df = pd.DataFrame(records, columns=["method", "metric", "T", "class", "mean", "std", "folds", "boxes"])
+    return df.to_csv(index=False, float_format="%.6g")
+
+
+def per_image_csv(rows: Sequence[dict[str, Any]], ts: Sequence[float]) -> str:
+    """``per_image.csv``: one row per test box, with IoU, IoR, correctness at each T and the prior's."""
+    cols = ["fold", "image_id", "box_index", "class", "x0", "y0", "x1", "y1", "region_patches", "iou", "ior"]
+    records = []
+    for r in rows:
+        rec = {c: r[c] for c in cols}
+        for m in METRICS:
+            for t in ts:
+                rec[f"correct_{m}@{t:g}"] = int(bool(is_correct(r[m], t)))
+        rec["prior_iou"], rec["prior_ior"] = r["prior_iou"], r["prior_ior"]
+        records.append(rec)
+    df = pd.DataFrame.from_records(records)
+    if df.empty:
+        df = pd.DataFrame(columns=cols)
+    return df.to_csv(index=False, float_format="%.6g")
+
+
+def write_reports(result: dict[str, Any], rows: Sequence[dict[str, Any]], out: Path, info: str) -> list[Path]:
+    """Write the four report files into ``out`` (atomically) and return their paths."""
+    paths = [
+        write_json_atomic(out / "results.json", result),
+        write_text_atomic(out / "results.csv", csv_text(result)),
+        write_text_atomic(out / "results.md", markdown(result, info)),
+        write_text_atomic(out / "per_image.csv", per_image_csv(rows, result["ts"])),
+    ]
+    return paths
