@@ -143,7 +143,9 @@ class Config:
         unknown = sorted(set(data) - names)
         if unknown:
             raise CxrlocError(_unknown_key_message(unknown[0], names))
-        return cls(**data)
+        cfg = cls(**data)
+        validate(cfg)
+        return cfg
 
 
 PRESETS: dict[str, dict[str, Any]] = {

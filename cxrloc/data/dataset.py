@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cxrloc.classes import NUM_CLASSES
 from cxrloc.config import Config
-from cxrloc.data.prepared import to_network_range
+from cxrloc.data.prepared import Prepared, to_network_range
 from cxrloc.geometry import union_patch_mask
 from cxrloc.utils import CxrlocError
 
@@ -40,7 +40,7 @@ _SALT_SAMPLER = 0x5A3B_1E5
 _SALT_VAL = 0x7A1_1D
 
 
-def split_train_val(prepared: Any, fold: int, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def split_train_val(prepared: Prepared, fold: int, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split fold ``fold``'s training images into training and validation ids, by patient.
 
     Patients are split in two groups, those with at least one annotated training image and the
@@ -175,7 +175,7 @@ class LocalizationDataset(Dataset):
         augment: apply the random affine (``cfg.augment`` must also be on).
     """
 
-    def __init__(self, prepared: Any, image_ids: Sequence[str], cfg: Config, *, augment: bool = True) -> None:
+    def __init__(self, prepared: Prepared, image_ids: Sequence[str], cfg: Config, *, augment: bool = True) -> None:
         self.prepared = prepared
         self.image_ids = list(image_ids)
         self.image_size = cfg.image_size
@@ -191,7 +191,9 @@ class LocalizationDataset(Dataset):
                 f"{len(missing)} training images are not in the cache of {prepared.root} (first: {missing[0]}); "
                 "run `cxrloc prepare` again."
             )
-        self.labels = np.stack([prepared.labels(i) for i in self.image_ids]) if self.image_ids else np.zeros((0, 14))
+        self.labels = (
+            np.stack([prepared.labels(i) for i in self.image_ids]) if self.image_ids else np.zeros((0, NUM_CLASSES))
+        )
         self.boxes: list[list[BoxRow]] = [prepared.boxes(i) for i in self.image_ids]
 
     def __len__(self) -> int:

@@ -1,6 +1,6 @@
 """The paper's localization metrics (IoU / IoR accuracy) and the image-level AUROC.
 
-Protocol (METHOD.md, "Evaluation protocol"):
+Protocol (``docs/evaluation.md``; the paper's protocol as restated in its METHOD.md):
 
 - the detected region of class k is the union of the patches with ``z[k] >= 0.5``;
 - for every ground-truth box of class k, IoU and IoR of that region and the box are

@@ -1,4 +1,4 @@
-"""The data-free prior: the baseline every localization result must beat (METHOD.md).
+"""The data-free prior: the baseline every localization result must beat (``docs/evaluation.md``).
 
 For each class k, the prior marks the patches covered by at least a fraction ``q_k`` of
 that class's training boxes, whatever the image. Its "prediction" is 1.0 on those

@@ -7,7 +7,7 @@ cached images, never a gradient.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -91,9 +91,15 @@ def forward_tta(
     return total / weight.clamp_min(1e-6)
 
 
+class PreparedImages(Protocol):
+    """What batched inference reads of a prepared folder (:class:`cxrloc.data.prepared.Prepared`)."""
+
+    def image(self, image_id: str) -> np.ndarray: ...
+
+
 def iter_predictions(
     model: torch.nn.Module,
-    prepared: Any,
+    prepared: PreparedImages,
     image_ids: Sequence[str],
     *,
     image_size: int,
@@ -125,7 +131,7 @@ def iter_predictions(
 
 def predict_prepared(
     model: torch.nn.Module,
-    prepared: Any,
+    prepared: PreparedImages,
     image_ids: Sequence[str],
     *,
     image_size: int,
