@@ -5,7 +5,8 @@ plain Python types only). Keys:
 
 - ``format``: ``"cxrloc-checkpoint"``; ``version``: the cxrloc version that wrote it.
 - ``config``: the fully resolved :class:`cxrloc.config.Config` as a dict.
-- ``model``: the model's ``state_dict`` (threshold buffers included).
+- ``model``: the model's ``state_dict`` (threshold buffers included); or, for an ensemble written
+  by ``cxrloc ensemble``, ``ensemble``: a list of ``{"config", "model"}``, one per member.
 - ``meta``: what inference needs, see :func:`make_meta`.
 - training state, when saved by ``train``: ``optimizer``, ``scheduler``, ``scaler``,
   ``rng``, ``epoch``, ``best_metric``, ``history``.
@@ -99,8 +100,21 @@ def load_model(
     state = load_checkpoint(ckpt_path, map_location="cpu")
     cfg = Config.from_dict(state["config"])
     cfg.init = "scratch"  # weights come from the checkpoint, never from the network
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    model: torch.nn.Module
+    if "ensemble" in state:  # written by `cxrloc ensemble`: one network per member, outputs averaged
+        from cxrloc.model.ensemble import EnsembleNet
+
+        members = []
+        for member in state["ensemble"]:
+            member_cfg = Config.from_dict(member["config"])
+            member_cfg.init = "scratch"
+            net = build_model(member_cfg)
+            net.load_state_dict(member["model"])
+            members.append(net)
+        model = EnsembleNet(members)
+    else:
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
     meta = dict(state["meta"])
     chosen = thresholds_for_checkpoint(ckpt_path, thresholds_file)
     if chosen is not None:
@@ -108,6 +122,8 @@ def load_model(
         model.thresholds.set(thresholds)
         meta["thresholds"] = thresholds.to_json()
         meta["thresholds_source"] = str(chosen)
+    elif "ensemble" in state and meta.get("thresholds"):
+        model.thresholds.set(Thresholds.from_json(meta["thresholds"]))
     elif not meta.get("thresholds"):
         meta["thresholds"] = model.thresholds.get().to_json()
     model.to(device).eval()

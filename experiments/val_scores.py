@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--ensemble", action="store_true")
-    ap.add_argument("--tta", type=int, default=0)
+    ap.add_argument("--tta", type=int, default=1)
     ap.add_argument("--which", default="best")
     ap.add_argument("--folds", default="0,1,2,3,4")
     ap.add_argument("--json", type=Path)
@@ -61,7 +61,7 @@ def main() -> None:
     groups = [args.runs] if args.ensemble else [[r] for r in args.runs]
     report = {}
     for group in groups:
-        label = "+".join(r.name for r in group) + (f" tta{args.tta}" if args.tta else "")
+        label = "+".join(r.name for r in group) + (f" tta{args.tta}" if args.tta > 1 else "")
         per_fold = {"model": [], "prior": [], "prior_t": []}
         for f in folds:
             dirs = [r / f"fold_{f}" for r in group]
