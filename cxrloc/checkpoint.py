@@ -7,14 +7,17 @@ plain Python types only). Keys:
 - ``config``: the fully resolved :class:`cxrloc.config.Config` as a dict.
 - ``model``: the model's ``state_dict`` (threshold buffers included); or, for an ensemble written
   by ``cxrloc ensemble``, ``ensemble``: a list of ``{"config", "model"}``, one per member.
-- ``meta``: what inference needs, see :func:`make_meta`.
+- ``meta``: what inference needs, see :func:`make_meta`. ``load_model`` completes it with the
+  fold's fitted ``thresholds.json`` and ``calibration.json`` (:mod:`cxrloc.rundir`).
 - training state, when saved by ``train``: ``optimizer``, ``scheduler``, ``scaler``,
   ``rng``, ``epoch``, ``best_metric``, ``history``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +38,43 @@ NORMALISATION: dict[str, Any] = {
 """How a [0, 1] grey image becomes the network input in [-1, 1] (paper, section 4)."""
 
 
-def make_meta(cfg: Config, thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Inference metadata carried by every checkpoint and ONNX file."""
+def make_meta(
+    cfg: Config, thresholds: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Inference metadata carried by every checkpoint and ONNX file.
+
+    ``calibration`` is the ``calibration.json`` content (:class:`cxrloc.calibration.Calibration`),
+    ``None`` until ``cxrloc calibrate`` has run.
+    """
     return {
         "classes": list(CLASSES),
         "image_size": cfg.image_size,
         "patch_grid": cfg.patch_grid,
         "normalisation": dict(NORMALISATION),
         "thresholds": thresholds,
+        "calibration": calibration,
         "version": __version__,
         "arch": cfg.arch,
         "crf": cfg.crf,
         "antialias": cfg.antialias,
         "loss": cfg.loss,
     }
+
+
+def model_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A hash of a model's weights (threshold buffers left out), to tie a calibration to them.
+
+    The same for a checkpoint's ``state["model"]`` and for the ``state_dict()`` of the model
+    loaded from it, on any device.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(state_dict):
+        if key.startswith("thresholds."):
+            continue  # refitted by fit-thresholds without changing z
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
@@ -89,11 +115,17 @@ def load_model(
     ones), so ``predict``, ``evaluate`` and
     ``export`` all use the same values.
 
+    The fold's ``calibration.json`` (written by ``cxrloc calibrate``) goes into
+    ``meta["calibration"]`` (with ``meta["calibration_source"]``) when it was fitted for these
+    weights; a calibration fitted for other weights (the checkpoint changed since) is left out,
+    and ``meta["calibration_note"]`` says why.
+
     Returns:
         ``(model, meta, config)``.
     """
+    from cxrloc.calibration import Calibration
     from cxrloc.model.net import build_model
-    from cxrloc.rundir import resolve_checkpoint, thresholds_for_checkpoint
+    from cxrloc.rundir import calibration_for_checkpoint, resolve_checkpoint, thresholds_for_checkpoint
     from cxrloc.thresholds import Thresholds
 
     ckpt_path = resolve_checkpoint(path, fold=fold, which=which)
@@ -126,5 +158,19 @@ def load_model(
         model.thresholds.set(Thresholds.from_json(meta["thresholds"]))
     elif not meta.get("thresholds"):
         meta["thresholds"] = model.thresholds.get().to_json()
+    meta.setdefault("calibration", None)
+    cal_path = calibration_for_checkpoint(ckpt_path)
+    if cal_path is not None:
+        cal = Calibration.load(cal_path)
+        fitted_for = cal.info.get("model_fingerprint")
+        if fitted_for and fitted_for != model_fingerprint(model.state_dict()):
+            meta["calibration"] = None
+            meta["calibration_note"] = (
+                f"{cal_path} was fitted for other weights than {ckpt_path.name} (checkpoint changed since, or "
+                f"another --which): not used; run 'cxrloc calibrate {cal_path.parent.parent}' again."
+            )
+        else:
+            meta["calibration"] = cal.to_json()
+            meta["calibration_source"] = str(cal_path)
     model.to(device).eval()
     return model, meta, cfg

@@ -5,14 +5,19 @@ Steps, each with the library function every command uses:
 1. :func:`cxrloc.data.synthetic.generate_synthetic_nih` -> ``DIR/nih`` (NIH layout and CSV quirks);
 2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
 3. :func:`cxrloc.training.loop.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
-4. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation);
-5. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds again;
+4. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation), and
+   :func:`cxrloc.evaluation.calibrate.calibrate_fold` (probabilities, operating points on validation images);
+5. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds
+   and calibration again;
 6. :func:`cxrloc.evaluation.evaluate.evaluate` of both runs on fold 0's test images, beside the data-free prior;
-7. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch);
+7. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch; it
+   carries the calibration);
 8. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
 
 ``DIR/summary.json`` holds the accuracy table (per class and mean over the 8 boxed classes, IoU
-and IoR, for the model, the unary model and the prior, at each T), the timings and every output.
+and IoR, for the model, the unary model and the prior, at each T), the classification at the
+operating point (per class AUROC, sensitivity, specificity; classes called present per image
+against labelled findings), what each overlay shows, the timings and every output.
 See ``docs/demo.md``.
 """
 
@@ -33,7 +38,7 @@ from rich import box
 from rich.table import Table
 
 from cxrloc import __version__
-from cxrloc.classes import BOXED_CLASSES
+from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.config import Config, make_config
 from cxrloc.rundir import FoldDir
 from cxrloc.utils import CxrlocError, console, write_json_atomic
@@ -152,6 +157,37 @@ def _summary_tables(summary: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def _classification(results: dict[str, Any], operating_point: str) -> dict[str, Any]:
+    """Per class AUROC, sensitivity, specificity and test positives, and calls per image, from ``evaluate``."""
+    s = results["summary"]
+    c = s["classification"]
+    return {
+        "operating_point": operating_point,
+        "per_class": {
+            name: {"positives": c["positives"][name], "auroc": s["auroc"]["mean"][name],
+                   "sensitivity": c["sensitivity"]["mean"][name], "specificity": c["specificity"]["mean"][name]}
+            for name in CLASSES
+        },
+        "present_per_image": c["present_per_image"],
+        "labels_per_image": c["labels_per_image"],
+    }
+
+
+def _classification_table(summary: dict[str, Any]) -> Table:
+    """Classes with a test positive: AUROC of 1'z, sensitivity and specificity at the operating point."""
+    c = summary["classification"]
+    table = Table(
+        title=f"Classification at the operating point, {summary['test_images']} synthetic test images (fold 0)",
+        box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
+    )
+    for col in ("class", "positives", "AUROC", "sensitivity", "specificity"):
+        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
+    for name, v in c["per_class"].items():
+        if v["positives"]:
+            table.add_row(name, str(v["positives"]), _fmt(v["auroc"]), _fmt(v["sensitivity"]), _fmt(v["specificity"]))
+    return table
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
@@ -180,6 +216,7 @@ def run_demo(
     """
     from cxrloc.data.prepare import prepare
     from cxrloc.data.synthetic import generate_synthetic_nih
+    from cxrloc.evaluation.calibrate import calibrate_fold
     from cxrloc.evaluation.evaluate import evaluate
     from cxrloc.evaluation.fit_thresholds import fit_thresholds
     from cxrloc.inference.export import export_onnx
@@ -209,9 +246,12 @@ def run_demo(
             prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
         _step("4/8 fit thresholds (unary)", timings, lambda: fit_thresholds(
             FoldDir.of(unary_run, 0).path, progress=progress))
+        _step("4/8 calibrate (unary)", timings, lambda: calibrate_fold(FoldDir.of(unary_run, 0), progress=progress))
         _step("5/8 train (CRF stage)", timings, lambda: train(
             prepared, run, fold=0, cfg=crf_cfg, stage="crf", init_from=unary_run, progress=progress))
         _step("5/8 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
+        calibration = _step("5/8 calibrate (CRF)", timings, lambda: calibrate_fold(FoldDir.of(run, 0),
+                                                                                     progress=progress))
         results = _step("6/8 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
         unary_results = _step("6/8 evaluate (unary model)", timings, lambda: evaluate(
             unary_run, ts=DEMO_TS, progress=progress))
@@ -256,6 +296,12 @@ def run_demo(
         "classes": list(BOXED_CLASSES),
         "ts": list(DEMO_TS),
         "accuracy": accuracy,
+        "classification": _classification(results, calibration.describe()),
+        "overlay_predictions": [
+            {"image": Path(r["image"]).name, "present": {c["name"]: c["probability"] for c in r["classes"]
+                                                         if c["present"]}}
+            for r in overlays.records
+        ],
         "target": {
             "T": TARGET_T,
             "metric": "iou",
@@ -274,6 +320,7 @@ def run_demo(
             "unary_run": str(unary_run),
             "run": str(run),
             "thresholds": str(FoldDir.of(run, 0).thresholds_json),
+            "calibration": str(FoldDir.of(run, 0).calibration_json),
             "eval": results["out_dir"],
             "unary_eval": unary_results["out_dir"],
             "onnx": str(report.path),
@@ -283,7 +330,7 @@ def run_demo(
         },
     }
     write_json_atomic(out / "summary.json", summary)
-    for table in _summary_tables(summary):
+    for table in [*_summary_tables(summary), _classification_table(summary)]:
         console.print(table)
     _print_outputs(summary)
     return summary
@@ -317,11 +364,16 @@ def _print_outputs(summary: dict[str, Any]) -> None:
         f"stronger prior {_fmt(t['prior'])} (target >= {t['required']:g}, above the prior: {verdict}). "
         f"Total time {summary['timings_s']['total']:.0f} s."
     )
+    c = summary["classification"]
+    console.print(
+        f"Classes called present per test image: {_fmt(c['present_per_image'])} (labelled findings per image: "
+        f"{_fmt(c['labels_per_image'])}); operating point: {c['operating_point']}."
+    )
     o = summary["outputs"]
     for label, key in (
         ("synthetic NIH data", "data"), ("prepared cache", "prepared"), ("unary run", "unary_run"),
-        ("CRF run", "run"), ("thresholds", "thresholds"), ("evaluation", "eval"), ("ONNX model", "onnx"),
-        ("overlays", "overlays"),
+        ("CRF run", "run"), ("thresholds", "thresholds"), ("calibration", "calibration"), ("evaluation", "eval"),
+        ("ONNX model", "onnx"), ("overlays", "overlays"),
     ):
         console.print(f"  {label:<20} {o[key]}")
     console.print(f"Results saved to {o['summary']}")

@@ -8,6 +8,7 @@ Layout written by ``cxrloc train`` (one ``fold_K`` per trained fold)::
         run.json             prepared folder, fold, stage, start weights, train/val/test image ids
         metrics.csv          one row per epoch
         thresholds.json      written by ``cxrloc fit-thresholds`` (optional)
+        calibration.json     written by ``cxrloc calibrate`` (optional): probabilities, operating points
         checkpoints/
           last.pt            every epoch (resume)
           best.pt            best validation accuracy
@@ -21,6 +22,10 @@ module spells them.
 (for training only) the fitted ``thresholds.json`` of the run it starts from; else the thresholds
 saved in the checkpoint (inference) or the initial ones computed from the training boxes
 (training).
+
+**Which calibration a checkpoint uses** (:func:`calibration_for_checkpoint`): the
+``calibration.json`` of the fold the checkpoint sits in, if any; ``load_model`` then checks that it
+was fitted for the same weights.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ class FoldDir:
     @property
     def thresholds_json(self) -> Path:
         return self.path / "thresholds.json"
+
+    @property
+    def calibration_json(self) -> Path:
+        return self.path / "calibration.json"
 
     def checkpoint(self, which: str = "best") -> Path:
         """``checkpoints/{which}.pt`` (whether or not it exists)."""
@@ -242,4 +251,12 @@ def thresholds_for_checkpoint(ckpt: Path, explicit: str | os.PathLike[str] | Non
         return fold_dir.thresholds_file(explicit)
     if explicit:
         return FoldDir(ckpt.parent).thresholds_file(explicit)
+    return None
+
+
+def calibration_for_checkpoint(ckpt: Path) -> Path | None:
+    """The ``calibration.json`` of the fold a checkpoint sits in, when there is one."""
+    fold_dir = fold_of_checkpoint(ckpt)
+    if fold_dir is not None and fold_dir.calibration_json.is_file():
+        return fold_dir.calibration_json
     return None

@@ -31,6 +31,7 @@ queue_a > "$OUT/queue_a.log" 2>&1 &
 queue_b > "$OUT/queue_b.log" 2>&1 &
 wait
 for run in full full_joint full_unary li2018 li2018_nopb noaa sigmoid; do
+  cxrloc calibrate "$OUT/$run" --fold all  # probabilities and operating points on each fold's validation images
   cxrloc evaluate "$OUT/$run" --metric both --fold all --t 0.1 --t 0.2 --t 0.3 --t 0.4 --t 0.5 --t 0.6 --t 0.7
 done
 python experiments/compile_results.py "$OUT" --out docs/results_nih_tables.md --plot docs/img/nih_acc_vs_t.png \

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrloc.classes import BOXED_CLASSES
+from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.utils import CxrlocError
 
 
@@ -40,6 +40,24 @@ def test_quick_demo_writes_every_output(quick_demo: tuple[Path, dict]) -> None:
     assert json.loads((Path(o["run"]) / "fold_0" / "run.json").read_text())["stage"] == "crf"
     assert (Path(o["eval"]) / "results.json").is_file()
     assert o["overlay_files"] and all(Path(p).is_file() and p.endswith(".png") for p in o["overlay_files"])
+    assert Path(o["calibration"]) == Path(o["run"]) / "fold_0" / "calibration.json"
+    assert (Path(o["unary_run"]) / "fold_0" / "calibration.json").is_file()
+
+    # The overlays show what the summary says each image has: the classes called present, with their
+    # probability (the ONNX model carries the run's calibration).
+    import onnx
+    from PIL import Image
+
+    from cxrloc.inference.overlay import NO_FINDING, percent
+
+    props = {p.key: json.loads(p.value) for p in onnx.load(o["onnx"]).metadata_props}
+    assert props["calibration"] == json.loads(Path(o["calibration"]).read_text())
+    assert len(summary["overlay_predictions"]) == len(o["overlay_files"])
+    for pred in summary["overlay_predictions"]:
+        text = Image.open(Path(o["overlays"]) / pred["image"].replace(".png", ".overlay.png")).text["Description"]
+        for name, prob in pred["present"].items():
+            assert f"{name}  {percent(prob)}" in text
+        assert (NO_FINDING in text) == (not pred["present"])
 
     # The exported model runs in onnxruntime with the demo's input size and patch grid.
     import onnxruntime as ort
@@ -66,6 +84,12 @@ def test_quick_demo_summary_structure(quick_demo: tuple[Path, dict]) -> None:
             # Accuracy can only fall as T rises.
             m = [v for v in block["mean"] if v is not None]
             assert all(a >= b - 1e-12 for a, b in zip(m, m[1:], strict=False))
+    c = summary["classification"]
+    assert c["operating_point"].startswith("Youden's J on validation images")
+    assert set(c["per_class"]) == set(CLASSES)
+    assert 0 <= c["present_per_image"] <= len(CLASSES) and c["labels_per_image"] >= 1.0
+    for v in c["per_class"].values():
+        assert all(x is None or 0.0 <= x <= 1.0 for x in (v["auroc"], v["sensitivity"], v["specificity"]))
     target = summary["target"]
     assert target["T"] == 0.3 and target["required"] == 0.8 and isinstance(target["met"], bool)
     assert math.isclose(target["model"], summary["accuracy"]["model"]["iou"]["mean"][1])

@@ -102,3 +102,68 @@ def test_cli_evaluate_and_errors(run_dir: Path) -> None:
         evaluate(run_dir, fold=7, progress=False)
     with pytest.raises(CxrlocError, match="run.json"):
         evaluate(run_dir.parent / "prepared", progress=False)
+
+
+def test_classification_at_the_operating_point_by_hand(run_dir: Path) -> None:
+    """Sensitivity, specificity and calls per image at a hand-written calibration of the hand run.
+
+    Every class: p = sigmoid(log(1 + 1'z) - 2), present when p >= 0.5, except Mass (never present).
+    Classes 0 and 4 have 1'z = 64 (p = 65 / (65 + e^2) = 0.898), the others 1'z ~ 0 (p = 0.119), so only
+    Atelectasis is called present, on every image. Labels: "a" = {Atelectasis, Cardiomegaly, Nodule},
+    "b" = {Atelectasis, Mass}; fold 0 tests a and b, fold 1 tests a.
+    """
+    from cxrloc.calibration import Calibration, ClassCalibration
+    from cxrloc.classes import CLASSES
+    from cxrloc.evaluation.evaluate import evaluate
+
+    per = [ClassCalibration(a=1.0, b=-2.0, threshold=None if c == "Mass" else 0.5, source="val") for c in CLASSES]
+    for fold in (0, 1):
+        Calibration(list(CLASSES), per).save(run_dir / f"fold_{fold}" / "calibration.json")
+    result = evaluate(run_dir, ts=(0.1,), fold="all", progress=False)
+    f0 = {f["fold"]: f for f in result["per_fold"]}[0]["classification"]
+    assert f0["operating_point"]["rule"] == "youden" and f0["operating_point"]["calibrated"]
+    assert f0["sensitivity"]["Atelectasis"] == 1.0 and f0["specificity"]["Atelectasis"] is None
+    assert (f0["sensitivity"]["Cardiomegaly"], f0["specificity"]["Cardiomegaly"]) == (0.0, 1.0)
+    assert (f0["sensitivity"]["Mass"], f0["specificity"]["Mass"]) == (0.0, 1.0)  # 1'z = 64 but never present
+    assert (f0["sensitivity"]["Effusion"], f0["specificity"]["Effusion"]) == (None, 1.0)
+    assert f0["positives"]["Atelectasis"] == 2 and f0["present_per_image"] == 1.0
+    assert f0["labels_per_image"] == pytest.approx(2.5)
+    s = result["summary"]["classification"]
+    # Over folds: Cardiomegaly's specificity exists in fold 0 only (fold 1 tests "a", a positive).
+    assert s["specificity"]["mean"]["Cardiomegaly"] == 1.0 and s["specificity"]["std"]["Cardiomegaly"] is None
+    assert s["sensitivity"]["mean"]["Atelectasis"] == 1.0 and s["sensitivity"]["std"]["Atelectasis"] == 0.0
+    # Pooled over the three test images: 1 call each; labels 3 + 2 + 3.
+    assert s["present_per_image"] == 1.0 and s["labels_per_image"] == pytest.approx(8 / 3)
+    assert s["operating_points"] == ["Youden's J on validation images"] * 2
+
+    out = Path(result["out_dir"])
+    p_hi, p_lo = 65 / (65 + math.exp(2)), 1 / (1 + math.exp(2))
+    classes = pd.read_csv(out / "per_image_classes.csv")
+    assert len(classes) == 3 * len(CLASSES)
+    row = classes[(classes.fold == 0) & (classes.image_id == "b") & (classes["class"] == "Mass")].iloc[0]
+    assert (row["label"], row["score"], row["present"]) == (1, pytest.approx(64.0, abs=1e-3), 0)
+    assert row["probability"] == pytest.approx(p_hi, abs=1e-5)
+    row = classes[(classes.fold == 1) & (classes["class"] == "Nodule")].iloc[0]
+    assert (row["label"], row["present"]) == (1, 0) and row["probability"] == pytest.approx(p_lo, abs=1e-5)
+    boxes = pd.read_csv(out / "per_image.csv")
+    row = boxes[(boxes.fold == 0) & (boxes.image_id == "a") & (boxes["class"] == "Cardiomegaly")].iloc[0]
+    assert row["present"] == 0 and row["probability"] == pytest.approx(p_lo, abs=1e-5)
+    csv = pd.read_csv(out / "results.csv")
+    sens = csv[(csv.metric == "sensitivity") & (csv["class"] == "Atelectasis")]["mean"].iloc[0]
+    assert sens == 1.0
+    assert csv[csv.metric == "labels_per_image"]["mean"].iloc[0] == pytest.approx(8 / 3, abs=1e-5)
+    md = (out / "results.md").read_text()
+    assert "| Cardiomegaly | 2 | 0.500" in md and "Classes called present per test image: 1.00" in md
+    assert "labelled findings per image: 2.67" in md
+
+
+def test_uncalibrated_run_reports_the_tau_hat_operating_point(run_dir: Path) -> None:
+    from cxrloc.evaluation.evaluate import evaluate
+
+    result = evaluate(run_dir, ts=(0.1,), fold=0, progress=False)
+    c = result["per_fold"][0]["classification"]
+    assert c["operating_point"]["rule"] == "tau_hat" and "cxrloc calibrate" in c["operating_point"]["note"]
+    # tau_hat from the checkpoint: 1'z = 64 calls Atelectasis and Mass present on both test images.
+    assert c["present_per_image"] == 2.0 and c["sensitivity"]["Mass"] == 1.0 and c["specificity"]["Mass"] == 0.0
+    classes = pd.read_csv(Path(result["out_dir"]) / "per_image_classes.csv")
+    assert classes["probability"].isna().all()

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrloc.inference.overlay import BLOB_ALPHA, class_color, gt_boxes_by_image, render_overlay
+from cxrloc.classes import CLASSES
+from cxrloc.inference.overlay import (
+    BLOB_ALPHA,
+    NO_FINDING,
+    class_color,
+    gt_boxes_by_image,
+    percent,
+    render_overlay,
+    save_png,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -105,3 +114,168 @@ def test_predicted_overlay_file(tmp_path: Path) -> None:
     expected = plain[region][..., None] * (1 - BLOB_ALPHA) + col * BLOB_ALPHA
     np.testing.assert_allclose(arr[region], expected, atol=2.5)
     assert np.abs(arr[region][..., 0] - plain[region]).mean() > 10
+
+
+# --------------------------------------------------------------------------- colours and "no finding"
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* (D65) of 8-bit sRGB colours (..., 3), written from the standards' formulas."""
+    c = np.asarray(rgb, float) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
+    """CIEDE2000 colour difference (Sharma, Wu and Dalal 2005), kL = kC = kH = 1."""
+    l1, a1, b1 = np.moveaxis(np.asarray(lab1, float), -1, 0)
+    l2, a2, b2 = np.moveaxis(np.asarray(lab2, float), -1, 0)
+    cbar = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - np.sqrt(cbar**7 / (cbar**7 + 25.0**7)))
+    a1p, a2p = (1 + g) * a1, (1 + g) * a2
+    c1p, c2p = np.hypot(a1p, b1), np.hypot(a2p, b2)
+    h1p, h2p = np.degrees(np.arctan2(b1, a1p)) % 360, np.degrees(np.arctan2(b2, a2p)) % 360
+    dh = h2p - h1p
+    dh = np.where(dh > 180, dh - 360, np.where(dh < -180, dh + 360, dh))
+    dh = np.where(c1p * c2p == 0, 0, dh)
+    d_l, d_c = l2 - l1, c2p - c1p
+    d_h = 2 * np.sqrt(c1p * c2p) * np.sin(np.radians(dh / 2))
+    lbar, cbarp = (l1 + l2) / 2, (c1p + c2p) / 2
+    hsum = h1p + h2p
+    hbar = np.where(np.abs(h1p - h2p) > 180, np.where(hsum < 360, (hsum + 360) / 2, (hsum - 360) / 2), hsum / 2)
+    hbar = np.where(c1p * c2p == 0, hsum, hbar)
+    t = (1 - 0.17 * np.cos(np.radians(hbar - 30)) + 0.24 * np.cos(np.radians(2 * hbar))
+         + 0.32 * np.cos(np.radians(3 * hbar + 6)) - 0.20 * np.cos(np.radians(4 * hbar - 63)))
+    s_l = 1 + 0.015 * (lbar - 50) ** 2 / np.sqrt(20 + (lbar - 50) ** 2)
+    s_c, s_h = 1 + 0.045 * cbarp, 1 + 0.015 * cbarp * t
+    r_t = -np.sin(np.radians(60 * np.exp(-(((hbar - 275) / 25) ** 2)))) * 2 * np.sqrt(cbarp**7 / (cbarp**7 + 25.0**7))
+    return np.sqrt((d_l / s_l) ** 2 + (d_c / s_c) ** 2 + (d_h / s_h) ** 2 + r_t * (d_c / s_c) * (d_h / s_h))
+
+
+def test_ciede2000_of_the_test_matches_sharmas_table() -> None:
+    pairs = [  # Sharma et al. 2005, Table 1: pairs 1, 7, 17, 25, 32
+        ((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425),
+        ((50, 0, 0), (50, -1, 2), 2.3669),
+        ((50, 2.5, 0), (73, 25, -18), 27.1492),
+        ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+        ((22.7233, 20.0904, -46.6940), (23.0331, 14.9730, -42.5619), 2.0373),
+    ]
+    for lab1, lab2, expected in pairs:
+        assert _ciede2000(np.array(lab1), np.array(lab2)) == pytest.approx(expected, abs=1e-4)
+    np.testing.assert_allclose(_srgb_to_lab(np.array([255, 0, 0])), [53.2408, 80.0925, 67.2032], atol=1e-3)
+
+
+def test_class_colours_stay_distinct_on_a_grey_radiograph() -> None:
+    colours = np.array([class_color(k) for k in range(len(CLASSES))], float)
+    assert len({tuple(c) for c in colours}) == len(CLASSES)
+    lab = _srgb_to_lab(colours)
+    i, j = np.triu_indices(len(CLASSES), k=1)
+    # As drawn in the legend (full colour): every pair far apart, every colour far from grey.
+    assert _ciede2000(lab[i], lab[j]).min() >= 20.0
+    own_grey = np.stack([lab[:, 0], np.zeros(len(lab)), np.zeros(len(lab))], -1)
+    assert _ciede2000(lab, own_grey).min() >= 20.0
+    # As blobs (BLOB_ALPHA over dark lung, mid grey, bone): far from each other and from the grey beneath.
+    for grey in (50.0, 128.0, 200.0):
+        blob = _srgb_to_lab(colours * BLOB_ALPHA + grey * (1 - BLOB_ALPHA))
+        assert _ciede2000(blob[i], blob[j]).min() >= 10.0, grey
+        assert _ciede2000(blob, _srgb_to_lab(np.full(3, grey))[None]).min() >= 15.0, grey
+    card, cons = CLASSES.index("Cardiomegaly"), CLASSES.index("Consolidation")
+    assert _ciede2000(lab[card], lab[cons]) >= 40.0  # once two greens
+
+
+def test_percent_never_rounds_to_a_false_certainty() -> None:
+    assert [percent(p) for p in (0.0, 0.004, 0.006, 0.5, 0.834, 0.994, 0.996, 1.0)] == [
+        "<1%", "<1%", "1%", "50%", "83%", "99%", ">99%", ">99%"]
+
+
+def test_overlay_without_a_present_class_says_so(tmp_path: Path) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    img = np.full((512, 600), 0.5, np.float32)
+    z = np.zeros((len(CLASSES), 4, 4), np.float32)
+    z[2] = 0.9  # Effusion everywhere in z, but not called present: nothing may be drawn for it
+    out = render_overlay(img, z, [], probabilities=np.full(len(CLASSES), 0.2))
+    arr = np.asarray(out).astype(float)
+    grey = 0.5 * 255
+    # No blob: below the legend the picture is the plain grey image.
+    np.testing.assert_allclose(arr[100:, :], grey, atol=1.0)
+    # The legend holds one line of white text as wide as the message (Pillow's default font at side/40).
+    legend = arr[:60, :]
+    white = np.all(legend > 240, axis=-1)
+    cols = np.flatnonzero(white.any(axis=0))
+    font = ImageFont.load_default(size=512 // 40)
+    box = ImageDraw.Draw(out).textbbox((0, 0), NO_FINDING, font=font)
+    assert white.sum() > 100
+    assert abs((cols.max() - cols.min() + 1) - (box[2] - box[0])) <= 3
+    saved = save_png(out, tmp_path / "none.png")
+    assert NO_FINDING in Image.open(saved).text["Description"]
+    # With a class shown, the line is its name and probability, and the message is gone.
+    shown = render_overlay(img, z, [2], probabilities=np.full(len(CLASSES), 0.834))
+    assert shown.info["Description"] == "cxrloc overlay; Effusion  83%"
+
+
+def _cardiomegaly_run(root: Path, calibration: dict | None) -> Path:
+    """A model with Cardiomegaly (z ~ 1) everywhere and nothing else, optionally with a calibration file."""
+    import json
+
+    import torch
+
+    from cxrloc.checkpoint import make_meta, save_checkpoint
+    from cxrloc.config import make_config
+    from cxrloc.model.net import build_model
+
+    cfg = make_config("tiny", ["crf=false"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.unary.head.conv2.bias.fill_(-8.0)
+        model.unary.head.conv2.bias[1] = 8.0
+    save_checkpoint(root / "fold_0" / "checkpoints" / "best.pt",
+                    {"config": cfg.to_dict(), "model": model.state_dict(), "meta": make_meta(cfg)})
+    if calibration is not None:
+        (root / "fold_0" / "calibration.json").write_text(json.dumps(calibration))
+    return root
+
+
+def test_predicted_overlay_shows_present_classes_only_or_all(tmp_path: Path) -> None:
+    from cxrloc.calibration import Calibration, ClassCalibration
+    from cxrloc.inference.predict import predict_files
+
+    src = DATA / "fixtures" / "rgb_nonsquare.jpg"
+    if not src.is_file():
+        pytest.skip("../shared/data/fixtures/rgb_nonsquare.jpg is absent")
+    # Every class: p = sigmoid(log(1 + 1'z) - 3); Cardiomegaly (1'z = 64: p = 65 / (65 + e^3) = 0.764) is
+    # present only if its threshold is below that.
+    def calibration(card_threshold: float | None) -> dict:
+        per = [ClassCalibration(a=1.0, b=-3.0, threshold=card_threshold if k == 1 else None, source="val")
+               for k in range(len(CLASSES))]
+        return Calibration(list(CLASSES), per).to_json()
+
+    plain = np.asarray(Image.open(src).convert("L"), dtype=float)
+    region = (slice(400, 800), slice(300, 1000))
+
+    none = _cardiomegaly_run(tmp_path / "none", calibration(0.9))
+    rec = predict_files([str(src)], none, overlay=tmp_path / "none.png", json_path=tmp_path / "n.json",
+                        progress=False).records[0]
+    assert rec["present"] == [] and rec["classes"][1]["probability"] == pytest.approx(65 / (65 + np.exp(3)), abs=1e-4)
+    drawn = Image.open(tmp_path / "none.png")
+    assert "No finding called present (Youden's J on validation)" in drawn.text["Description"]
+    drawn_rgb = np.asarray(drawn.convert("RGB"), float)[region]
+    np.testing.assert_allclose(drawn_rgb, np.repeat(plain[region][..., None], 3, axis=-1), atol=2.5)
+
+    predict_files([str(src)], none, overlay=tmp_path / "all.png", json_path=tmp_path / "a.json",
+                  overlay_classes="all", progress=False)
+    text = Image.open(tmp_path / "all.png").text["Description"]
+    assert "Cardiomegaly  76%;" in text and text.count("%") == len(CLASSES)
+    arr = np.asarray(Image.open(tmp_path / "all.png").convert("RGB"), float)
+    expected = plain[region][..., None] * (1 - BLOB_ALPHA) + np.array(class_color(1), float) * BLOB_ALPHA
+    np.testing.assert_allclose(arr[region], expected, atol=2.5)
+
+    present = _cardiomegaly_run(tmp_path / "present", calibration(0.5))
+    rec = predict_files([str(src)], present, overlay=tmp_path / "p.png", json_path=tmp_path / "p.json",
+                        progress=False).records[0]
+    assert rec["present"] == ["Cardiomegaly"]
+    assert Image.open(tmp_path / "p.png").text["Description"] == "cxrloc overlay; Cardiomegaly  76%"

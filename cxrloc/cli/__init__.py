@@ -11,7 +11,7 @@ import sys
 import typer
 
 from cxrloc import __version__
-from cxrloc.cli import demo, ensemble, evaluate, export, fit_thresholds, predict, prepare, train
+from cxrloc.cli import calibrate, demo, ensemble, evaluate, export, fit_thresholds, predict, prepare, train
 from cxrloc.utils import CxrlocError, console
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def _root(
 
 
 # The commands, in the order of the pipeline (each module only parses options and calls the library).
-for _module in (prepare, train, ensemble, predict, export, fit_thresholds, evaluate, demo):
+for _module in (prepare, train, ensemble, predict, export, fit_thresholds, calibrate, evaluate, demo):
     _module.register(app)
 
 

@@ -46,4 +46,5 @@ def register(app: typer.Typer) -> None:
             f"Exported {report.checkpoint} (opset {report.opset}, {report.size_bytes / 1e6:.1f} MB) in "
             f"{report.seconds:.1f} s; max |dz| {report.max_abs_diff_z:.2g} <= {report.tolerance:g}."
         )
+        console.print(f"Calibration: {report.calibration}", highlight=False)
         console.print(f"Results saved to {report.path}")

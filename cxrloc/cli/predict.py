@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
         ),
         overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlays in --out-dir."),
         overlay_classes: str = typer.Option(
-            "present", "--overlay-classes", help="Blobs for: 'present' classes, or 'gt': the classes of the --boxes."
+            "present", "--overlay-classes", help="Blobs for: the 'present' classes (at the operating point chosen on "
+            "validation), 'all' classes, or 'gt': the classes of the --boxes."
         ),
         boxes: Path | None = typer.Option(
             None, "--boxes", help="NIH BBox_List_2017.csv: draw the ground-truth boxes of each image (by file name)."
@@ -60,6 +61,8 @@ def register(app: typer.Typer) -> None:
         )
         n_ok, n_bad = len(summary.records), len(summary.failures)
         status = f"{n_ok} image(s) predicted" + (f", {n_bad} failed" if n_bad else "")
+        if summary.operating_point:
+            status += f". {summary.operating_point.rstrip('.')}"
         console.print(f"{status}. Results saved to {summary.location}")
         if n_bad:
             sys.exit(1)

@@ -3,9 +3,12 @@
 For each fold: ``z`` of the fold's test images (``run.json`` ``test_ids``; or its validation
 images with ``split="val"``), IoU / IoR accuracy at each T per class
 (:mod:`cxrloc.evaluation.metrics`), both priors fitted on the same fold's training boxes and
-evaluated the same way, and the per-class AUROC of ``1'z``. Then mean and standard deviation
-over folds. The reports (``results.{json,csv,md}``, ``per_image.csv`` and the terminal tables)
-are made by :mod:`cxrloc.evaluation.report` from the ``results.json`` content built here.
+evaluated the same way, the per-class AUROC of ``1'z`` and, at the model's operating point
+(``calibration.json``, :mod:`cxrloc.calibration`; ``1'z >= tau_hat`` for an uncalibrated model),
+per-class sensitivity and specificity and the number of classes called present per image against
+the number of labelled findings. Then mean and standard deviation over folds. The reports
+(``results.{json,csv,md}``, ``per_image.csv``, ``per_image_classes.csv`` and the terminal tables) are
+made by :mod:`cxrloc.evaluation.report` from the ``results.json`` content built here.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from typing import Any
 import numpy as np
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
-from cxrloc.evaluation.metrics import METRICS, auroc_per_class, image_scores, localization_table
+from cxrloc.evaluation.metrics import (
+    METRICS,
+    auroc_per_class,
+    image_scores,
+    localization_table,
+    sensitivity_specificity,
+)
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
 from cxrloc.evaluation.report import METHODS, PAPER_T, PAPER_TABLE1, nan_to_none, write_reports
 from cxrloc.rundir import FoldDir, RunDir
@@ -48,6 +57,51 @@ def _boxed_mean(acc: np.ndarray, count: np.ndarray) -> np.ndarray:
     return acc[idx].mean(axis=0) if idx else np.full(acc.shape[1], np.nan)
 
 
+def decisions(meta: dict[str, Any], scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+    """Probabilities, "present" decisions and the operating point of a model on image scores ``(N, K)``.
+
+    With ``meta["calibration"]`` (``load_model``'s): calibrated probabilities and
+    ``probability >= threshold``; without: no probabilities and ``1'z >= tau_hat``.
+
+    Returns:
+        ``(probabilities (N, K) or None, present (N, K) bool, operating point dict)``.
+    """
+    from cxrloc.calibration import Calibration
+    from cxrloc.thresholds import Thresholds
+
+    if meta.get("calibration"):
+        cal = Calibration.from_json(meta["calibration"], "the model's calibration")
+        probs = cal.probabilities(scores)
+        return probs, cal.present(probs), {
+            "rule": cal.rule, "target_sensitivity": cal.target_sensitivity, "calibrated": True,
+            "description": cal.describe(), "source": meta.get("calibration_source", ""),
+        }
+    tau_hat = Thresholds.from_json(meta["thresholds"]).tau_hat
+    note = meta.get("calibration_note") or "no calibration.json: run 'cxrloc calibrate RUN_DIR'"
+    return None, scores >= tau_hat, {
+        "rule": "tau_hat", "target_sensitivity": None, "calibrated": False,
+        "description": "1'z >= tau_hat (uncalibrated)", "note": note,
+    }
+
+
+def classification(
+    scores: np.ndarray, labels: np.ndarray, present: np.ndarray
+) -> dict[str, Any]:
+    """Per-class AUROC of ``1'z``, sensitivity and specificity of ``present``, and calls per image."""
+    sens, spec = sensitivity_specificity(present, labels)
+    y = np.asarray(labels) > 0.5
+    return {
+        "auroc": auroc_per_class(scores, labels),
+        "sensitivity": sens,
+        "specificity": spec,
+        "positives": y.sum(axis=0).astype(np.int64),
+        "negatives": (~y).sum(axis=0).astype(np.int64),
+        "present_total": int(np.asarray(present).sum()),
+        "labels_total": int(y.sum()),
+        "images": int(y.shape[0]),
+    }
+
+
 def evaluate_fold(
     fold_dir: Path | FoldDir,
     *,
@@ -67,7 +121,10 @@ def evaluate_fold(
     Returns:
         dict with ``fold``, ``checkpoint``, ``test_images``, ``count`` (K,), ``model``, ``prior`` and
         ``prior_t`` (each ``{"iou": (K, T), "ior": (K, T)}`` accuracy), ``auroc`` (K,), ``rows``
-        (per-box dicts with ``image_id`` and ``fold``), ``prior_info``, ``prior_t_q``.
+        (per-box dicts with ``image_id``, ``fold``, and the ``score``, ``probability`` and
+        ``present`` of the box's class), ``prior_info``, ``prior_t_q``, ``classification``
+        (:func:`classification`), ``operating_point`` and ``class_rows`` (one dict per image and
+        class: ``label``, ``score``, ``probability``, ``present``).
     """
     from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import predict_prepared
@@ -105,13 +162,27 @@ def evaluate_fold(
     prior_table = localization_table(prior.predict(len(ids)), boxes, ts)
     prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, ts)
 
+    scores = image_scores(z)
+    probs, present, operating_point = decisions(tf.meta, scores)
     rows = []
     for row, prow in zip(table["rows"], prior_table["rows"], strict=True):
         row = dict(row)
-        row["image_id"] = ids[row["image_index"]]
+        i, k = row["image_index"], row["class_index"]
+        row["image_id"] = ids[i]
         row["fold"] = tf.fold
         row["prior_iou"], row["prior_ior"] = prow["iou"], prow["ior"]
+        row["score"] = float(scores[i, k])
+        row["probability"] = None if probs is None else float(probs[i, k])
+        row["present"] = bool(present[i, k])
         rows.append(row)
+    names = list(tf.meta.get("classes") or CLASSES)
+    class_rows = [
+        {"fold": tf.fold, "image_id": image_id, "class": name, "label": int(labels[i, k] > 0.5),
+         "score": float(scores[i, k]), "probability": None if probs is None else float(probs[i, k]),
+         "present": int(present[i, k])}
+        for i, image_id in enumerate(ids) for k, name in enumerate(names)
+    ]
+    cls = classification(scores, labels, present)
     return {
         "fold": tf.fold,
         "fold_dir": str(tf.fold_dir.path),
@@ -121,10 +192,13 @@ def evaluate_fold(
         "model": table["accuracy"],
         "prior": prior_table["accuracy"],
         "prior_t": prior_t["accuracy"],
-        "auroc": auroc_per_class(image_scores(z), labels),
+        "auroc": cls["auroc"],
         "rows": rows,
         "prior_info": prior.to_json(),
         "prior_t_q": prior_t["q"],
+        "classification": cls,
+        "operating_point": operating_point,
+        "class_rows": class_rows,
     }
 
 
@@ -151,7 +225,9 @@ def per_t_prior_accuracy(
 
 
 def summarise(folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any]:
-    """Mean and std over folds of per-class accuracies, of the boxed-class means, and of the AUROC."""
+    """Mean and std over folds of per-class accuracies, of the boxed-class means, of the AUROC and of the
+    sensitivity and specificity at the operating point; classes called present and labelled findings per
+    image pooled over every fold's images."""
     out: dict[str, Any] = {}
     for method in METHODS:
         out[method] = {}
@@ -169,6 +245,13 @@ def summarise(folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any
             }
     a_mean, a_std = _mean_std(np.stack([f["auroc"] for f in folds]))
     out["auroc"] = {"mean": a_mean, "std": a_std}
+    for key in ("sensitivity", "specificity"):
+        m, sd = _mean_std(np.stack([f["classification"][key] for f in folds]))
+        out[key] = {"mean": m, "std": sd}
+    images = sum(f["classification"]["images"] for f in folds)
+    out["positives"] = np.sum([f["classification"]["positives"] for f in folds], axis=0)
+    out["present_per_image"] = sum(f["classification"]["present_total"] for f in folds) / max(images, 1)
+    out["labels_per_image"] = sum(f["classification"]["labels_total"] for f in folds) / max(images, 1)
     out["count"] = np.sum([f["count"] for f in folds], axis=0)
     return out
 
@@ -195,6 +278,19 @@ def results_json(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Seque
         "mean": dict(zip(CLASSES, vec(summary["auroc"]["mean"]), strict=True)),
         "std": dict(zip(CLASSES, vec(summary["auroc"]["std"]), strict=True)),
     }
+    summ["classification"] = {
+        "operating_points": [f["operating_point"]["description"] for f in folds],
+        **{
+            key: {
+                "mean": dict(zip(CLASSES, vec(summary[key]["mean"]), strict=True)),
+                "std": dict(zip(CLASSES, vec(summary[key]["std"]), strict=True)),
+            }
+            for key in ("sensitivity", "specificity")
+        },
+        "positives": dict(zip(CLASSES, [int(c) for c in summary["positives"]], strict=True)),
+        "present_per_image": float(summary["present_per_image"]),
+        "labels_per_image": float(summary["labels_per_image"]),
+    }
     summ["boxes"] = dict(zip(CLASSES, [int(c) for c in summary["count"]], strict=True))
     per_fold = [
         {
@@ -209,6 +305,14 @@ def results_json(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Seque
             "prior_boxed_mean": {m: vec(_boxed_mean(f["prior"][m], f["count"])) for m in METRICS},
             "prior_t_boxed_mean": {m: vec(_boxed_mean(f["prior_t"][m], f["count"])) for m in METRICS},
             "auroc": dict(zip(CLASSES, vec(f["auroc"]), strict=True)),
+            "classification": {
+                "operating_point": f["operating_point"],
+                "sensitivity": dict(zip(CLASSES, vec(f["classification"]["sensitivity"]), strict=True)),
+                "specificity": dict(zip(CLASSES, vec(f["classification"]["specificity"]), strict=True)),
+                "positives": dict(zip(CLASSES, [int(c) for c in f["classification"]["positives"]], strict=True)),
+                "present_per_image": f["classification"]["present_total"] / max(f["classification"]["images"], 1),
+                "labels_per_image": f["classification"]["labels_total"] / max(f["classification"]["images"], 1),
+            },
             "prior_fit": f["prior_info"],
             "prior_t_q": f["prior_t_q"],
         }
@@ -297,5 +401,6 @@ def evaluate(
         **results_json(summary, folds, ts),
     }
     rows = [r for f in folds for r in f["rows"]]
-    write_reports(result, rows, out, info)
+    class_rows = [r for f in folds for r in f["class_rows"]]
+    write_reports(result, rows, out, info, class_rows=class_rows)
     return {**result, "out_dir": str(out), "rows": rows}

@@ -1,4 +1,4 @@
-"""The paper's localization metrics (IoU / IoR accuracy) and the image-level AUROC.
+"""The paper's localization metrics (IoU / IoR accuracy) and the image-level classification metrics.
 
 Protocol (``docs/evaluation.md``; the paper's protocol as restated in its METHOD.md):
 
@@ -197,3 +197,26 @@ def auroc_per_class(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if scores.shape != labels.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, K)")
     return np.array([auroc(scores[:, k], labels[:, k]) for k in range(scores.shape[1])])
+
+
+def sensitivity_specificity(present: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class sensitivity ``TP / (TP + FN)`` and specificity ``TN / (TN + FP)`` of decisions.
+
+    Args:
+        present: ``(N, K)`` boolean decisions.
+        labels: ``(N, K)`` 0/1 image labels.
+
+    Returns:
+        Two ``(K,)`` arrays, NaN where a class has no positive (sensitivity) or no negative
+        (specificity) image.
+    """
+    present = np.asarray(present).astype(bool)
+    y = np.asarray(labels) > 0.5
+    if present.shape != y.shape or present.ndim != 2:
+        raise ValueError(f"decisions {present.shape} and labels {y.shape} must both be (N, K)")
+    n_pos, n_neg = y.sum(axis=0), (~y).sum(axis=0)
+    tp, tn = (present & y).sum(axis=0), (~present & ~y).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = np.where(n_pos > 0, tp / np.maximum(n_pos, 1), np.nan)
+        spec = np.where(n_neg > 0, tn / np.maximum(n_neg, 1), np.nan)
+    return sens.astype(np.float64), spec.astype(np.float64)

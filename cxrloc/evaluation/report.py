@@ -1,4 +1,5 @@
-"""Reports of an evaluation: ``results.{json,csv,md}``, ``per_image.csv`` and the terminal tables.
+"""Reports of an evaluation: ``results.{json,csv,md}``, ``per_image.csv``, ``per_image_classes.csv``
+and the terminal tables.
 
 Every report is made from the ``results.json`` content that
 :func:`cxrloc.evaluation.evaluate.evaluate` builds, so the files and the tables cannot disagree.
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.evaluation.metrics import METRICS, is_correct
@@ -100,17 +102,50 @@ def markdown(result: dict[str, Any], info: str) -> str:
         for method, t, cells in accuracy_rows(result, m):
             buf.write(f"| {method} | {t} | " + " | ".join(cells) + " |\n")
         buf.write("\n")
-    auroc = result["summary"]["auroc"]
-    buf.write("## AUROC of 1'z (model)\n\n| class | AUROC |\n|---|---|\n")
-    for c in CLASSES:
-        buf.write(f"| {c} | {_fmt(auroc['mean'][c], auroc['std'][c])} |\n")
+    buf.write("## Classification (model)\n\n")
+    buf.write(classification_note(result) + "\n\n")
+    buf.write("| class | positives | AUROC of 1'z | sensitivity | specificity |\n|---|---|---|---|---|\n")
+    for c, positives, cells in classification_rows(result):
+        buf.write(f"| {c} | {positives} | " + " | ".join(cells) + " |\n")
     buf.write("\n")
     return buf.getvalue()
 
 
-def rich_tables(result: dict[str, Any], width: int) -> list[Table]:
-    """The terminal tables (means only below :data:`WIDE_TERMINAL` columns)."""
-    tables = []
+def classification_rows(result: dict[str, Any], with_std: bool = True) -> list[tuple[str, str, list[str]]]:
+    """``(class, test positives, [AUROC, sensitivity, specificity])`` cells of every class."""
+    summary = result["summary"]
+    cls = summary["classification"]
+    rows = []
+    for c in summary["auroc"]["mean"]:
+        cells = [
+            _fmt(summary["auroc"]["mean"][c], summary["auroc"]["std"][c] if with_std else None),
+            _fmt(cls["sensitivity"]["mean"][c], cls["sensitivity"]["std"][c] if with_std else None),
+            _fmt(cls["specificity"]["mean"][c], cls["specificity"]["std"][c] if with_std else None),
+        ]
+        rows.append((c, str(cls["positives"][c]), cells))
+    return rows
+
+
+def classification_note(result: dict[str, Any]) -> str:
+    """The operating point and the classes called present per image against the labelled findings."""
+    cls = result["summary"]["classification"]
+    points = sorted(set(cls["operating_points"]))
+    where = "validation" if result.get("split") == "val" else "test"
+    note = (
+        f"Operating point: {'; '.join(points)}. Classes called present per {where} image: "
+        f"{cls['present_per_image']:.2f} (labelled findings per image: {cls['labels_per_image']:.2f}). "
+        "AUROC is of the raw score 1'z (a calibrated probability ranks the images the same way); "
+        "sensitivity and specificity are of the present/absent decisions; 'n/a' where a class has no "
+        "positive (or no negative) image."
+    )
+    if result.get("split") == "val":
+        note += " The operating point was chosen on these validation images: optimistic."
+    return note
+
+
+def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
+    """The terminal tables (means only below :data:`WIDE_TERMINAL` columns), then the operating point's line."""
+    tables: list[Table | Text] = []
     with_std = width >= WIDE_TERMINAL
     for m in result["metrics"]:
         t = Table(
@@ -128,13 +163,14 @@ def rich_tables(result: dict[str, Any], width: int) -> list[Table]:
             style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
             t.add_row(method, tt, *cells, style=style)
         tables.append(t)
-    a = Table(title="AUROC of 1'z")
-    a.add_column("class")
-    a.add_column("AUROC", justify="right")
-    auroc = result["summary"]["auroc"]
-    for c in CLASSES:
-        a.add_row(c, _fmt(auroc["mean"][c], auroc["std"][c]))
+    a = Table(title=f"Classification ({'mean ± std' if with_std else 'mean'} over folds)")
+    a.add_column("class", overflow="fold")
+    for col in ("pos", "AUROC", "sens", "spec"):
+        a.add_column(col, justify="right", no_wrap=True)
+    for c, positives, cells in classification_rows(result, with_std):
+        a.add_row(c, positives, *cells)
     tables.append(a)
+    tables.append(Text(classification_note(result)))
     return tables
 
 
@@ -168,12 +204,20 @@ def csv_text(result: dict[str, Any]) -> str:
     auroc = summary["auroc"]
     for c in CLASSES:
         records.append(("model", "auroc", np.nan, c, _nan(auroc["mean"][c]), _nan(auroc["std"][c]), n_folds, np.nan))
+    cls = summary["classification"]
+    for key in ("sensitivity", "specificity"):
+        for c in CLASSES:
+            records.append(("model", key, np.nan, c, _nan(cls[key]["mean"][c]), _nan(cls[key]["std"][c]), n_folds,
+                            np.nan))
+    records.append(("model", "present_per_image", np.nan, "all", cls["present_per_image"], np.nan, n_folds, np.nan))
+    records.append(("labels", "labels_per_image", np.nan, "all", cls["labels_per_image"], np.nan, n_folds, np.nan))
     df = pd.DataFrame(records, columns=["method", "metric", "T", "class", "mean", "std", "folds", "boxes"])
     return df.to_csv(index=False, float_format="%.6g")
 
 
 def per_image_csv(rows: Sequence[dict[str, Any]], ts: Sequence[float]) -> str:
-    """``per_image.csv``: one row per test box, with IoU, IoR, correctness at each T and the prior's."""
+    """``per_image.csv``: one row per test box, with IoU, IoR, correctness at each T and the prior's, and the
+    image's score, probability and present/absent decision for the box's class."""
     cols = ["fold", "image_id", "box_index", "class", "x0", "y0", "x1", "y1", "region_patches", "iou", "ior"]
     records = []
     for r in rows:
@@ -182,6 +226,8 @@ def per_image_csv(rows: Sequence[dict[str, Any]], ts: Sequence[float]) -> str:
             for t in ts:
                 rec[f"correct_{m}@{t:g}"] = int(bool(is_correct(r[m], t)))
         rec["prior_iou"], rec["prior_ior"] = r["prior_iou"], r["prior_ior"]
+        rec["score"], rec["probability"] = r.get("score"), r.get("probability")
+        rec["present"] = int(r["present"]) if "present" in r else None
         records.append(rec)
     df = pd.DataFrame.from_records(records)
     if df.empty:
@@ -189,12 +235,29 @@ def per_image_csv(rows: Sequence[dict[str, Any]], ts: Sequence[float]) -> str:
     return df.to_csv(index=False, float_format="%.6g")
 
 
-def write_reports(result: dict[str, Any], rows: Sequence[dict[str, Any]], out: Path, info: str) -> list[Path]:
-    """Write the four report files into ``out`` (atomically) and return their paths."""
+CLASS_COLUMNS: tuple[str, ...] = ("fold", "image_id", "class", "label", "score", "probability", "present")
+"""``per_image_classes.csv``: one row per scored image and class."""
+
+
+def per_image_classes_csv(class_rows: Sequence[dict[str, Any]]) -> str:
+    """``per_image_classes.csv``: label, raw score ``1'z``, probability (empty when uncalibrated) and decision."""
+    df = pd.DataFrame.from_records(list(class_rows), columns=list(CLASS_COLUMNS))
+    return df.to_csv(index=False, float_format="%.6g")
+
+
+def write_reports(
+    result: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    info: str,
+    class_rows: Sequence[dict[str, Any]] = (),
+) -> list[Path]:
+    """Write the report files into ``out`` (atomically) and return their paths."""
     paths = [
         write_json_atomic(out / "results.json", result),
         write_text_atomic(out / "results.csv", csv_text(result)),
         write_text_atomic(out / "results.md", markdown(result, info)),
         write_text_atomic(out / "per_image.csv", per_image_csv(rows, result["ts"])),
+        write_text_atomic(out / "per_image_classes.csv", per_image_classes_csv(class_rows)),
     ]
     return paths

@@ -5,6 +5,11 @@
 file carries everything ``predict`` needs in its ``metadata_props`` (the same content as a
 checkpoint's ``meta``, see :func:`cxrloc.checkpoint.make_meta`): every value is stored as a JSON
 string under its own key, plus ``format = "cxrloc-onnx"``.
+
+Both backends read the calibration (``meta["calibration"]``, :mod:`cxrloc.calibration`) the same
+way, so a checkpoint and its export give the same probabilities and decisions. A model without one
+(a run never calibrated, a file exported before calibration existed) decides presence by
+``1'z >= tau_hat`` as before, and :meth:`Predictor.operating_point` says so.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cxrloc.classes import CLASSES
 from cxrloc.utils import CxrlocError, console
+
+if TYPE_CHECKING:
+    from cxrloc.calibration import Calibration
 
 ONNX_FORMAT = "cxrloc-onnx"
 INPUT_NAME = "image"
@@ -103,6 +111,8 @@ class Predictor:
         patch_grid: P.
         classes: class names in output order.
         tau_hat: per-class decision thresholds on ``1'z`` (shape ``(K,)``).
+        calibration: per-class probabilities and operating points, or ``None`` (uncalibrated model).
+        calibration_note: why there is no calibration (empty when there is one).
     """
 
     backend: str = ""
@@ -122,10 +132,56 @@ class Predictor:
             raise CxrlocError(f"Thresholds are for P={th.patch_grid} but {source} has P={self.patch_grid}.")
         self.thresholds_json = thresholds_json
         self.tau_hat = np.asarray(th.tau_hat, dtype=np.float64)
+        self.calibration, self.calibration_note = _calibration_of(meta, self.classes, source)
+
+    def operating_point(self) -> dict[str, Any]:
+        """What decides "present", for the JSON record: the calibrated rule, or the ``tau_hat`` fallback."""
+        if self.calibration is not None:
+            fitted = self.meta.get("calibration_source")
+            source = fitted if self.backend == "torch" and fitted else (
+                f"metadata of {self.source.name}" + (f" (fitted as {fitted})" if fitted else ""))
+            return {
+                "rule": self.calibration.rule,
+                "target_sensitivity": self.calibration.target_sensitivity,
+                "calibrated": True,
+                "description": f"present = probability >= the class's threshold, chosen by "
+                f"{self.calibration.describe()}",
+                "source": source,
+            }
+        return {
+            "rule": "tau_hat",
+            "target_sensitivity": None,
+            "calibrated": False,
+            "description": "present = 1'z >= tau_hat (the training loss's threshold, not fitted for presence)",
+            "note": self.calibration_note,
+        }
+
+    def describe_operating_point(self) -> str:
+        """One line for the command's output."""
+        if self.calibration is not None:
+            return f"Operating point: {self.calibration.describe()}."
+        return "Operating point: 1'z >= tau_hat (uncalibrated model; run 'cxrloc calibrate RUN_DIR')."
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the network on ``x`` (B, 1, S, S) float32 in [-1, 1]; return ``(z, unary_logits)``."""
         raise NotImplementedError
+
+
+def _calibration_of(meta: dict[str, Any], classes: list[str], source: Path) -> tuple[Calibration | None, str]:
+    """``(Calibration, "")`` from ``meta["calibration"]``, or ``(None, why not)``."""
+    from cxrloc.calibration import Calibration
+
+    data = meta.get("calibration")
+    if not data:
+        note = meta.get("calibration_note") or (
+            f"{source} carries no calibration: probabilities are unknown and presence falls back to "
+            "1'z >= tau_hat; run 'cxrloc calibrate RUN_DIR' (then re-export an ONNX file)."
+        )
+        return None, str(note)
+    cal = Calibration.from_json(data, f"{source} calibration")
+    if cal.classes != classes:
+        raise CxrlocError(f"{source}: the calibration is for classes {cal.classes}, the model has {classes}.")
+    return cal, ""
 
 
 class TorchPredictor(Predictor):

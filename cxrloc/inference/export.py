@@ -3,8 +3,10 @@
 The whole network (backbone, patch head and PAC-CRF) becomes one graph with input
 ``image`` (B, 1, S, S) float32 in [-1, 1] and outputs ``z`` and ``unary_logits``
 (B, K, P, P), with a dynamic batch axis. The checkpoint's inference metadata
-(classes, S, P, normalisation, thresholds, version, arch, crf, antialias, ...) goes
-into the file's ``metadata_props`` so ``cxrloc predict`` needs nothing else.
+(classes, S, P, normalisation, thresholds, calibration, version, arch, crf, antialias, ...)
+goes into the file's ``metadata_props`` so ``cxrloc predict`` needs nothing else. The
+calibration is the fold's ``calibration.json`` as ``load_model`` reads it (only when fitted for
+these weights): calibrate before exporting.
 
 Exporter: ``torch.onnx.export(..., dynamo=False)``, the TorchScript-based exporter. It
 traces the CRF's fixed number of mean-field iterations into a flat graph in seconds; the
@@ -53,6 +55,8 @@ class ExportReport:
     tolerance: float
     seconds: float
     size_bytes: int
+    calibration: str = ""
+    """The embedded operating point in words, or why there is none."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +64,7 @@ class ExportReport:
             "check_image": self.check_image, "provider": self.provider,
             "max_abs_diff_z": self.max_abs_diff_z, "max_abs_diff_unary": self.max_abs_diff_unary,
             "tolerance": self.tolerance, "seconds": round(self.seconds, 2), "size_bytes": self.size_bytes,
+            "calibration": self.calibration,
         }
 
 
@@ -212,8 +217,16 @@ def export_onnx(
                 f"the export of {ckpt} is not trustworthy and was not written."
             )
         del session
+    if meta.get("calibration"):
+        from cxrloc.calibration import Calibration
+
+        calibration = f"operating point: {Calibration.from_json(meta['calibration']).describe()}"
+    else:
+        calibration = meta.get("calibration_note") or (
+            "no calibration: presence falls back to 1'z >= tau_hat (run 'cxrloc calibrate' and export again)"
+        )
     return ExportReport(
         path=out_path, checkpoint=ckpt, opset=opset, check_image=check_name, provider=provider,
         max_abs_diff_z=diff_z, max_abs_diff_unary=diff_u, tolerance=tolerance,
-        seconds=time.perf_counter() - t0, size_bytes=out_path.stat().st_size,
+        seconds=time.perf_counter() - t0, size_bytes=out_path.stat().st_size, calibration=calibration,
     )

@@ -1,9 +1,11 @@
 """Overlay pictures in the style of the paper's Figure 1, drawn with Pillow only.
 
-The X-ray in grey at its original size; one translucent coloured blob per present class (the
+The X-ray in grey at its original size; one translucent coloured blob per class shown (the
 P x P mask of patches with ``z >= 0.5``, bilinearly upsampled so its edges are soft); a legend
-with class names, colours and image-level scores; and, when a box list is given, the
-ground-truth boxes of the image as labelled rectangles in the colour of their class.
+with class names, colours and probabilities (``1'z`` for an uncalibrated model), or a line saying
+that no class is shown; and, when a box list is given, the ground-truth boxes of the image as
+labelled rectangles in the colour of their class. The legend's text is also stored in the PNG's
+``Description`` text chunk, for readers that cannot see the picture.
 """
 
 from __future__ import annotations
@@ -19,14 +21,37 @@ from cxrloc.evaluation.metrics import REGION_THRESHOLD
 from cxrloc.utils import atomic_path
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200),
+    (15, 90, 195),  # Atelectasis: blue
+    (255, 90, 0),  # Cardiomegaly: orange-red
+    (0, 255, 240),  # Effusion: cyan
+    (225, 225, 0),  # Infiltration: yellow
+    (195, 0, 105),  # Mass: crimson
+    (165, 0, 255),  # Nodule: violet
+    (0, 225, 90),  # Pneumonia: green
+    (255, 120, 255),  # Pneumothorax: pink
+    (30, 120, 45),  # Consolidation: dark green
+    (135, 150, 255),  # Edema: periwinkle
+    (255, 180, 90),  # Emphysema: light orange
+    (150, 120, 0),  # Fibrosis: olive
+    (255, 120, 135),  # Pleural_Thickening: salmon
+    (180, 45, 30),  # Hernia: brick
 )
-"""One colour per class, in ``CLASSES`` order (Sasha Trubetskoy's distinct colours)."""
+"""One colour per class, in ``CLASSES`` order (repeated for longer class lists).
+
+Chosen for a grey radiograph: a greedy max-min search over sRGB (steps of 15) of CIEDE2000
+distances, between the colours themselves and between their blends at :data:`BLOB_ALPHA` over dark,
+mid and light grey, among colours at least 25 (CIEDE2000) from the grey of their own lightness.
+Every pair is at least 22 apart as drawn in the legend and 11 apart as a blob (the previous
+palette: 14 and 8, with a near-grey cream); classes that are often found together (Cardiomegaly and
+Effusion, Pneumonia with Consolidation and Infiltration, Mass and Nodule) got distinct hues.
+``tests/test_overlay.py`` recomputes the distances.
+"""
 
 BLOB_ALPHA: float = 0.45
 """Opacity of a blob's interior: the anatomy under it stays readable."""
+
+NO_FINDING: str = "No finding called present"
+"""The legend's line when no class is shown."""
 
 GtBox = tuple[str, float, float, float, float]
 """``(class name, x0, y0, x1, y1)`` with coordinates as fractions of the image side."""
@@ -61,6 +86,16 @@ def class_color(k: int) -> tuple[int, int, int]:
     return PALETTE[k % len(PALETTE)]
 
 
+def percent(p: float) -> str:
+    """A probability as a legend percentage: ``"83%"``, ``"<1%"``, ``">99%"`` (never a false 0 or 100)."""
+    v = 100.0 * float(p)
+    if v < 0.5:
+        return "<1%"
+    if v >= 99.5:
+        return ">99%"
+    return f"{v:.0f}%"
+
+
 def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = REGION_THRESHOLD) -> np.ndarray:
     """Opacity (H, W) in [0, BLOB_ALPHA] of one class's blob: the positive-patch mask, upsampled bilinearly."""
     mask = Image.fromarray(((zk >= threshold) * 255).astype(np.uint8), mode="L")
@@ -75,25 +110,31 @@ def render_overlay(
     *,
     classes: tuple[str, ...] | list[str] = CLASSES,
     scores: list[float] | None = None,
+    probabilities: list[float] | np.ndarray | None = None,
     gt_boxes: list[GtBox] | None = None,
     threshold: float = REGION_THRESHOLD,
     min_side: int = 512,
+    empty_message: str = NO_FINDING,
 ) -> Image.Image:
     """Draw the prediction of one image.
 
     Args:
         img: the original image (H, W) in [0, 1] (``read_image``).
         z: the network output (K, P, P).
-        present: indices of the classes decided present; each gets a blob.
+        present: indices of the classes to show; each gets a blob and a legend line.
         classes: class names in output order.
-        scores: image-level scores for the legend (default ``z[k].sum()``).
+        scores: image-level scores for the legend when there are no probabilities (default
+            ``z[k].sum()``, shown as ``1'z``).
+        probabilities: calibrated probabilities (K,), shown as percentages in the legend.
         gt_boxes: ground-truth boxes of this image (normalised), drawn as rectangles.
         threshold: patch threshold of the detected region.
         min_side: a smaller image is enlarged (bilinear) until its shorter side has this many
             pixels, so that the legend and labels stay readable on small inputs.
+        empty_message: the legend's line when ``present`` is empty.
 
     Returns:
-        An RGB image of the original size, or enlarged to ``min_side``.
+        An RGB image of the original size, or enlarged to ``min_side``; its ``info["Description"]``
+        holds the legend's text (written to the PNG by :func:`save_png`).
     """
     height, width = img.shape
     if min(height, width) < min_side:
@@ -123,9 +164,17 @@ def render_overlay(
         draw.text((rect[0], ty), label, fill=class_color(k) + (255,), font=font)
 
     # Legend in the top-left corner.
-    entries = [(k, f"{classes[k]}  {(scores[k] if scores else float(z[k].sum())):.1f}") for k in present]
+    def label(k: int) -> str:
+        if probabilities is not None:
+            text = f"{classes[k]}  {percent(probabilities[k])}"
+        else:
+            text = f"{classes[k]}  1'z {(scores[k] if scores else float(z[k].sum())):.1f}"
+        # Called present without a patch at the region threshold: say why no blob is drawn.
+        return text if bool((np.asarray(z[k]) >= threshold).any()) else f"{text}  (no region)"
+
+    entries = [(k, label(k)) for k in present]
     if not entries:
-        entries = [(-1, "no finding above threshold")]
+        entries = [(-1, empty_message)]
     pad = max(4, side // 100)
     sample = draw.textbbox((0, 0), "Ag", font=font)
     line_h = (sample[3] - sample[1]) + pad
@@ -139,11 +188,18 @@ def render_overlay(
         if k >= 0:
             draw.rectangle((pad, y, pad + swatch, y + swatch), fill=class_color(k) + (220,))
         draw.text((pad * 2 + swatch, y - sample[1]), text, fill=(255, 255, 255, 255), font=font)
+    canvas.info["Description"] = "cxrloc overlay; " + "; ".join(text for _, text in entries)
     return canvas
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
-    """Save ``image`` as PNG atomically (temporary name, then rename)."""
+    """Save ``image`` as PNG atomically (temporary name, then rename), with its text ``info`` as PNG text chunks."""
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            text.add_text(key, value)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=text)
     return Path(path)

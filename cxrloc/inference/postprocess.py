@@ -1,9 +1,11 @@
 """From the network's maps ``z`` to what a user reads: per-class scores, decisions and region boxes.
 
-For every class the record holds the image-level score ``1'z`` (soft patch count, paper eq. 12)
-and the decision ``1'z >= tau_hat``; for each present class the detected region (patches with
-``z >= 0.5``, ``docs/method.md``) is split into 4-connected components, each reported as a box in
-the ORIGINAL image's pixel frame with the mean ``z`` of its patches as its score.
+For every class the record holds the raw image-level score ``1'z`` (soft patch count, paper
+eq. 12), the calibrated probability and the decision "present" at the class's operating point
+(:mod:`cxrloc.calibration`; without a calibration: no probability and ``1'z >= tau_hat``); for each
+present class the detected region (patches with ``z >= 0.5``, ``docs/method.md``) is split into
+4-connected components, each reported as a box in the ORIGINAL image's pixel frame with the mean
+``z`` of its patches as its score.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cxrloc.classes import CLASSES
 from cxrloc.evaluation.metrics import REGION_THRESHOLD
+
+if TYPE_CHECKING:
+    from cxrloc.calibration import Calibration
 
 
 def connected_components(mask: np.ndarray) -> np.ndarray:
@@ -107,22 +112,46 @@ def make_record(
     width: int,
     height: int,
     classes: Sequence[str] = CLASSES,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """The per-image JSON content from one output map ``z`` (K, P, P).
 
+    Args:
+        z: the network's output for one image.
+        tau_hat: per-class thresholds on ``1'z``, used for "present" only without a calibration.
+        width, height: the original image's size (region boxes are in its pixels).
+        classes: class names in output order.
+        calibration: probabilities and operating points (``None``: uncalibrated model).
+
     Returns:
-        ``{"width", "height", "present": [names], "classes": [{"name", "score", "tau_hat",
-        "present", "regions"}]}``; ``regions`` is filled for present classes only.
+        ``{"width", "height", "present": [names], "classes": [{"name", "probability", "threshold",
+        "present", "score", "tau_hat", "regions"}]}``: ``probability`` and ``threshold`` (the
+        probability at or above which the class is present) are ``None`` without a calibration (and
+        ``threshold`` is ``None`` for a class never called present); ``score`` is the raw ``1'z``;
+        ``regions`` is filled for present classes only.
     """
+    z = np.asarray(z)
+    scores = z.reshape(z.shape[0], -1).astype(np.float64).sum(axis=-1)
+    if calibration is not None:
+        probs: np.ndarray | None = calibration.probabilities(scores)
+        present = calibration.present(probs)
+        thresholds = calibration.thresholds()
+    else:
+        probs, thresholds = None, None
+        present = scores >= np.asarray(tau_hat, dtype=np.float64)
     out: list[dict[str, Any]] = []
     for k, name in enumerate(classes):
-        score = float(z[k].sum())
-        present = bool(score >= float(tau_hat[k]))
-        regions = [r.to_json() for r in regions_from_map(z[k], width, height)] if present else []
-        out.append(
-            {"name": name, "score": round(score, 6), "tau_hat": float(tau_hat[k]), "present": present,
-             "regions": regions}
-        )
+        regions = [r.to_json() for r in regions_from_map(z[k], width, height)] if present[k] else []
+        threshold = None if thresholds is None or not np.isfinite(thresholds[k]) else float(thresholds[k])
+        out.append({
+            "name": name,
+            "probability": None if probs is None else round(float(probs[k]), 6),
+            "threshold": threshold,
+            "present": bool(present[k]),
+            "score": round(float(scores[k]), 6),
+            "tau_hat": float(tau_hat[k]),
+            "regions": regions,
+        })
     return {
         "width": int(width),
         "height": int(height),

@@ -24,6 +24,9 @@ from cxrloc.inference.inputs import expand_inputs, preprocess, unique_stems
 from cxrloc.inference.postprocess import make_record
 from cxrloc.utils import CxrlocError, atomic_path, console, progress_bar, write_json_atomic
 
+OVERLAY_CLASSES: tuple[str, ...] = ("present", "all", "gt")
+"""What an overlay shows: the classes called present, every class, or the ground-truth classes."""
+
 
 @dataclass
 class PredictSummary:
@@ -35,6 +38,8 @@ class PredictSummary:
     """Every file written."""
     location: str = ""
     """Where the outputs are, for the closing line."""
+    operating_point: str = ""
+    """Which operating point decided "present", for the output line."""
 
 
 def predict_files(
@@ -65,17 +70,19 @@ def predict_files(
     A file that cannot be read is reported with one error line and recorded in
     ``failures``; the other files are still processed.
 
-    ``overlay_classes``: ``present`` draws a blob for every class decided present (1'z >= tau_hat);
-    ``gt`` draws only the classes that have a ground-truth box on the image (needs ``boxes_csv``),
-    as in the paper's Figure 1.
+    ``overlay_classes``: ``present`` draws a blob for every class called present at the model's
+    operating point (:mod:`cxrloc.calibration`; ``1'z >= tau_hat`` for an uncalibrated model) and
+    says so on the image when there is none; ``all`` draws every class; ``gt`` draws only the
+    classes that have a ground-truth box on the image (needs ``boxes_csv``), as in the paper's
+    Figure 1. The legend gives each class's probability.
 
     Raises:
         CxrlocError: bad options, or a model that cannot be loaded.
     """
     from cxrloc.data.imageio import read_image
 
-    if overlay_classes not in ("present", "gt"):
-        raise CxrlocError(f"--overlay-classes {overlay_classes!r}: use 'present' or 'gt'.")
+    if overlay_classes not in OVERLAY_CLASSES:
+        raise CxrlocError(f"--overlay-classes {overlay_classes!r}: use {', '.join(map(repr, OVERLAY_CLASSES))}.")
     if overlay_classes == "gt" and boxes_csv is None:
         raise CxrlocError("--overlay-classes gt draws the classes of the ground-truth boxes: pass --boxes CSV.")
 
@@ -101,6 +108,7 @@ def predict_files(
         return summary
 
     predictor = load_predictor(model, device=device, fold=fold, threads=threads, thresholds_file=thresholds_file)
+    summary.operating_point = predictor.describe_operating_point()
     out = Path(out_dir) if out_dir is not None else None
     stems = unique_stems(files)
     with progress_bar(enabled=progress and len(files) > 1, info=True, transient=True) as bar:
@@ -133,6 +141,7 @@ def predict_files(
         summary_path = out / "predictions.json"
         write_json_atomic(summary_path, {
             "model": str(predictor.source), "backend": predictor.backend,
+            "operating_point": predictor.operating_point(),
             "count": len(summary.records), "failed": len(summary.failures),
             "predictions": summary.records, "failures": summary.failures,
         })
@@ -171,7 +180,9 @@ def _finish_one(
         "backend": predictor.backend,
         "image_size": predictor.image_size,
         "patch_grid": predictor.patch_grid,
-        **make_record(z, predictor.tau_hat, width=width, height=height, classes=predictor.classes),
+        "operating_point": predictor.operating_point(),
+        **make_record(z, predictor.tau_hat, width=width, height=height, classes=predictor.classes,
+                      calibration=predictor.calibration),
     }
     if out is not None:
         json_path = out / f"{stem}.json"
@@ -186,18 +197,34 @@ def _finish_one(
         record["maps"] = str(maps_path)
         summary.outputs.append(maps_path)
     if overlay is not None:
-        from cxrloc.inference.overlay import render_overlay, save_png
+        from cxrloc.inference.overlay import NO_FINDING, render_overlay, save_png
 
         gts = gt_boxes.get(path.name, []) if gt_boxes is not None else None
         if overlay_classes == "gt":
             names = {name for name, *_ in gts or []}
-            present = [k for k, c in enumerate(predictor.classes) if c in names]
+            shown = [k for k, c in enumerate(predictor.classes) if c in names]
+            empty = "No ground-truth box on this image"
+        elif overlay_classes == "all":
+            shown, empty = list(range(len(predictor.classes))), NO_FINDING
         else:
-            present = [k for k, c in enumerate(record["classes"]) if c["present"]]
-        save_png(render_overlay(img, z, present, classes=predictor.classes, gt_boxes=gts), overlay)
+            shown = [k for k, c in enumerate(record["classes"]) if c["present"]]
+            empty = f"{NO_FINDING} ({_short_rule(predictor)})"
+        probabilities = None if predictor.calibration is None else [c["probability"] for c in record["classes"]]
+        save_png(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities, gt_boxes=gts,
+                                empty_message=empty), overlay)
         record["overlay"] = str(overlay)
         summary.outputs.append(Path(overlay))
     if json_path is not None:
         write_json_atomic(json_path, record)
         summary.outputs.append(Path(json_path))
     return record
+
+
+def _short_rule(predictor: Predictor) -> str:
+    """The operating point in a few words, for the overlay's "no finding" line."""
+    cal = predictor.calibration
+    if cal is None:
+        return "1'z >= tau_hat"
+    if cal.rule == "sensitivity":
+        return f"sensitivity {cal.target_sensitivity:g} on validation"
+    return "Youden's J on validation"
