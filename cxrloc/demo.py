@@ -6,10 +6,12 @@ Steps, each with the library function every command uses:
 2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
 3. :func:`cxrloc.training.loop.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
 4. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation);
-5. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds again;
-6. :func:`cxrloc.evaluation.evaluate.evaluate` of both runs on fold 0's test images, beside the data-free prior;
-7. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch);
-8. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
+5. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``;
+6. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` again, on the CRF run;
+7. and 8. :func:`cxrloc.evaluation.evaluate.evaluate` of the CRF run, then of the unary run, on fold 0's test
+   images, beside the data-free prior;
+9. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch);
+10. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
 
 ``DIR/summary.json`` holds the accuracy table (per class and mean over the 8 boxed classes, IoU
 and IoR, for the model, the unary model and the prior, at each T), the timings and every output.
@@ -36,7 +38,7 @@ from cxrloc import __version__
 from cxrloc.classes import BOXED_CLASSES
 from cxrloc.config import Config, make_config
 from cxrloc.rundir import FoldDir
-from cxrloc.utils import CxrlocError, console, write_json_atomic
+from cxrloc.utils import CxrlocError, check_writable_dir, console, write_json_atomic
 
 T = TypeVar("T")
 
@@ -189,6 +191,7 @@ def run_demo(
     settings = demo_settings(size, quick)
     out = Path(out_dir)
     unary_run, run = out / "run_unary", out / "run"
+    check_writable_dir(out, "--out")
     if FoldDir.of(run, 0).path.exists() or FoldDir.of(unary_run, 0).path.exists():
         raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
     cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed})
@@ -199,26 +202,26 @@ def run_demo(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
-        nih = _step("1/8 synthetic NIH-format data", timings, lambda: generate_synthetic_nih(
+        nih = _step("1/10 synthetic NIH-format data", timings, lambda: generate_synthetic_nih(
             out / "nih", n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
             size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
-        prepared = _step("2/8 prepare", timings, lambda: prepare(
+        prepared = _step("2/10 prepare", timings, lambda: prepare(
             nih, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
             seed=seed, workers=1, progress=progress))
-        _step("3/8 train (unary stage)", timings, lambda: train(
+        _step("3/10 train (unary stage)", timings, lambda: train(
             prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
-        _step("4/8 fit thresholds (unary)", timings, lambda: fit_thresholds(
+        _step("4/10 fit thresholds (unary)", timings, lambda: fit_thresholds(
             FoldDir.of(unary_run, 0).path, progress=progress))
-        _step("5/8 train (CRF stage)", timings, lambda: train(
+        _step("5/10 train (CRF stage)", timings, lambda: train(
             prepared, run, fold=0, cfg=crf_cfg, stage="crf", init_from=unary_run, progress=progress))
-        _step("5/8 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
-        results = _step("6/8 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
-        unary_results = _step("6/8 evaluate (unary model)", timings, lambda: evaluate(
+        _step("6/10 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
+        results = _step("7/10 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
+        unary_results = _step("8/10 evaluate (unary model)", timings, lambda: evaluate(
             unary_run, ts=DEMO_TS, progress=progress))
-        report = _step("7/8 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
+        report = _step("9/10 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
         picks = _overlay_picks(_test_ids(run), prepared, settings.overlays)
         files = [str(next(nih.glob(f"images_*/images/{i}"))) for i in picks]
-        overlays = _step("8/8 overlays", timings, lambda: predict_files(
+        overlays = _step("10/10 overlays", timings, lambda: predict_files(
             files, report.path, out_dir=out / "overlays", boxes_csv=nih / "BBox_List_2017.csv", progress=progress))
     finally:
         torch.set_num_threads(old_threads)
