@@ -73,7 +73,9 @@ def register(app: typer.Typer) -> None:
                 strict=strict,
             )
         except StrictError as exc:
-            console.print(problems_table(exc.problems))
+            table = problems_table(exc.problems)
+            if table is not None:
+                console.print(table)
             raise
         table = problems_table(read_json(result / "fingerprint.json", "fingerprint").get("problems", []))
         if table is not None:

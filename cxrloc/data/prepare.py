@@ -507,6 +507,7 @@ def prepare(
         raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
     if folds < 2:
         raise CxrlocError(f"--folds must be at least 2, got {folds}")
+    check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
     entry_path = Path(data_entry) if data_entry else find_table(nih_dir, DATA_ENTRY_NAMES)
     if entry_path is None:
         raise CxrlocError(f"{nih_dir}: no {DATA_ENTRY_NAMES[0]} (or _v2020 / .gz) found; pass --data-entry PATH")
@@ -547,7 +548,7 @@ def prepare(
             "folds are built over annotated images, so nothing usable can be prepared"
         )
 
-    created = not out.exists()
+    created = not os.path.exists(out)
     splits_path = out / "splits.json"
     reused = splits_path.is_file()
     if reused:
