@@ -99,6 +99,126 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return state
 
 
+TRAINING_KEYS: tuple[str, ...] = ("optimizer", "scheduler", "rng", "epoch", "best_metric")
+"""Keys a checkpoint needs to resume training (``last.pt``), besides ``config`` and ``model``."""
+
+
+def _damaged(path: Path, what: str) -> CxrlocError:
+    return CxrlocError(
+        f"{path}: {what}; the checkpoint is damaged or was not written by 'cxrloc train' (retrain, or use "
+        "another checkpoint)"
+    )
+
+
+def checkpoint_config(state: dict[str, Any], path: str | os.PathLike[str]) -> Config:
+    """The validated :class:`Config` stored in a checkpoint (types, bounds: nothing is built yet).
+
+    Raises:
+        CxrlocError: no config, or an invalid one (e.g. ``width=200000``), naming the file.
+    """
+    path = Path(path)
+    data = state.get("config")
+    if not isinstance(data, dict):
+        raise _damaged(path, "it holds no config")
+    try:
+        return Config.from_dict(data)
+    except CxrlocError as exc:
+        raise _damaged(path, f"its config is invalid ({exc})") from None
+    except TypeError as exc:  # keys that are not strings
+        raise _damaged(path, f"its config is invalid ({exc})") from None
+
+
+def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys and tensor shapes of the network ``cfg`` describes.
+
+    Built on PyTorch's ``meta`` device: no memory is allocated for the weights, so a config
+    from a damaged file cannot exhaust memory here.
+    """
+    import dataclasses
+
+    from cxrloc.model.net import build_model
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg, init="scratch"))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def checkpoint_weights(
+    state: dict[str, Any], path: str | os.PathLike[str], cfg: Config, *, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, checked against the network of ``cfg`` before any is built.
+
+    Args:
+        state: the loaded checkpoint.
+        path: its file, for messages.
+        cfg: the network the weights must fit.
+        strict: every key of the network must be present (``False``: only the present keys are
+            checked, for ``--from`` weights that may lack a CRF).
+
+    Raises:
+        CxrlocError: no weights, tensors of the wrong kind, missing or unexpected keys, wrong shapes.
+    """
+    path = Path(path)
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise _damaged(path, "it holds no model weights")
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise _damaged(path, f"its weights hold non-tensor entries (first {bad[0]!r})")
+    expected = expected_shapes(cfg)
+    problems = []
+    missing = [k for k in expected if k not in weights] if strict else []
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [
+        f"{k} is {tuple(weights[k].shape)}, expected {shape}"
+        for k, shape in expected.items()
+        if k in weights and tuple(weights[k].shape) != shape
+    ]
+    if missing:
+        problems.append(f"{len(missing)} missing (first {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if wrong:
+        problems.append(f"{len(wrong)} of the wrong shape (first {wrong[0]})")
+    if problems:
+        raise _damaged(path, f"its weights do not fit the network of its config: {'; '.join(problems)}")
+    return weights
+
+
+def checkpoint_meta(state: dict[str, Any], path: str | os.PathLike[str], cfg: Config) -> dict[str, Any]:
+    """The checkpoint's inference metadata, checked against its config (image size, P)."""
+    path = Path(path)
+    meta = state.get("meta")
+    if not isinstance(meta, dict):
+        raise _damaged(path, "it holds no inference metadata ('meta')")
+    for key in ("image_size", "patch_grid"):
+        if meta.get(key) != getattr(cfg, key):
+            raise _damaged(path, f"its metadata says {key}={meta.get(key)!r} but its config {getattr(cfg, key)}")
+    return dict(meta)
+
+
+def require_training_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Check that a checkpoint can resume training (optimizer, scheduler, random state, epoch...)."""
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise _damaged(Path(path), f"it lacks the training state needed to resume ({', '.join(missing)})")
+
+
+def _build_checked(state: dict[str, Any], path: Path, cfg: Config | None = None) -> torch.nn.Module:
+    """The network of one checkpoint (or ensemble member) ``{"config", "model"}``, checked first."""
+    from cxrloc.model.net import build_model
+
+    cfg = cfg if cfg is not None else checkpoint_config(state, path)
+    cfg.init = "scratch"  # weights come from the checkpoint, never from the network
+    weights = checkpoint_weights(state, path, cfg)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # e.g. a tensor whose dtype cannot be copied
+        raise _damaged(path, f"its weights cannot be loaded ({str(exc).splitlines()[0]})") from None
+    return model
+
+
 def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
@@ -120,34 +240,32 @@ def load_model(
     weights; a calibration fitted for other weights (the checkpoint changed since) is left out,
     and ``meta["calibration_note"]`` says why.
 
+    The config, the metadata and every weight's key and shape are checked before the network is
+    built (:func:`checkpoint_config`, :func:`checkpoint_weights`; for an ensemble, each member's),
+    so a damaged or edited file gives one message naming it, never a traceback or a huge allocation.
+
     Returns:
         ``(model, meta, config)``.
     """
     from cxrloc.calibration import Calibration
-    from cxrloc.model.net import build_model
     from cxrloc.rundir import calibration_for_checkpoint, resolve_checkpoint, thresholds_for_checkpoint
     from cxrloc.thresholds import Thresholds
 
     ckpt_path = resolve_checkpoint(path, fold=fold, which=which)
     state = load_checkpoint(ckpt_path, map_location="cpu")
-    cfg = Config.from_dict(state["config"])
+    cfg = checkpoint_config(state, ckpt_path)
     cfg.init = "scratch"  # weights come from the checkpoint, never from the network
+    meta = checkpoint_meta(state, ckpt_path, cfg)
     model: torch.nn.Module
     if "ensemble" in state:  # written by `cxrloc ensemble`: one network per member, outputs averaged
         from cxrloc.model.ensemble import EnsembleNet
 
-        members = []
-        for member in state["ensemble"]:
-            member_cfg = Config.from_dict(member["config"])
-            member_cfg.init = "scratch"
-            net = build_model(member_cfg)
-            net.load_state_dict(member["model"])
-            members.append(net)
-        model = EnsembleNet(members)
+        entries = state["ensemble"]
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise _damaged(ckpt_path, "its ensemble entry is not a list of members")
+        model = EnsembleNet([_build_checked(e, ckpt_path) for e in entries])
     else:
-        model = build_model(cfg)
-        model.load_state_dict(state["model"])
-    meta = dict(state["meta"])
+        model = _build_checked(state, ckpt_path, cfg)
     chosen = thresholds_for_checkpoint(ckpt_path, thresholds_file)
     if chosen is not None:
         thresholds = Thresholds.load(chosen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        """A validated config from a dict (``config.json``, a checkpoint's ``config``).
+
+        Raises:
+            CxrlocError: not a dict, an unknown key, a value of the wrong type or out of bounds.
+        """
+        if not isinstance(data, dict):
+            raise CxrlocError(f"A config must be a JSON object of settings, got {type(data).__name__}.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -280,8 +288,47 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+SIZE_BOUNDS: dict[str, tuple[int, int]] = {
+    "width": (1, 256),
+    "image_size": (32, 4096),
+    "patch_grid": (1, 256),
+    "head_channels": (1, 4096),
+    "crf_window": (1, 63),
+    "crf_iterations": (0, 50),
+    "crf_feature_dim": (1, 256),
+    "crf_branch_channels": (1, 1024),
+}
+"""Bounds of the fields that size the network: a ResNet-50 of width 256 is 16 times the paper's
+(about 1.6 GB of weights); beyond these a config is a typo or a damaged file, and building it
+would try to allocate terabytes."""
+
+
+def _check_types(cfg: Config) -> None:
+    """Every field holds a value of its declared type (a damaged ``config.json`` may not)."""
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        kind = type(f.default) if f.default is not dataclasses.MISSING else dict
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise CxrlocError(f"Invalid {f.name}={value!r}: expected a value of type {kind.__name__}.")
+        if kind is float and not math.isfinite(value):
+            raise CxrlocError(f"Invalid {f.name}={value!r}: it must be a finite number.")
+
+
 def validate(cfg: Config) -> None:
     """Raise ``CxrlocError`` naming the first invalid field of ``cfg``."""
+    _check_types(cfg)
+    for key, (lo, hi) in SIZE_BOUNDS.items():
+        value = getattr(cfg, key)
+        if not lo <= value <= hi:
+            raise CxrlocError(f"Invalid {key}={value}: use {lo} to {hi}.")
+    if cfg.patch_grid > cfg.image_size:
+        raise CxrlocError(f"Invalid patch_grid={cfg.patch_grid}: at most image_size={cfg.image_size}.")
     for key, choices in _CHOICES.items():
         value = getattr(cfg, key)
         if value not in choices:
@@ -298,8 +345,10 @@ def validate(cfg: Config) -> None:
         raise CxrlocError(f"Invalid val_seed={cfg.val_seed}: use -1 (same as seed) or a seed >= 0.")
     if not 0 <= cfg.val_fraction < 1:
         raise CxrlocError(f"Invalid val_fraction={cfg.val_fraction}: use a value in [0, 1).")
-    if cfg.batch_size < 1 or cfg.epochs < 0:
-        raise CxrlocError("batch_size must be >= 1 and epochs >= 0.")
+    if cfg.batch_size < 1:
+        raise CxrlocError(f"Invalid batch_size={cfg.batch_size}: it must be >= 1.")
+    if cfg.epochs < 1:
+        raise CxrlocError(f"Invalid epochs={cfg.epochs}: train at least 1 epoch (with 0 nothing would be trained).")
     if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
         raise CxrlocError(
             f"Invalid accum_steps={cfg.accum_steps}: it must be >= 1 and divide batch_size={cfg.batch_size}."

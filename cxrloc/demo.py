@@ -5,14 +5,15 @@ Steps, each with the library function every command uses:
 1. :func:`cxrloc.data.synthetic.generate_synthetic_nih` -> ``DIR/nih`` (NIH layout and CSV quirks);
 2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
 3. :func:`cxrloc.training.loop.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
-4. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation), and
+4. and 5. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation), and
    :func:`cxrloc.evaluation.calibrate.calibrate_fold` (probabilities, operating points on validation images);
-5. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``, then thresholds
-   and calibration again;
-6. :func:`cxrloc.evaluation.evaluate.evaluate` of both runs on fold 0's test images, beside the data-free prior;
-7. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch; it
+6. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``;
+7. and 8. ``fit_thresholds`` and ``calibrate_fold`` again, on the CRF run;
+9. and 10. :func:`cxrloc.evaluation.evaluate.evaluate` of the CRF run, then of the unary run, on fold 0's test
+   images, beside the data-free priors;
+11. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch; it
    carries the calibration);
-8. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
+12. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
 
 ``DIR/summary.json`` holds the accuracy table (per class and mean over the 8 boxed classes, IoU
 and IoR, for the model, the unary model and the prior, at each T), the classification at the
@@ -41,7 +42,7 @@ from cxrloc import __version__
 from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.config import Config, make_config
 from cxrloc.rundir import FoldDir
-from cxrloc.utils import CxrlocError, console, write_json_atomic
+from cxrloc.utils import CxrlocError, check_writable_dir, console, write_json_atomic
 
 T = TypeVar("T")
 
@@ -226,6 +227,7 @@ def run_demo(
     settings = demo_settings(size, quick)
     out = Path(out_dir)
     unary_run, run = out / "run_unary", out / "run"
+    check_writable_dir(out, "--out")
     if FoldDir.of(run, 0).path.exists() or FoldDir.of(unary_run, 0).path.exists():
         raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
     cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed})
@@ -236,29 +238,29 @@ def run_demo(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
-        nih = _step("1/8 synthetic NIH-format data", timings, lambda: generate_synthetic_nih(
+        nih = _step("1/12 synthetic NIH-format data", timings, lambda: generate_synthetic_nih(
             out / "nih", n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
             size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
-        prepared = _step("2/8 prepare", timings, lambda: prepare(
+        prepared = _step("2/12 prepare", timings, lambda: prepare(
             nih, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
             seed=seed, workers=1, progress=progress))
-        _step("3/8 train (unary stage)", timings, lambda: train(
+        _step("3/12 train (unary stage)", timings, lambda: train(
             prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
-        _step("4/8 fit thresholds (unary)", timings, lambda: fit_thresholds(
+        _step("4/12 fit thresholds (unary)", timings, lambda: fit_thresholds(
             FoldDir.of(unary_run, 0).path, progress=progress))
-        _step("4/8 calibrate (unary)", timings, lambda: calibrate_fold(FoldDir.of(unary_run, 0), progress=progress))
-        _step("5/8 train (CRF stage)", timings, lambda: train(
+        _step("5/12 calibrate (unary)", timings, lambda: calibrate_fold(FoldDir.of(unary_run, 0), progress=progress))
+        _step("6/12 train (CRF stage)", timings, lambda: train(
             prepared, run, fold=0, cfg=crf_cfg, stage="crf", init_from=unary_run, progress=progress))
-        _step("5/8 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
-        calibration = _step("5/8 calibrate (CRF)", timings, lambda: calibrate_fold(FoldDir.of(run, 0),
-                                                                                     progress=progress))
-        results = _step("6/8 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
-        unary_results = _step("6/8 evaluate (unary model)", timings, lambda: evaluate(
+        _step("7/12 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
+        calibration = _step("8/12 calibrate (CRF)", timings, lambda: calibrate_fold(FoldDir.of(run, 0),
+                                                                                      progress=progress))
+        results = _step("9/12 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
+        unary_results = _step("10/12 evaluate (unary model)", timings, lambda: evaluate(
             unary_run, ts=DEMO_TS, progress=progress))
-        report = _step("7/8 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
+        report = _step("11/12 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
         picks = _overlay_picks(_test_ids(run), prepared, settings.overlays)
         files = [str(next(nih.glob(f"images_*/images/{i}"))) for i in picks]
-        overlays = _step("8/8 overlays", timings, lambda: predict_files(
+        overlays = _step("12/12 overlays", timings, lambda: predict_files(
             files, report.path, out_dir=out / "overlays", boxes_csv=nih / "BBox_List_2017.csv", progress=progress))
     finally:
         torch.set_num_threads(old_threads)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrloc.utils import CxrlocError, read_json, write_json_atomic, write_text_atomic
+from cxrloc.utils import CxrlocError, read_json, remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 CHECKPOINTS: tuple[str, ...] = ("best", "last")
 """The checkpoints a fold folder holds: ``best.pt`` (best validation accuracy) and ``last.pt``."""
@@ -97,6 +97,13 @@ class FoldDir:
         if not ckpt.is_file():
             raise CxrlocError(f"{ckpt} does not exist: has training finished an epoch in {self.path}?")
         return ckpt
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files that an interrupted atomic write of this fold's files left
+        (``checkpoints/.last.pt.XXXX.tmp`` after a kill during a checkpoint write); return them."""
+        removed = remove_stale_temporaries(self.path / "checkpoints", [f"{w}.pt" for w in CHECKPOINTS])
+        names = [p.name for p in (self.config_json, self.run_json, self.metrics_csv, self.thresholds_json)]
+        return removed + remove_stale_temporaries(self.path, names)
 
     def is_trained(self) -> bool:
         return (self.path / "checkpoints").is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,36 @@ from cxrloc.classes import CLASSES
 from cxrloc.config import make_config
 from cxrloc.model.net import build_model
 from cxrloc.thresholds import Thresholds
+
+
+def run_cli(*args: object, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``cxrloc ARGS`` through the real entry point (``cxrloc.cli.main``) in this process.
+
+    Returns ``(exit code, stdout and stderr together)``. Unlike ``CliRunner().invoke(app)``, the
+    entry point's own error handling runs, so a test sees what a user sees; an exception that
+    escapes it (a traceback for the user) fails the test.
+    """
+    from typer.testing import CliRunner
+
+    from cxrloc.cli import main
+
+    runner = CliRunner()
+    with runner.isolation(env=env) as (_out, _err, mixed):
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        text = mixed.getvalue().decode("utf-8", "replace")
+    return code, text
+
+
+def one_line(text: str) -> str:
+    """Terminal output with rich's line wrapping undone (for matching messages)."""
+    return " ".join(text.split())
 
 
 def save_tiny_run(

@@ -72,3 +72,82 @@ def test_resolve_checkpoint_needs_fold_when_several(tmp_path):
     assert resolve_checkpoint(tmp_path / "run", fold=1) == tmp_path / "run" / "fold_1" / "checkpoints" / "best.pt"
     with pytest.raises(CxrlocError, match="no trained fold"):
         resolve_checkpoint(tmp_path)
+
+
+def _damage(state: dict, how: str) -> dict:
+    state = dict(state)
+    if how == "no config":
+        del state["config"]
+    elif how == "config not a dict":
+        state["config"] = "resnet"
+    elif how == "huge width":
+        state["config"] = {**state["config"], "width": 200000}
+    elif how == "nan lr":
+        state["config"] = {**state["config"], "lr": float("nan")}
+    elif how == "width is text":
+        state["config"] = {**state["config"], "width": "eight"}
+    elif how == "no model":
+        del state["model"]
+    elif how == "missing key":
+        state["model"] = {k: v for k, v in state["model"].items() if k != "unary.backbone.conv1.weight"}
+    elif how == "extra key":
+        state["model"] = {**state["model"], "surprise.weight": torch.zeros(3)}
+    elif how == "wrong shape":
+        state["model"] = {**state["model"], "unary.head.conv2.weight": torch.zeros(14, 3, 1, 1)}
+    elif how == "not a tensor":
+        state["model"] = {**state["model"], "unary.head.conv2.bias": [0.0] * 14}
+    elif how == "no meta":
+        del state["meta"]
+    elif how == "meta disagrees":
+        state["meta"] = {**state["meta"], "image_size": 512}
+    return state
+
+
+DAMAGE = {
+    "no config": "holds no config",
+    "config not a dict": "holds no config",
+    "huge width": "width=200000: use 1 to 256",
+    "nan lr": "lr=nan: it must be a finite number",
+    "width is text": "width='eight': expected a value of type int",
+    "no model": "holds no model weights",
+    "missing key": "1 missing (first unary.backbone.conv1.weight)",
+    "extra key": "1 unexpected (first surprise.weight)",
+    "wrong shape": "unary.head.conv2.weight is (14, 3, 1, 1), expected (14, 16, 1, 1)",
+    "not a tensor": "non-tensor entries (first 'unary.head.conv2.bias')",
+    "no meta": "no inference metadata",
+    "meta disagrees": "image_size=512 but its config 64",
+}
+
+
+def test_malformed_checkpoints_with_the_marker_are_one_message(tmp_path):
+    """Each damage is named, before any network is built (a width of 200000 would need 1.4 TB)."""
+    from conftest import one_line, run_cli
+    from PIL import Image
+
+    good = tmp_path / "good" / "fold_0"
+    _save_tiny(good)
+    state = torch.load(good / "checkpoints" / "best.pt", weights_only=True)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 100, np.uint8)).save(img)
+    for how, words in DAMAGE.items():
+        path = tmp_path / how.replace(" ", "_") / "best.pt"
+        path.parent.mkdir()
+        torch.save(_damage(state, how), path)
+        with pytest.raises(CxrlocError) as info:
+            load_model(path)
+        assert str(path) in str(info.value) and words in str(info.value), (how, str(info.value))
+        code, text = run_cli("predict", img, "--model", path, "--json", tmp_path / "r.json")
+        assert code == 2 and "Traceback" not in text and words in one_line(text), (how, text)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_nan_and_bounds_in_set_are_refused():
+    from conftest import one_line, run_cli
+
+    for override, words in (("lr=nan", "lr=nan"), ("aug_scale=nan", "aug_scale=nan"), ("lambda_ann=inf", "finite"),
+                            ("width=200000", "use 1 to 256"), ("patch_grid=0", "patch_grid=0"),
+                            ("epochs=0", "at least 1 epoch")):
+        with pytest.raises(CxrlocError, match=words):
+            make_config("tiny", [override])
+        code, text = run_cli("train", "/nonexistent-prepared", "--out", "/tmp/x", "--set", override)
+        assert code == 2 and words in one_line(text) and "Traceback" not in text, (override, text)

@@ -182,3 +182,55 @@ def test_bad_files_raise_clear_errors(tmp_path: Path) -> None:
             read_image_u8(path, 32)
     with pytest.raises(ImageReadError, match="above the limit"):
         read_image(good, max_pixels=100)
+
+
+def test_truncated_dicom_says_truncated_without_a_raw_warning(tmp_path: Path) -> None:
+    import warnings
+
+    real = _need(FIXTURES / "cr_monochrome2_jpeg.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(real[: len(real) // 2])  # a copy interrupted half-way
+    short = _dicom(tmp_path / "short.dcm", np.zeros((64, 64), np.uint8), "MONOCHROME2", 8)
+    short.write_bytes(short.read_bytes()[:-2000])  # uncompressed pixels cut short
+    for path in (cut, short):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a raw pydicom warning would fail here
+            with pytest.raises(ImageReadError) as info:
+                read_image(path)
+        message = str(info.value)
+        assert str(path) in message and "truncated" in message and "PixelData element missing" not in message
+
+
+def test_absurd_aspect_ratios_are_refused_from_the_header(tmp_path: Path) -> None:
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((4, 3000), np.uint8)).save(thin)
+    tall = tmp_path / "tall.jpg"
+    Image.fromarray(np.zeros((2000, 150), np.uint8)).save(tall)
+    tall_dcm = _dicom(tmp_path / "tall.dcm", np.zeros((300, 20), np.uint8), "MONOCHROME2", 8)
+    for path, ratio in ((thin, "750:1"), (tall, "13:1"), (tall_dcm, "15:1")):
+        with pytest.raises(ImageReadError, match=f"aspect ratio of {ratio}"):
+            read_image(path)
+        with pytest.raises(ImageReadError, match="aspect ratio"):
+            read_image_u8(path, 32)
+    at_limit = tmp_path / "limit.png"
+    Image.fromarray(np.full((10, 100), 128, np.uint8)).save(at_limit)
+    assert read_image(at_limit).shape == (10, 100)  # 10:1 is still read
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    # Hold the FIFO open with bytes in it, so that a regression that opens it fails on the message
+    # instead of hanging the test suite.
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    os.write(fd, b"x" * 4096)
+    try:
+        for reader in (read_image, lambda p: read_image_u8(p, 32)):
+            with pytest.raises(ImageReadError, match="FIFO .*not a regular file"):
+                reader(fifo)
+    finally:
+        os.close(fd)
+    with pytest.raises(ImageReadError, match="is a folder"):
+        read_image(tmp_path)

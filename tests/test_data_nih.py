@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,20 +77,33 @@ def test_bbox_quirks(tmp_path: Path) -> None:
         "d_000.png,Lung Opacity,10,10,20,20\n"  # unknown label
         "e_000.png,Mass,2000,2000,20,20\n"  # entirely outside
         "f_000.png,Mass,10,10\n"  # short row
+        "a_000.png,Mass,100,100,10,10\n"  # exact duplicate of line 3: dropped, not kept twice
+        "g_000.png,Mass,1O,10,20,20\n"  # letter O for a zero
+        "h_000.png,Mass,10,10,20,20,7\n"  # extra column
+        "i_000.png,Mass,10,10,-20,20\n"  # negative width
     )
-    with pytest.warns(UserWarning, match="clipped"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # problems are reported by the caller, never as a raw warning
         res = read_bbox_list(p)
     assert res.boxes["a_000.png"] == [
         (3, 0.0, 0.0, 0.5, 0.25),
         (4, 100 / 1024, 100 / 1024, 110 / 1024, 110 / 1024),
         (4, 500 / 1024, 500 / 1024, 520 / 1024, 540 / 1024),
     ]
+    assert res.lines["a_000.png"] == [2, 3, 4]
     assert res.boxes["b_000.png"] == [(5, 1000 / 1024, 0.0, 1.0, 24 / 1024)]
     assert set(res.boxes) == {"a_000.png", "b_000.png"}
-    assert len(res.clipped) == 1 and len(res.skipped) == 4
+    assert len(res.clipped) == 1 and len(res.skipped) == 8
     joined = "\n".join(res.skipped)
     for name in ("c_000.png", "d_000.png", "e_000.png"):
         assert name in joined
+    kinds = [(pr.kind, pr.line, pr.image) for pr in res.problems]
+    assert kinds == [
+        ("clipped", 5, "b_000.png"), ("no_area", 6, "c_000.png"), ("unknown_label", 7, "d_000.png"),
+        ("outside", 8, "e_000.png"), ("malformed", 9, "f_000.png"), ("duplicate", 10, "a_000.png"),
+        ("non_numeric", 11, "g_000.png"), ("extra_columns", 12, "h_000.png"), ("no_area", 13, "i_000.png"),
+    ]
+    assert "repeats line 3" in res.problems[5].detail
     # gzip by content
     gz = tmp_path / "boxes.csv.gz"
     gz.write_bytes(gzip.compress(b"Image Index,Finding Label,Bbox [x,y,w,h],,,\nz_001.png,Mass,1,2,3,4\n"))

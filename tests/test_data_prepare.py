@@ -277,3 +277,207 @@ def test_prepare_unboxed_pool_real(tmp_path: Path) -> None:
     assert fp["counts"]["annotated"] == 704
     assert fp["counts"]["unannotated_pool"] == n_unboxed == 1475
     _patients_disjoint(p)
+
+
+def _damaged_nih_copy(root: Path) -> dict[str, object]:
+    """A copy of 30 annotated images of the shared NIH folder with the damage of issue 11.
+
+    The images folder is a symbolic link to a folder elsewhere (prepare follows it). Returns the
+    damaged image names and the box-list line of each damaged row.
+    """
+    rows = (NIH / "BBox_List_2017.csv").read_text().splitlines()[1:]
+    by_image: dict[str, list[str]] = {}
+    for row in rows:
+        by_image.setdefault(row.split(",")[0], []).append(row)
+    single = sorted(i for i, r in by_image.items() if len(r) == 1)
+    chosen = single[:30]
+    truncated, deleted, unlisted, neg_width, non_numeric, extra, dup, unknown, past_edge = chosen[:9]
+    store = root / "store" / "images"
+    store.mkdir(parents=True)
+    for name in chosen:
+        if name == deleted:
+            continue
+        data = (NIH / "images" / name).read_bytes()
+        (store / name).write_bytes(data[: len(data) // 3] if name == truncated else data)
+    nih = root / "nih"
+    nih.mkdir()
+    (nih / "images").symlink_to(store, target_is_directory=True)
+    entry_lines = (NIH / "Data_Entry_2017.csv").read_text().splitlines()
+    wanted = set(chosen) - {unlisted}
+    (nih / "Data_Entry_2017.csv").write_text(
+        "\n".join([entry_lines[0]] + [r for r in entry_lines[1:] if r.split(",")[0] in wanted]) + "\n"
+    )
+    out_rows: list[str] = []
+    lines: dict[str, int] = {}
+
+    def add(key: str, row: str) -> None:
+        out_rows.append(row)
+        lines[key] = len(out_rows) + 1  # line 1 is the header
+
+    for name in chosen:
+        row = by_image[name][0]
+        fields = row.split(",")
+        if name == neg_width:
+            add("no_area", ",".join(fields[:4] + ["-" + fields[4]] + fields[5:]))
+        elif name == non_numeric:
+            add("non_numeric", ",".join(fields[:2] + ["12O.5"] + fields[3:]))
+        else:
+            add(name, row)
+        if name == extra:
+            add("extra_columns", ",".join(fields[:6] + ["0.5"]))
+        if name == dup:
+            add("duplicate", row)
+        if name == unknown:
+            add("unknown_label", ",".join([name, "Lung Opacity"] + fields[2:6]))
+        if name == past_edge:
+            add("clipped", f"{name},Mass,1000,200,100,100")
+    header = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    (nih / "BBox_List_2017.csv").write_text("\n".join([header, *out_rows]) + "\n")
+    return {
+        "names": dict(truncated=truncated, deleted=deleted, unlisted=unlisted, neg_width=neg_width,
+                      non_numeric=non_numeric, extra=extra, dup=dup, unknown=unknown, past_edge=past_edge),
+        "lines": lines,
+        "chosen": chosen,
+    }
+
+
+def test_prepare_reports_every_loss_on_damaged_nih_copy(tmp_path: Path) -> None:
+    from conftest import one_line, run_cli
+
+    if not (NIH / "BBox_List_2017.csv").exists():
+        pytest.skip("shared data ../shared/data/nih not present")
+    info = _damaged_nih_copy(tmp_path)
+    n, lines = info["names"], info["lines"]
+    nih, out = tmp_path / "nih", tmp_path / "p"
+
+    # --strict: one message, exit 2, nothing written (the folder is not even created).
+    code, text = run_cli("prepare", nih, "--out", out, "--size", "16", "--folds", "2", "--strict",
+                         env={"COLUMNS": "200"})
+    assert code == 2 and "Traceback" not in text, text
+    assert "--strict" in one_line(text) and "nothing was written" in one_line(text)
+    assert not out.exists()
+
+    code, text = run_cli("prepare", nih, "--out", out, "--size", "16", "--folds", "2", env={"COLUMNS": "200"})
+    assert code == 0, text
+    flat = one_line(text)
+    assert "UserWarning" not in text and "Traceback" not in text
+    expected = {
+        "annotated_unreadable": (n["truncated"], 0),
+        "annotated_missing": (n["deleted"], 0),
+        "not_in_data_entry": (n["unlisted"], lines[n["unlisted"]]),
+        "no_area": (n["neg_width"], lines["no_area"]),
+        "non_numeric": (n["non_numeric"], lines["non_numeric"]),
+        "extra_columns": (n["extra"], lines["extra_columns"]),
+        "duplicate": (n["dup"], lines["duplicate"]),
+        "unknown_label": (n["unknown"], lines["unknown_label"]),
+        "clipped": (n["past_edge"], lines["clipped"]),
+    }
+    for kind, (image, line) in expected.items():
+        assert prep_mod.PROBLEM_KINDS[kind] in flat, kind
+        assert f"{prep_mod.PROBLEM_KINDS[kind]} 1 {image}" + (f" {line}" if line else "") in flat, kind
+    fp = json.loads((out / "fingerprint.json").read_text())
+    got = {(p["kind"], p["image"], p["line"]) for p in fp["problems"]}
+    for kind, (image, line) in expected.items():
+        assert (kind, image, line) in got, kind
+    # The two images whose only box row was bad stay, without boxes, and are named.
+    assert {(p["kind"], p["image"]) for p in fp["problems"] if p["kind"] == "no_box_left"} == {
+        ("no_box_left", n["neg_width"]), ("no_box_left", n["non_numeric"])}
+    assert len(fp["problems"]) == len(expected) + 2
+    p = Prepared.open(out)
+    assert len(p.boxes(n["dup"])) == 1  # the duplicate row was dropped, not kept twice
+    assert p.boxes(n["neg_width"]) == [] and p.boxes(n["non_numeric"]) == []
+    assert n["truncated"] not in p.manifest.index and n["deleted"] not in p.manifest.index
+    assert max(b[3] for b in p.boxes(n["past_edge"])) == 1.0  # clipped to the right edge
+    assert len(p.manifest) == 30 - 3  # deleted, truncated, and the image missing from Data_Entry
+
+    # --strict on the existing folder: exit 2 and every file unchanged.
+    before = {f: (out / f).read_bytes() for f in OUT_FILES}
+    code, text = run_cli("prepare", nih, "--out", out, "--size", "16", "--folds", "2", "--strict")
+    assert code == 2 and "Traceback" not in text
+    assert {f: (out / f).read_bytes() for f in OUT_FILES} == before
+
+
+def test_prepare_strict_after_decoding_leaves_nothing(tmp_path: Path) -> None:
+    """The only problem is an unreadable image: --strict fails after decoding and removes the new folder."""
+    from conftest import one_line, run_cli
+
+    nih = tmp_path / "nih"
+    _make_nih(nih)  # one truncated unannotated image, no box-list problem
+    out = tmp_path / "p"
+    code, text = run_cli("prepare", nih, "--out", out, "--size", "32", "--folds", "2",
+                         "--unannotated-fraction", "1", "--strict")
+    assert code == 2 and "Traceback" not in text, text
+    assert "00000006_002.png" in one_line(text) and "was removed again" in one_line(text)
+    assert not out.exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child nobody has reaped yet)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find worker processes")
+def test_workers_die_with_a_killed_prepare(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    nih = tmp_path / "nih"
+    _make_nih(nih, corrupt=False)
+    args = ["prepare", str(nih), "--out", str(tmp_path / "p"), "--size", "32", "--folds", "2",
+            "--unannotated-fraction", "1", "--workers", "2"]
+    # Decoding is slowed down so that prepare is surely still running when it is killed.
+    script = (
+        "import time\nimport cxrloc.data.prepare as p\nreal = p.read_image_u8\n"
+        "def slow(path, size):\n    time.sleep(0.5)\n    return real(path, size)\n"
+        f"p.read_image_u8 = slow\nfrom cxrloc.cli import main\nmain({args!r})\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        cmdline = None
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            cmdline = cmdline or (Path("/proc") / str(proc.pid) / "cmdline").read_bytes()
+            # Forked workers share the parent's command line (unlike multiprocessing's helpers).
+            workers = [k for k in _children(proc.pid) if (Path("/proc") / str(k) / "cmdline").read_bytes() == cmdline]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.05)
+        assert len(workers) == 2, "prepare did not start its 2 workers in time"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.1)
+        alive = [w for w in workers if _running(w)]
+        assert not alive, f"worker processes {alive} outlived the killed prepare"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for w in workers:  # a failing run must not leave the workers it started behind
+            if _running(w):
+                os.kill(w, signal.SIGKILL)

@@ -97,6 +97,9 @@ def test_quick_demo_summary_structure(quick_demo: tuple[Path, dict]) -> None:
     floors = [summary["accuracy"][m]["iou"]["mean"][1] for m in ("prior", "prior_t")]
     assert math.isclose(target["prior"], max(v for v in floors if v is not None))
     assert summary["timings_s"]["total"] > 0
+    steps = [k for k in summary["timings_s"] if k != "total"]
+    numbers = [k.split()[0] for k in steps]
+    assert numbers == [f"{i}/{len(steps)}" for i in range(1, len(steps) + 1)], steps  # no two steps "5/8"
 
     # The test set is fold 0's, counted independently from splits.json and the box list.
     splits = json.loads((Path(summary["outputs"]["prepared"]) / "splits.json").read_text())

@@ -8,6 +8,7 @@ image), and an empty region scores 0, so every number is worked by hand.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -167,3 +168,25 @@ def test_uncalibrated_run_reports_the_tau_hat_operating_point(run_dir: Path) -> 
     assert c["present_per_image"] == 2.0 and c["sensitivity"]["Mass"] == 1.0 and c["specificity"]["Mass"] == 0.0
     classes = pd.read_csv(Path(result["out_dir"]) / "per_image_classes.csv")
     assert classes["probability"].isna().all()
+
+
+def test_terminal_tables_fit_80_columns_and_name_one_fold(run_dir: Path) -> None:
+    from rich.console import Console
+
+    from cxrloc.evaluation.evaluate import evaluate
+    from cxrloc.evaluation.report import LABELS, rich_tables
+
+    one = evaluate(run_dir, fold=1, progress=False)
+    both = evaluate(run_dir, progress=False)
+    for result, title in ((one, "IOU accuracy (fold 1)"), (both, "IOU accuracy (mean over 2 folds)")):
+        console = Console(width=80, record=True, file=io.StringIO())
+        for table in rich_tables(result, 80):
+            console.print(table)
+        text = console.export_text()
+        assert title in text and "mean over folds" not in text
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80
+        # Every method label on one line, beside its numbers (no label folded onto a second line).
+        for label in set(LABELS.values()) | {"paper ours", "paper Li2018"}:
+            assert any(line.startswith(label + " ") for line in lines), label
+        assert any(line.rstrip().endswith("mean") for line in lines)  # the last column is not cut

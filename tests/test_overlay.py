@@ -16,7 +16,7 @@ from cxrloc.inference.overlay import (
     gt_boxes_by_image,
     percent,
     render_overlay,
-    save_png,
+    save_overlay,
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -211,7 +211,7 @@ def test_overlay_without_a_present_class_says_so(tmp_path: Path) -> None:
     box = ImageDraw.Draw(out).textbbox((0, 0), NO_FINDING, font=font)
     assert white.sum() > 100
     assert abs((cols.max() - cols.min() + 1) - (box[2] - box[0])) <= 3
-    saved = save_png(out, tmp_path / "none.png")
+    saved = save_overlay(out, tmp_path / "none.png")
     assert NO_FINDING in Image.open(saved).text["Description"]
     # With a class shown, the line is its name and probability, and the message is gone.
     shown = render_overlay(img, z, [2], probabilities=np.full(len(CLASSES), 0.834))

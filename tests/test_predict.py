@@ -260,3 +260,213 @@ def test_overlay_classes_gt_draws_only_the_ground_truth_classes(tiny_run, tmp_pa
 
     with pytest.raises(CxrlocError, match="--boxes"):
         predict_files([str(image)], run, json_path=tmp_path / "x.json", overlay_classes="gt", progress=False)
+
+
+# --------------------------------------------------------------------------- hardening (issue 11)
+
+
+def _png(path: Path, shape: tuple[int, int], value: int = 90, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(value - 40, value + 40, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def test_thin_images_are_refused_and_the_batch_goes_on(tiny_run, tmp_path: Path) -> None:
+    from conftest import one_line, run_cli
+
+    run, _ = tiny_run
+    thin = _png(tmp_path / "in" / "thin.png", (4, 3000))
+    line = _png(tmp_path / "in" / "line.png", (1, 20000))
+    good = _png(tmp_path / "in" / "good.png", (48, 64))
+    out = tmp_path / "out"
+    code, text = run_cli("predict", tmp_path / "in", "--model", run, "--out-dir", out)
+    flat = one_line(text)
+    assert code == 1 and "Traceback" not in text, text
+    assert f"{thin}: image is 4 x 3000 pixels" in flat and "aspect ratio of 750:1" in flat
+    assert f"{line}: image is 1 x 20000 pixels" in flat
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["count"] == 1 and summary["failed"] == 2
+    assert [r["image"] for r in summary["predictions"]] == [str(good)]
+    assert (out / "good.json").is_file() and (out / "good.overlay.png").is_file()
+    assert not (out / "thin.json").exists()
+
+
+def test_overlay_size_is_bounded_by_pixels() -> None:
+    from cxrloc.inference.overlay import MAX_OVERLAY_PIXELS, overlay_scale, render_overlay
+
+    # A strip at the aspect limit (10:1) is enlarged to min_side 512 on its short side: 512 x 5120.
+    img = np.full((10, 100), 0.5, np.float32)
+    z = np.zeros((14, 8, 8), np.float32)
+    assert render_overlay(img, z, []).size == (5120, 512)
+    # Had it been 4 x 3000, the enlargement would be 128x: 512 x 384,000 pixels. Bounded instead.
+    s = overlay_scale(4, 3000)
+    assert 4 * 3000 * s * s <= MAX_OVERLAY_PIXELS * 1.0001 and s < 128
+    # A large image is drawn below the bound too, keeping its aspect ratio.
+    big = np.zeros((3000, 4000), np.float32)
+    w, h = render_overlay(big, z, [], min_side=512).size
+    assert w * h <= MAX_OVERLAY_PIXELS and abs(w / h - 4000 / 3000) < 1e-2
+
+
+def test_outputs_never_overwrite_each_other(tiny_run, tmp_path: Path) -> None:
+    """a/x.png, b/x.png, c/x_2.dcm, d/x.png + d/x.jpg and predictions.png: every input its own outputs."""
+    from conftest import run_cli
+
+    from cxrloc.inference.inputs import output_names
+
+    run, _ = tiny_run
+    src = tmp_path / "src"
+    shapes = {"a/x.png": (40, 48), "b/x.png": (50, 40), "d/x.png": (33, 35), "predictions.png": (61, 64)}
+    files = [_png(src / rel, shape, seed=i) for i, (rel, shape) in enumerate(shapes.items())]
+    jpg = src / "d" / "x.jpg"
+    Image.fromarray(np.full((70, 72), 120, np.uint8)).save(jpg)
+    dcm = src / "c" / "x_2.dcm"
+    dcm.parent.mkdir(parents=True)
+    dcm.write_bytes(need(DICOM2).read_bytes())
+    files += [jpg, dcm]
+    names = output_names(files)
+    assert names == ["a/x", "b/x", "d/x.png", "predictions.png", "d/x.jpg", "c/x_2"]
+    out = tmp_path / "out"
+    code, text = run_cli("predict", src, "--model", run, "--out-dir", out, "--save-maps")
+    assert code == 0, text
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["count"] == 6 and "predictions" in summary  # the batch summary, not an image's record
+    expected_size = {str(src / k): (s[1], s[0]) for k, s in shapes.items()}
+    expected_size.update({str(jpg): (72, 70), str(dcm): (1024, 1024)})
+    overlays = set()
+    for rec in summary["predictions"]:
+        assert (rec["width"], rec["height"]) == expected_size[rec["image"]]
+        own = json.loads(Path(rec["overlay"][: -len(".overlay.png")] + ".json").read_text())
+        assert own["image"] == rec["image"]  # each per-image JSON holds its own image's record
+        overlays.add(rec["overlay"])
+        assert Image.open(rec["overlay"]).size[0] >= 512
+    assert len(overlays) == 6
+    assert (out / "predictions.png.json").is_file() and (out / "c" / "x_2.json").is_file()
+
+
+def test_output_names_edge_cases() -> None:
+    from cxrloc.inference.inputs import output_names
+
+    assert output_names([Path("/d/scan.png")]) == ["scan"]
+    assert output_names([Path("/d/a/X.png"), Path("/d/a/x.png")]) == ["X.png", "x.png~2"]  # case-blind file systems
+    # A DICOM without extension named like the summary, beside an image named predictions.png.
+    assert output_names([Path("/d/predictions"), Path("/d/predictions.png")]) == ["predictions~2", "predictions.png"]
+    assert output_names([Path("/d/x.png"), Path("/d/x.png.jpg")]) == ["x", "x.png"]
+
+
+def test_fifo_input_is_refused_not_read(tiny_run, tmp_path: Path) -> None:
+    import os
+
+    from conftest import one_line, run_cli
+
+    from cxrloc.data.imageio import ImageReadError, read_image
+
+    run, _ = tiny_run
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    # Held open with bytes in it: a regression that opens the FIFO fails on the message, never hangs.
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    os.write(fd, b"x" * 4096)
+    try:
+        with pytest.raises(ImageReadError, match="FIFO"):
+            read_image(fifo)
+        good = _png(tmp_path / "good.png", (40, 40))
+        out = tmp_path / "out"
+        code, text = run_cli("predict", fifo, good, "--model", run, "--out-dir", out)
+        flat = one_line(text)
+        assert code == 1 and f"{fifo}: is a FIFO (named pipe), not a regular file" in flat
+        assert json.loads((out / "predictions.json").read_text())["count"] == 1
+        # In a folder, a FIFO with an image name is reported too, never opened.
+        code, text = run_cli("predict", tmp_path, "--model", run, "--out-dir", tmp_path / "out2")
+        assert code == 1 and "FIFO" in one_line(text)
+    finally:
+        os.close(fd)
+
+
+def test_overlay_format_follows_the_extension(tiny_run, tmp_path: Path) -> None:
+    from conftest import one_line, run_cli
+
+    run, _ = tiny_run
+    img = _png(tmp_path / "x.png", (40, 48))
+    for name, magic in (("o.jpg", b"\xff\xd8\xff"), ("o.JPEG", b"\xff\xd8\xff"), ("o.png", b"\x89PNG")):
+        code, text = run_cli("predict", img, "--model", run, "--overlay", tmp_path / name, "--json", tmp_path / "j")
+        assert code == 0, text
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    code, text = run_cli("predict", img, "--model", run, "--overlay", tmp_path / "o.bmp")
+    assert code == 2 and "--overlay" in one_line(text) and ".png or .jpg" in one_line(text)
+    assert not (tmp_path / "o.bmp").exists()
+    code, text = run_cli("predict", img, "--model", run, "--threads", "0", "--json", tmp_path / "t.json")
+    assert code == 2 and "--threads must be at least 1" in one_line(text) and "Traceback" not in text
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_disk_full_mid_batch_records_it_and_goes_on(tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from conftest import one_line, run_cli
+
+    run, _ = tiny_run
+    for name in ("a", "b", "c"):
+        _png(tmp_path / "in" / f"{name}.png", (40, 44))
+    real = Path.write_text
+
+    def full_for_b(self: Path, *args: object, **kwargs: object) -> int:
+        if self.name.startswith(".b.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_for_b)
+    out = tmp_path / "out"
+    code, text = run_cli("predict", tmp_path / "in", "--model", run, "--out-dir", out)
+    flat = one_line(text)
+    assert code == 1 and "Traceback" not in text
+    assert f"cannot write prediction {out / 'b.json'}" in flat and "disk full" in flat
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["count"] == 2 and summary["failed"] == 1
+    assert (out / "a.json").is_file() and (out / "c.json").is_file() and not (out / "b.json").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_onnx_metadata_that_disagrees_with_its_graph(tmp_path: Path) -> None:
+    """A hand-made graph (64 px in, 8 x 8 out) whose metadata says image_size 256: one message, no run."""
+    import onnx
+    from conftest import one_line, run_cli
+    from onnx import TensorProto, helper
+
+    from cxrloc.checkpoint import make_meta
+    from cxrloc.config import make_config
+    from cxrloc.inference.backends import meta_to_props
+    from cxrloc.thresholds import Thresholds
+
+    def model(image_size: int) -> Path:
+        x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 64, 64])
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 14, 8, 8])
+        u = helper.make_tensor_value_info("unary_logits", TensorProto.FLOAT, ["batch", 14, 8, 8])
+        reps = helper.make_tensor("reps", TensorProto.INT64, [4], [1, 14, 1, 1])
+        nodes = [
+            helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+            helper.make_node("Tile", ["pooled", "reps"], ["unary_logits"]),
+            helper.make_node("Sigmoid", ["unary_logits"], ["z"]),
+        ]
+        graph = helper.make_graph(nodes, "g", [x], [z, u], initializer=[reps])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 8
+        cfg = make_config("tiny")
+        meta = make_meta(cfg, Thresholds.initial(cfg.patch_grid).to_json())
+        meta["image_size"] = image_size
+        for key, value in meta_to_props(meta).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        path = tmp_path / f"m{image_size}.onnx"
+        onnx.save(proto, str(path))
+        return path
+
+    img = _png(tmp_path / "x.png", (40, 48))
+    code, text = run_cli("predict", img, "--model", model(64), "--json", tmp_path / "ok.json")
+    assert code == 0, text  # the same graph with honest metadata runs
+    code, text = run_cli("predict", img, "--model", model(256), "--json", tmp_path / "bad.json")
+    flat = one_line(text)
+    assert code == 2 and "Traceback" not in text and len(text.strip().splitlines()) <= 3, text
+    assert "m256.onnx" in flat and "image_size=256" in flat and "re-export" in flat
+    assert not (tmp_path / "bad.json").exists()

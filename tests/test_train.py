@@ -230,3 +230,55 @@ def test_alternate_trains_then_fits_thresholds_each_round(prep: Path, tmp_path: 
         abs(prev[c][name] - float(getattr(initial, name)[k])) > 1e-6
         for k, c in enumerate(names) for name in ("tau", "rho", "tau_hat", "rho_hat")
     )
+
+
+def test_resume_with_nothing_to_resume_says_so(prep: Path, tmp_path: Path) -> None:
+    from conftest import one_line, run_cli
+
+    for fold in ("0", "all"):
+        code, text = run_cli("train", prep, "--out", tmp_path / "empty", "--fold", fold, "--resume", "--quiet")
+        assert code == 2 and "Traceback" not in text, text
+        assert "no run to resume" in one_line(text) and "drop --resume" in one_line(text)
+    assert not (tmp_path / "empty").exists()
+    code, text = run_cli("train", prep, "--out", tmp_path / "e0", "--epochs", "0", "--preset", "tiny")
+    assert code == 2 and "at least 1 epoch" in one_line(text) and not (tmp_path / "e0").exists()
+
+
+def test_resume_all_folds_starts_the_missing_ones_with_the_runs_config(prep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ["max_steps_per_epoch=1", "device=cpu", "workers=0", "crf=false", "width=4"]
+    run_training(prep, out, folds="0", preset="tiny", overrides=base, epochs=1, progress=False)
+    assert not (out / "fold_1").exists()
+    run_training(prep, out, folds="all", resume=True, progress=False)  # no --preset: the run's own config
+    saved = [json.loads((out / f"fold_{k}" / "config.json").read_text()) for k in (0, 1)]
+    assert saved[1] == saved[0] and saved[1]["width"] == 4 and saved[1]["arch"] == "resnet18"  # not 'paper'
+
+
+def test_resume_cleans_stale_temporaries_and_refuses_a_damaged_last(prep: Path, tmp_path: Path) -> None:
+    from conftest import one_line, run_cli
+
+    out = tmp_path / "run"
+    args = ["--fold", "0", "--preset", "tiny", "--set", "max_steps_per_epoch=1", "--set", "device=cpu", "--quiet"]
+    assert run_cli("train", prep, "--out", out, "--epochs", "1", *args)[0] == 0
+    ckpts = out / "fold_0" / "checkpoints"
+    stale = [ckpts / ".last.pt.a1b2c3d4.tmp", out / "fold_0" / ".metrics.csv.zz9.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    other = ckpts / "notes.tmp"
+    other.write_text("not ours")
+    before = (ckpts / "last.pt").read_bytes()
+    code, text = run_cli("train", prep, "--out", out, "--resume", "--epochs", "1", "--fold", "0")
+    flat = one_line(text)
+    assert code == 0, text
+    assert "nothing was trained" in flat and "already has 1 epoch(s)" in flat
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert (ckpts / "last.pt").read_bytes() == before
+    # A last.pt that lost its training state: one message at --resume, nothing changed.
+    state = torch.load(ckpts / "last.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, ckpts / "last.pt")
+    damaged = (ckpts / "last.pt").read_bytes()
+    code, text = run_cli("train", prep, "--out", out, "--resume", "--epochs", "2", "--fold", "0")
+    assert code == 2 and "Traceback" not in text
+    assert "lacks the training state needed to resume (optimizer)" in one_line(text)
+    assert (ckpts / "last.pt").read_bytes() == damaged

@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from cxrloc import __version__
 from cxrloc.cli import calibrate, demo, ensemble, evaluate, export, fit_thresholds, predict, prepare, train
-from cxrloc.utils import CxrlocError, console
+from cxrloc.utils import CxrlocError, console, os_error_message
 
 app = typer.Typer(
     name="cxrloc",
@@ -21,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
 
 
 def _version(value: bool) -> None:
@@ -42,14 +42,31 @@ for _module in (prepare, train, ensemble, predict, export, fit_thresholds, calib
     _module.register(app)
 
 
-def main() -> None:
-    """Entry point: run the app, turning user errors into one clear line and exit code 2.
+def _error(message: str) -> None:
+    # soft_wrap: the message stays one line (greppable, copyable) whatever the terminal width.
+    console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
-    typer handles usage errors (unknown option, bad value) itself in standalone mode;
-    a ``CxrlocError`` raised by a command reaches here and is printed without a traceback.
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning every failure into one clear line, never a traceback.
+
+    typer handles usage errors (unknown option, bad value) itself in standalone mode (exit 2).
+    A ``CxrlocError`` raised by a command (bad input, option or output) reaches here and is
+    printed without a traceback (exit 2). As the last line of defence, an unexpected
+    ``OSError`` (a disk that fills up, a folder that becomes read-only) or ``MemoryError`` is
+    also printed as one line (exit 1).
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``); tests pass them here.
     """
     try:
-        app()
+        app(args=argv)
     except CxrlocError as exc:
-        console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+        _error(str(exc))
         sys.exit(2)
+    except OSError as exc:
+        _error(os_error_message(exc))
+        sys.exit(1)
+    except MemoryError:
+        _error("out of memory; use smaller inputs, a smaller --batch-size or fewer --workers")
+        sys.exit(1)

@@ -28,7 +28,9 @@ def register(app: typer.Typer) -> None:
     def predict(
         inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
         model: Path = typer.Option(..., "--model", "-m", help="RUN_DIR, a .pt checkpoint or an exported MODEL.onnx."),
-        overlay: Path | None = typer.Option(None, "--overlay", help="Overlay PNG of ONE image (Figure 1 style)."),
+        overlay: Path | None = typer.Option(
+            None, "--overlay", help="Overlay of ONE image (Figure 1 style); .png or .jpg, as the extension says."
+        ),
         json_out: Path | None = typer.Option(None, "--json", help="JSON record of ONE image (default: stdout)."),
         out_dir: Path | None = typer.Option(
             None, "--out-dir", help="Folder for per-image JSON + overlays + predictions.json (default for several "
@@ -63,6 +65,7 @@ def register(app: typer.Typer) -> None:
         status = f"{n_ok} image(s) predicted" + (f", {n_bad} failed" if n_bad else "")
         if summary.operating_point:
             status += f". {summary.operating_point.rstrip('.')}"
-        console.print(f"{status}. Results saved to {summary.location}")
+        where = f"Results saved to {summary.location}" if summary.location else "Nothing was written"
+        console.print(f"{status}. {where}", soft_wrap=True)
         if n_bad:
             sys.exit(1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cxrloc.utils import console
+from cxrloc.utils import console, read_json
 
 EXAMPLE = """
 Example (the official download, images in images_001/images/ ... images_012/images/):
@@ -51,20 +51,34 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the unannotated sampling."),
         workers: int = typer.Option(1, "--workers", "-j", help="Decoding processes."),
+        strict: bool = typer.Option(
+            False, "--strict", help="Fail (exit 2, nothing written) instead of dropping or changing any input: "
+            "missing or unreadable annotated images, skipped, duplicate or clipped box rows."
+        ),
     ) -> None:
-        from cxrloc.data.prepare import prepare, summary_line
+        from cxrloc.data.prepare import StrictError, prepare, problems_table, summary_line
 
-        result = prepare(
-            nih_dir,
-            out,
-            data_entry=data_entry,
-            bbox_list=bbox_list,
-            images=images,
-            size=size,
-            folds=folds,
-            unannotated_fraction=unannotated_fraction,
-            seed=seed,
-            workers=workers,
-        )
+        try:
+            result = prepare(
+                nih_dir,
+                out,
+                data_entry=data_entry,
+                bbox_list=bbox_list,
+                images=images,
+                size=size,
+                folds=folds,
+                unannotated_fraction=unannotated_fraction,
+                seed=seed,
+                workers=workers,
+                strict=strict,
+            )
+        except StrictError as exc:
+            table = problems_table(exc.problems)
+            if table is not None:
+                console.print(table)
+            raise
+        table = problems_table(read_json(result / "fingerprint.json", "fingerprint").get("problems", []))
+        if table is not None:
+            console.print(table)
         console.print(summary_line(result))
         console.print(f"Results saved to {result} (images.u8, manifest.csv, fingerprint.json, splits.json)")

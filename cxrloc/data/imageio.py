@@ -16,6 +16,8 @@ the file, so one bad file never stops a whole run.
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,14 @@ The largest chest radiographs are about 4,300 x 4,300 (18.5 million pixels); 50 
 It is also below Pillow's own bomb warning (89 million), so no warning is ever emitted.
 """
 
+MAX_ASPECT_RATIO: float = 10.0
+"""Largest ratio of the longer to the shorter image side accepted, checked from the header.
+
+Radiographs are near square (NIH 1:1, detector plates up to about 1:1.2, long-leg and spine
+stitches about 1:3); a 4 x 3000 strip is not an X-ray, and enlarging it for an overlay would need
+gigabytes.
+"""
+
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _DICOM_MAGIC_OFFSET = 128
@@ -52,6 +62,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         ImageReadError: the file is missing, empty or none of the three formats.
     """
     path = Path(path)
+    check_regular_file(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(_DICOM_MAGIC_OFFSET + 4)
@@ -68,6 +79,43 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise ImageReadError(
         f"{path}: not a PNG, JPEG or DICOM file (first bytes {head[:8]!r}); check the file or remove it"
     )
+
+
+def special_file_kind(path: str | os.PathLike[str]) -> str | None:
+    """What a path that exists but is neither a regular file nor a folder is (else ``None``).
+
+    Reading a FIFO (named pipe) blocks until something writes to it, and a device may never end:
+    cxrloc reads regular files only.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def not_regular_message(path: str | os.PathLike[str], kind: str) -> str:
+    """The one message for a path that is not a regular file."""
+    return f"{path}: is {kind}, not a regular file; cxrloc reads only regular image files"
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse a FIFO, socket, device or folder before opening it (a missing file is left to ``open``).
+
+    Raises:
+        ImageReadError: ``path`` exists and is not a regular file.
+    """
+    kind = "a folder" if path.is_dir() else special_file_kind(path)
+    if kind is not None:
+        raise ImageReadError(not_regular_message(path, kind))
 
 
 def _is_dicom_head(head: bytes) -> bool:
@@ -91,6 +139,12 @@ def _check_size(path: Path, rows: int, cols: int, frames: int, max_pixels: int) 
             f"{path}: image is {rows} x {cols}"
             + (f" x {frames} frames" if frames > 1 else "")
             + f" = {rows * cols * frames:,} pixels, above the limit of {max_pixels:,} (cxrloc.data.imageio.MAX_PIXELS)"
+        )
+    ratio = max(rows, cols) / min(rows, cols)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageReadError(
+            f"{path}: image is {rows} x {cols} pixels (rows x columns), an aspect ratio of {ratio:.0f}:1; "
+            f"a radiograph is at most {MAX_ASPECT_RATIO:g}:1 (cxrloc.data.imageio.MAX_ASPECT_RATIO), so it was not read"
         )
 
 
@@ -147,9 +201,19 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(path)
+    # pydicom warns (and stops) on a file that ends early; the warning becomes this file's message.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path)
+    ended = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+    if ended:
+        raise ImageReadError(
+            f"{path}: DICOM file is truncated (it ends before its pixel data is complete: {ended[0]}); "
+            "copy or export it again"
+        )
     if "PixelData" not in ds:
-        raise ImageReadError(f"{path}: DICOM file has no pixel data (PixelData element missing)")
+        hint = "; the file may be truncated" if "Rows" in ds else ""
+        raise ImageReadError(f"{path}: DICOM file has no pixel data (PixelData element missing{hint})")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     _check_size(path, rows, cols, frames, max_pixels)
@@ -158,7 +222,17 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    arr = ds.pixel_array
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a decoder's warnings; a real failure raises below
+        try:
+            arr = ds.pixel_array
+        except ValueError as exc:
+            if "less than expected" in str(exc):
+                raise ImageReadError(
+                    f"{path}: DICOM pixel data is shorter than its header says ({exc}); the file is truncated or "
+                    "damaged, copy or export it again"
+                ) from None
+            raise
     if int(ds.get("SamplesPerPixel", 1)) == 3 or arr.ndim == 3:
         # Colour (pydicom converts YBR to RGB): LUTs are defined for grey images only.
         rgb = arr[..., :3].astype(np.float32)

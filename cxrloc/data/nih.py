@@ -18,7 +18,6 @@ import io
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,24 +167,48 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 @dataclass
+class BoxProblem:
+    """One row of the box list that was not used as written (skipped, dropped or clipped)."""
+
+    kind: str
+    """``malformed``, ``extra_columns``, ``unknown_label``, ``non_numeric``, ``no_area``,
+    ``outside``, ``duplicate`` (all skipped) or ``clipped`` (kept, clipped to the image)."""
+    line: int
+    """Line number in the file (1 = the header)."""
+    image: str
+    """The row's image name ("" when the row has none)."""
+    detail: str
+    """One line saying what was wrong, with the file name and line."""
+
+
+@dataclass
 class BoxList:
     """The parsed box list.
 
     Attributes:
         boxes: image id -> boxes in file order (several per image and per class are kept).
+        lines: image id -> the line number of each of its boxes (parallel to ``boxes``).
         rows: number of data rows read.
         clipped: one message per box that reached outside the image and was clipped (kept).
-        skipped: one message per row that was not used (zero area, unknown label, bad row).
+        skipped: one message per row that was not used (zero area, unknown label, bad row,
+            exact duplicate of an earlier row).
+        problems: the same rows as ``clipped`` and ``skipped``, with their kind and line.
     """
 
     boxes: dict[str, list[Box]] = field(default_factory=dict)
+    lines: dict[str, list[int]] = field(default_factory=dict)
     rows: int = 0
     clipped: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    problems: list[BoxProblem] = field(default_factory=list)
 
     @property
     def num_boxes(self) -> int:
         return sum(len(b) for b in self.boxes.values())
+
+    def _problem(self, kind: str, line: int, image: str, detail: str) -> None:
+        self.problems.append(BoxProblem(kind, line, image, detail))
+        (self.clipped if kind == "clipped" else self.skipped).append(detail)
 
 
 def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> BoxList:
@@ -197,9 +220,10 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
 
     Returns:
         A :class:`BoxList`. ``Infiltrate`` is mapped to ``Infiltration``. A box reaching outside
-        ``[0, side]`` is clipped (reported in ``clipped`` and with a ``UserWarning``); a box with no
-        area (also after clipping), a label outside the 14 classes or a malformed row is reported
-        in ``skipped`` and left out.
+        ``[0, side]`` is clipped (reported in ``clipped``); a box with no area (also after
+        clipping), a label outside the 14 classes, a malformed row (fewer than six fields, extra
+        non-empty fields, a non-numeric coordinate) or an exact duplicate of an earlier row is
+        reported in ``skipped`` and left out. Nothing is printed or warned: callers report.
 
     Raises:
         CxrlocError: the file is missing or an image name is unsafe.
@@ -208,6 +232,7 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
     if not path.is_file():
         raise CxrlocError(f"{path}: box list not found; pass --bbox-list PATH")
     result = BoxList()
+    seen: dict[tuple[str, int, float, float, float, float], int] = {}
     with _open_text(path) as fh:
         for lineno, row in enumerate(csv.reader(fh), start=1):
             if not row or all(not c.strip() for c in row):
@@ -216,37 +241,47 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
                 continue  # the split header
             result.rows += 1
             where = f"{path.name} line {lineno}"
-            if len(row) < 6 or any(c.strip() for c in row[6:]):
-                result.skipped.append(f"{where}: expected 6 fields (image, label, x, y, w, h), got {row!r}")
+            first = row[0].strip()
+            if len(row) < 6:
+                result._problem("malformed", lineno, first, f"{where}: expected 6 fields (image, label, x, y, w, h), "
+                                f"got {len(row)}: {row!r}")
                 continue
-            image_id = validate_image_id(row[0].strip(), f"{path} line {lineno}: ")
+            if any(c.strip() for c in row[6:]):
+                result._problem("extra_columns", lineno, first, f"{where}: extra non-empty fields after x, y, w, h "
+                                f"(which field is which is unclear): {row!r}")
+                continue
+            image_id = validate_image_id(first, f"{path} line {lineno}: ")
             label = row[1].strip()
             k = CLASS_INDEX.get(canonical_label(label) or "", -1)
             if k < 0:
-                result.skipped.append(f"{where}: {image_id}: label {label!r} is not one of the 14 classes")
+                result._problem("unknown_label", lineno, image_id,
+                                f"{where}: {image_id}: label {label!r} is not one of the 14 classes")
                 continue
             try:
                 x, y, w, h = (float(v) for v in row[2:6])
             except ValueError:
-                result.skipped.append(f"{where}: {image_id}: non-numeric box {row[2:6]!r}")
+                result._problem("non_numeric", lineno, image_id, f"{where}: {image_id}: non-numeric box {row[2:6]!r}")
                 continue
             if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-                result.skipped.append(f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has no area")
+                result._problem("no_area", lineno, image_id,
+                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has no area")
                 continue
+            key = (image_id, k, x, y, w, h)
+            if key in seen:
+                result._problem("duplicate", lineno, image_id,
+                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] repeats line {seen[key]}")
+                continue
+            seen[key] = lineno
             x0, y0, x1, y1 = x / side, y / side, (x + w) / side, (y + h) / side
             c0, c1 = min(max(x0, 0.0), 1.0), min(max(x1, 0.0), 1.0)
             r0, r1 = min(max(y0, 0.0), 1.0), min(max(y1, 0.0), 1.0)
             if c1 <= c0 or r1 <= r0:
-                result.skipped.append(f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] lies outside the image")
+                result._problem("outside", lineno, image_id,
+                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] lies outside the image")
                 continue
             if (c0, r0, c1, r1) != (x0, y0, x1, y1):
-                result.clipped.append(f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] clipped to the image")
+                result._problem("clipped", lineno, image_id,
+                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] clipped to the image")
             result.boxes.setdefault(image_id, []).append((k, c0, r0, c1, r1))
-    if result.clipped:
-        warnings.warn(
-            f"{path}: {len(result.clipped)} box(es) reached outside the image and were clipped; "
-            f"first: {result.clipped[0]}",
-            UserWarning,
-            stacklevel=2,
-        )
+            result.lines.setdefault(image_id, []).append(lineno)
     return result

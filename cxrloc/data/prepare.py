@@ -19,16 +19,24 @@ Same inputs and seed give byte-identical output files, whatever ``workers`` is.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
+from rich.table import Table
 
 from cxrloc.classes import CLASSES
 from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
@@ -36,6 +44,7 @@ from cxrloc.data.nih import (
     BBOX_LIST_NAMES,
     DATA_ENTRY_NAMES,
     Box,
+    BoxList,
     find_table,
     read_bbox_list,
     read_data_entry,
@@ -50,7 +59,16 @@ from cxrloc.data.splits import (
     split_image_ids,
     write_splits,
 )
-from cxrloc.utils import CxrlocError, atomic_path, console, progress_bar, read_json, write_json_atomic
+from cxrloc.utils import (
+    CxrlocError,
+    atomic_path,
+    check_writable_dir,
+    console,
+    progress_bar,
+    read_json,
+    write_error,
+    write_json_atomic,
+)
 
 FLUSH_EVERY = 64
 """Entries written between two flushes (a flush also happens every 2 s and on exit)."""
@@ -216,12 +234,53 @@ class _Cache:
             os.fsync(fh.fileno())
 
 
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option (linux/prctl.h): the signal a process receives when its parent dies."""
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: make this decoding process die with the ``prepare`` process.
+
+    A ``kill -9`` of ``prepare`` would otherwise leave every worker blocked for ever on the task
+    queue (each worker holds a writing end of it, so it never sees end-of-file). On Linux the
+    kernel delivers SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere, and as
+    a fallback, a daemon thread polls the parent's process id once a second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    first_parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != first_parent or not _alive(parent):
+                os._exit(1)
+
+    threading.Thread(target=watch, name="cxrloc-parent-watchdog", daemon=True).start()
+    if not _alive(parent):  # the parent died before the watch started
+        os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _tasks_results(tasks: list[tuple[int, str, int]], workers: int) -> Iterator[tuple[int, np.ndarray | None, str]]:
     if workers <= 1 or len(tasks) < 2:
         for t in tasks:
             yield _decode(t)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         yield from pool.map(_decode, tasks, chunksize=4)
 
 
@@ -265,6 +324,125 @@ def _boxes_json(boxes: list[Box]) -> str:
     return json.dumps([list(b) for b in boxes], separators=(",", ":"))
 
 
+# --------------------------------------------------------------------------- what prepare dropped or changed
+PROBLEM_KINDS: dict[str, str] = {
+    "annotated_missing": "annotated image not found (dropped)",
+    "annotated_unreadable": "annotated image unreadable (dropped)",
+    "unreadable": "unannotated image unreadable (dropped)",
+    "no_box_left": "every box row skipped (kept unannotated)",
+    "not_in_data_entry": "box: image not in Data_Entry (skipped)",
+    "unknown_label": "box: unknown label (skipped)",
+    "no_area": "box: no area, negative size (skipped)",
+    "non_numeric": "box: non-numeric coordinate (skipped)",
+    "extra_columns": "box: extra columns (skipped)",
+    "malformed": "box: fewer than 6 fields (skipped)",
+    "outside": "box: outside the image (skipped)",
+    "duplicate": "box: exact duplicate row (dropped)",
+    "clipped": "box: past the image edge (clipped)",
+}
+"""Every kind of input that ``prepare`` drops or changes, in the order of its report table.
+Images listed in Data_Entry without a file and without boxes are not here: a partial download
+is normal (they are counted as ``missing``)."""
+
+
+@dataclass
+class Problem:
+    """One input ``prepare`` dropped or changed: its kind (a key of :data:`PROBLEM_KINDS`), the
+    image, the box list's line when it comes from a row (else 0) and one line of detail."""
+
+    kind: str
+    image: str
+    line: int
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "image": self.image, "line": self.line, "detail": self.detail}
+
+
+class StrictError(CxrlocError):
+    """``prepare --strict`` met inputs it would drop or change; nothing was written."""
+
+    def __init__(self, message: str, problems: list[Problem]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+def table_problems(
+    box_list: BoxList,
+    box_path: Path,
+    entry_name: str,
+    listed: set[str],
+    found: dict[str, Path],
+) -> list[Problem]:
+    """What the tables lose before any image is decoded: the box list's skipped, duplicate and
+    clipped rows, box rows of images not in Data_Entry, annotated images not on disk, and images
+    left without any box because all their rows were skipped."""
+    problems = [Problem(p.kind, p.image, p.line, p.detail) for p in box_list.problems]
+    for image_id, lines in box_list.lines.items():
+        if image_id not in listed:
+            problems += [
+                Problem("not_in_data_entry", image_id, line, f"{box_path.name} line {line}: {image_id} is not listed "
+                        f"in {entry_name}")
+                for line in lines
+            ]
+        elif image_id not in found:
+            problems.append(Problem("annotated_missing", image_id, 0, f"{image_id}: {len(lines)} box(es) in "
+                                    f"{box_path.name} (line {lines[0]}), no image file found"))
+    skipped_rows = {p.image for p in box_list.problems if p.kind not in ("clipped", "duplicate") and p.image}
+    for image_id in sorted(skipped_rows - set(box_list.boxes)):
+        if image_id in listed and image_id in found:
+            lines = [p.line for p in box_list.problems if p.image == image_id]
+            problems.append(Problem("no_box_left", image_id, 0, f"{image_id}: every box row was skipped "
+                                    f"(lines {', '.join(map(str, lines))}); it is kept without boxes"))
+    return problems
+
+
+def decode_problems(failed: dict[str, str], annotated: set[str]) -> list[Problem]:
+    """Images that could not be decoded, annotated ones apart."""
+    return [
+        Problem("annotated_unreadable" if i in annotated else "unreadable", i, 0, reason)
+        for i, reason in sorted(failed.items())
+    ]
+
+
+def _strict_error(problems: list[Problem], written: str) -> StrictError:
+    first = problems[0]
+    return StrictError(
+        f"--strict: {len(problems)} input problem(s) that prepare would drop or change (first: {first.detail}); "
+        f"{written}. Fix the inputs, or run without --strict to prepare anyway (the full list then goes to "
+        "fingerprint.json)",
+        problems,
+    )
+
+
+def problems_table(problems: Sequence[Problem | dict[str, Any]]) -> Table | None:
+    """A short table of what ``prepare`` dropped or changed and why (``None`` when nothing was).
+
+    One row per kind of :data:`PROBLEM_KINDS`: the count, the first image (``+N`` more) and the
+    first box-list lines; the full list is in ``fingerprint.json`` under ``problems``.
+    """
+    rows = [p if isinstance(p, Problem) else Problem(**p) for p in problems]
+    if not rows:
+        return None
+    table = Table(title="What prepare dropped or changed (all of it: fingerprint.json, 'problems')",
+                  box=box.SIMPLE_HEAD, title_justify="left", padding=(0, 1), collapse_padding=True)
+    table.add_column("input (what was done)", no_wrap=True)
+    table.add_column("count", justify="right", no_wrap=True)
+    table.add_column("first image", no_wrap=True)
+    table.add_column("lines", no_wrap=True)
+    for kind, label in PROBLEM_KINDS.items():
+        of_kind = [p for p in rows if p.kind == kind]
+        if not of_kind:
+            continue
+        first = of_kind[0].image or "?"
+        if len(of_kind) > 1:
+            first += f" +{len(of_kind) - 1}"
+        lines = [str(p.line) for p in of_kind if p.line]
+        shown = ", ".join(lines[:3]) + (", ..." if len(lines) > 3 else "")
+        table.add_row(label, str(len(of_kind)), first, shown)
+    return table
+
+
 def prepare(
     nih_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -278,6 +456,7 @@ def prepare(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    strict: bool = False,
 ) -> Path:
     """Prepare an NIH-format folder for training; see the module docstring and docs/data.md.
 
@@ -295,12 +474,21 @@ def prepare(
         seed: seed of the fold assignment and of the unannotated sampling.
         workers: decoding processes (1 = in this process).
         progress: show a progress bar.
+        strict: fail instead of dropping or changing any input (:data:`PROBLEM_KINDS`): problems
+            of the tables stop it before anything is written; unreadable images stop it after the
+            decoding pass, before the manifest, fingerprint and splits are written (a folder that
+            did not exist before is removed again).
+
+    Everything dropped or changed is listed in ``fingerprint.json`` under ``problems``
+    (:func:`problems_table` shows it).
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        CxrlocError: missing CSV, bad option, no usable image, or an inconsistent ``splits.json``.
+        CxrlocError: missing CSV, bad option, no usable image, an inconsistent ``splits.json``,
+            or an output that cannot be written (checked before decoding, with the cache's size).
+        StrictError: ``strict`` and an input would be dropped or changed.
     """
     nih_dir, out = Path(nih_dir), Path(out_dir)
     if not nih_dir.is_dir():
@@ -319,6 +507,7 @@ def prepare(
         raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
     if folds < 2:
         raise CxrlocError(f"--folds must be at least 2, got {folds}")
+    check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
     entry_path = Path(data_entry) if data_entry else find_table(nih_dir, DATA_ENTRY_NAMES)
     if entry_path is None:
         raise CxrlocError(f"{nih_dir}: no {DATA_ENTRY_NAMES[0]} (or _v2020 / .gz) found; pass --data-entry PATH")
@@ -343,6 +532,9 @@ def prepare(
             f"{where}: none of the {len(entries):,} images listed in {entry_path.name} was found below it; "
             "check the folder (images may sit in subfolders such as images_001/images/)"
         )
+    problems = table_problems(box_list, box_path, entry_path.name, listed, found)
+    if strict and problems:
+        raise _strict_error(problems, "nothing was written")
     ids = entries["image_id"].to_numpy(dtype=object)
     patients = entries["patient_id"].to_numpy()
     present = np.array([i in found for i in ids], dtype=bool)
@@ -356,7 +548,7 @@ def prepare(
             "folds are built over annotated images, so nothing usable can be prepared"
         )
 
-    out.mkdir(parents=True, exist_ok=True)
+    created = not os.path.exists(out)
     splits_path = out / "splits.json"
     reused = splits_path.is_file()
     if reused:
@@ -375,11 +567,25 @@ def prepare(
 
     cache_ids = [str(i) for i in ids[present] if i in wanted]  # Data_Entry order
     paths = [found[i] for i in cache_ids]
-    cache = _Cache(out, cache_ids, size)
-    if cache.resumed:
-        console.print(f"Resuming: {int(np.sum(cache.done == DONE_OK))} of {cache.count} images already in the cache")
-    failures, _ = _fill_cache(cache, paths, workers=workers, progress=progress)
+    check_writable_dir(out, "--out", need_bytes=_cache_bytes_needed(out, len(cache_ids), size))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cache = _Cache(out, cache_ids, size)
+        if cache.resumed:
+            console.print(
+                f"Resuming: {int(np.sum(cache.done == DONE_OK))} of {cache.count} images already in the cache"
+            )
+        failures, _ = _fill_cache(cache, paths, workers=workers, progress=progress)
+    except OSError as exc:
+        raise write_error(exc, out, "prepared folder") from None
     failed_ids = {cache_ids[i]: reason for i, reason in failures.items()}
+    problems += decode_problems(failed_ids, annotated_ids)
+    if strict and failed_ids:
+        written = "the manifest, fingerprint and splits were not written"
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+            written = f"{out} was removed again"
+        raise _strict_error([p for p in problems if p.image in failed_ids], written)
 
     ok_cached = {i: n for n, i in enumerate(cache_ids) if i not in failed_ids}
     usable_annotated = {i: patient_of[i] for i in sorted(annotated_ids) if i in ok_cached}
@@ -455,14 +661,27 @@ def prepare(
             "boxes_clipped": len(box_list.clipped),
             "box_rows_skipped": len(box_skipped),
             "labels_added_from_boxes": added,
+            "problems": {k: n for k in PROBLEM_KINDS if (n := sum(p.kind == k for p in problems))},
         },
         "skipped": [{"image_id": i, "reason": failed_ids[i]} for i in sorted(failed_ids)],
         "box_problems": {"clipped": box_list.clipped, "skipped": box_skipped},
         "duplicate_file_names": duplicates,
+        "problems": [p.to_json() for p in problems],
         "missing": {"reason": f"listed in {entry_path.name} but not found below the NIH folder", "images": missing_ids},
     }
     write_json_atomic(out / "fingerprint.json", fingerprint)
     return out
+
+
+def _cache_bytes_needed(out: Path, count: int, size: int) -> int:
+    """Disk space the cache still needs: its full size, less what an interrupted run already wrote."""
+    total = count * size * size + count
+    images = out / "images.u8"
+    try:
+        written = images.stat().st_blocks * 512 if images.stat().st_size == count * size * size else 0
+    except (OSError, AttributeError):
+        written = 0
+    return max(total - written, 0)
 
 
 def _check_parameters(splits: dict[str, Any], path: Path, *, folds: int, seed: int, fraction: float) -> None:
@@ -486,4 +705,5 @@ def summary_line(out: Path) -> str:
     return (
         f"{c['cached']} images cached ({c['annotated']} annotated, {c['unannotated_pool']} unannotated in the pool), "
         f"{c['missing']} missing, {c['skipped']} skipped"
+        + (f"; {sum(c['problems'].values())} input(s) dropped or changed" if c.get("problems") else "")
     )

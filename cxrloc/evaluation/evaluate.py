@@ -31,7 +31,7 @@ from cxrloc.evaluation.metrics import (
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
 from cxrloc.evaluation.report import METHODS, PAPER_T, PAPER_TABLE1, nan_to_none, write_reports
 from cxrloc.rundir import FoldDir, RunDir
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, check_writable_dir
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
 BOXED: tuple[int, ...] = tuple(range(len(BOXED_CLASSES)))
@@ -373,17 +373,19 @@ def evaluate(
     if not ts or any(not 0.0 < t <= 1.0 for t in ts):
         raise CxrlocError(f"Every --t must be in (0, 1], got {list(ts)}.")
     run = RunDir(Path(run_dir))
-    folds = [
-        evaluate_fold(d, ts=ts, device=device, which=which, progress=progress, batch_size=batch_size, split=split,
-                      tta=tta)
-        for d in run.folds(fold)
-    ]
-    summary = summarise(folds, ts)
+    fold_dirs = run.folds(fold)
     if out_dir is None:
         out = run.path / ("eval" if split == "test" else "eval_val")
         out = out.with_name(out.name + (f"_tta{tta}" if tta > 1 else ""))
     else:
         out = Path(out_dir)
+    check_writable_dir(out, "evaluation folder")
+    folds = [
+        evaluate_fold(d, ts=ts, device=device, which=which, progress=progress, batch_size=batch_size, split=split,
+                      tta=tta)
+        for d in fold_dirs
+    ]
+    summary = summarise(folds, ts)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     info = (f"Run `{run.path}`, checkpoint `{which}`, {split} images, folds {[f['fold'] for f in folds]}, "
             f"T = {list(ts)}{f', {tta} test-time views' if tta > 1 else ''}, {date}.")

@@ -41,7 +41,7 @@ from cxrloc.classes import CLASSES, NUM_CLASSES
 from cxrloc.geometry import union_patch_mask
 from cxrloc.rundir import RunDir
 from cxrloc.thresholds import Thresholds
-from cxrloc.utils import CxrlocError, console
+from cxrloc.utils import CxrlocError, check_writable_file, console
 
 TAU_QUANTILE: float = 0.25
 RHO_QUANTILE: float = 0.75
@@ -230,6 +230,7 @@ def fit_thresholds(
     from cxrloc.inference.batch import iter_predictions
 
     tf = TrainedFold.open(fold_dir, device=device, which=which)
+    check_writable_file(tf.fold_dir.thresholds_json, "thresholds file")
     run, prepared, model, cfg, ckpt = tf.run, tf.prepared, tf.model, tf.cfg, tf.checkpoint
     fold_dir = tf.fold_dir.path
     current = model.thresholds.get()

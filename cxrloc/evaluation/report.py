@@ -146,24 +146,31 @@ def classification_note(result: dict[str, Any]) -> str:
 def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
     """The terminal tables (means only below :data:`WIDE_TERMINAL` columns), then the operating point's line."""
     tables: list[Table | Text] = []
-    with_std = width >= WIDE_TERMINAL
+    folds = list(result.get("folds", []))
+    with_std = width >= WIDE_TERMINAL and len(folds) > 1
+    if len(folds) == 1:
+        over = f"fold {folds[0]}"
+    else:
+        over = f"{'mean ± std' if with_std else 'mean'} over {len(folds)} folds"
     for m in result["metrics"]:
         t = Table(
-            title=f"{m.upper()} accuracy ({'mean ± std' if with_std else 'mean'} over folds)",
+            title=f"{m.upper()} accuracy ({over})",
             box=box.SIMPLE_HEAD,
             padding=(0, 1),
             collapse_padding=True,
+            show_edge=False,  # without the edge columns an 80-column terminal keeps method labels on one line
+            pad_edge=False,
         )
         for col in ("method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"):
             if col == "method":
-                t.add_column(col, justify="left", overflow="fold")
+                t.add_column(col, justify="left", no_wrap=True)
             else:  # numbers are never cut: an 80-column terminal fits them
                 t.add_column(col, justify="right", no_wrap=True, min_width=3 if col == "T" else 5)
         for method, tt, cells in accuracy_rows(result, m, with_std):
             style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
             t.add_row(method, tt, *cells, style=style)
         tables.append(t)
-    a = Table(title=f"Classification ({'mean ± std' if with_std else 'mean'} over folds)")
+    a = Table(title=f"Classification ({over})")
     a.add_column("class", overflow="fold")
     for col in ("pos", "AUROC", "sens", "spec"):
         a.add_column(col, justify="right", no_wrap=True)

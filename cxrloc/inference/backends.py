@@ -100,6 +100,43 @@ def session_meta(session: Any, source: str | os.PathLike[str]) -> dict[str, Any]
     return props_to_meta(dict(session.get_modelmeta().custom_metadata_map), source)
 
 
+def check_graph(session: Any, meta: dict[str, Any], source: str | os.PathLike[str]) -> None:
+    """Check the graph's input and outputs against the metadata before anything runs.
+
+    The input must be ``image`` of shape (batch, 1, S, S) and the outputs ``z`` and
+    ``unary_logits`` of shape (batch, K, P, P), with S and P as the metadata says (a dimension
+    the graph leaves symbolic is not checked). A file whose metadata was edited, or copied from
+    another export, would otherwise fail inside onnxruntime with a long traceback.
+
+    Raises:
+        CxrlocError: a missing input or output, or a shape that disagrees with the metadata.
+    """
+    size, grid = meta.get("image_size"), meta.get("patch_grid")
+    if not isinstance(size, int) or not isinstance(grid, int) or size < 1 or grid < 1:
+        raise CxrlocError(f"{source}: cxrloc metadata image_size={size!r}, patch_grid={grid!r} are not sizes; "
+                          "re-export with 'cxrloc export'.")
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    wanted = [(INPUT_NAME, inputs, (1, size, size), "input")] + [
+        (name, outputs, (len(CLASSES), grid, grid), "output") for name in OUTPUT_NAMES
+    ]
+    for name, table, dims, kind in wanted:
+        if name not in table:
+            raise CxrlocError(
+                f"{source}: the graph has no {kind} {name!r} (it has {sorted(table)}); it is not a cxrloc export."
+            )
+        shape = list(table[name])
+        if len(shape) != 4:
+            raise CxrlocError(f"{source}: graph {kind} {name!r} has shape {shape}, expected 4 dimensions.")
+        for got, want in zip(shape[1:], dims, strict=True):
+            if isinstance(got, int) and got != want:
+                raise CxrlocError(
+                    f"{source}: graph {kind} {name!r} has shape {shape} but the metadata (image_size={size}, "
+                    f"patch_grid={grid}) implies (batch, {', '.join(map(str, dims))}); the metadata was edited or "
+                    "belongs to another model: re-export with 'cxrloc export'."
+                )
+
+
 class Predictor:
     """One interface over a torch checkpoint and an ONNX file.
 
@@ -237,6 +274,7 @@ class OnnxPredictor(Predictor):
         self.session = open_session(path, device=device, threads=threads)
         self.provider = self.session.get_providers()[0]
         meta = session_meta(self.session, path)
+        check_graph(self.session, meta, path)
         self._input = INPUT_NAME
         self._outputs = list(OUTPUT_NAMES)
         if thresholds_file is not None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from cxrloc.data.synthetic import healthy_chest
 from cxrloc.inference.backends import DEFAULT_THREADS
-from cxrloc.utils import CxrlocError, atomic_path, console
+from cxrloc.utils import CxrlocError, atomic_path, check_writable_file, console
 
 DEFAULT_OPSET: int = 17
 MIN_OPSET: int = 17
@@ -148,6 +148,9 @@ def export_onnx(
         src = Path(run_or_ckpt)
         out_path = (ckpt.parent / "model.onnx") if src.is_file() else src / "export" / "model.onnx"
     out_path = Path(out_path)
+    check_writable_file(out_path, "ONNX file")
+    if threads < 1:
+        raise CxrlocError(f"--threads must be at least 1, got {threads}.")
     model, meta, _cfg = load_model(ckpt, device="cpu")
     meta = dict(meta)
     size = int(meta["image_size"])
@@ -172,7 +175,7 @@ def export_onnx(
     with torch.inference_mode():
         z_ref, unary_ref = (t.numpy() for t in wrapped(torch.from_numpy(x)))
 
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, "ONNX file") as tmp:
         try:
             # The tracer warns about shape checks it freezes; S is fixed per model, so they are expected.
             with torch.no_grad(), warnings.catch_warnings():

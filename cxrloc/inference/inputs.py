@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cxrloc.data.imageio import IMAGE_EXTENSIONS, looks_like_dicom, resize_square, to_uint8
+from cxrloc.data.imageio import (
+    IMAGE_EXTENSIONS,
+    looks_like_dicom,
+    not_regular_message,
+    resize_square,
+    special_file_kind,
+    to_uint8,
+)
 from cxrloc.data.prepared import to_network_range
 
 
@@ -21,19 +29,27 @@ def preprocess(img: np.ndarray, image_size: int) -> np.ndarray:
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Turn files, folders (searched recursively) and glob patterns into image files.
 
+    Only regular files are taken: a FIFO, socket or device (by name or with an image extension
+    in a folder) is reported, never opened.
+
     Returns:
         ``(files, problems)``: the sorted unique files, and ``(input, message)`` for each input
-        that matched nothing.
+        that matched nothing or is not a regular file.
     """
     files: list[Path] = []
     problems: list[tuple[str, str]] = []
 
     def add_dir(d: Path) -> int:
-        found = [
-            p for p in sorted(d.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")
-            and (p.suffix.lower() in IMAGE_EXTENSIONS or (p.suffix == "" and looks_like_dicom(p)))
-        ]
+        found = []
+        for p in sorted(d.rglob("*")):
+            if p.name.startswith(".") or not (
+                p.suffix.lower() in IMAGE_EXTENSIONS or (p.suffix == "" and p.is_file() and looks_like_dicom(p))
+            ):
+                continue
+            if p.is_file():
+                found.append(p)
+            elif (kind := special_file_kind(p)) is not None:
+                problems.append((str(p), not_regular_message(p, kind)))
         files.extend(found)
         return len(found)
 
@@ -42,8 +58,10 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
         if path.is_dir():
             if add_dir(path) == 0:
                 problems.append((item, f"{item}: folder holds no PNG, JPEG or DICOM file"))
-        elif path.exists():
+        elif path.is_file():
             files.append(path)  # an explicit file is always tried, whatever its extension
+        elif (kind := special_file_kind(path)) is not None:
+            problems.append((item, not_regular_message(item, kind)))
         elif any(ch in item for ch in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
             matched = 0
@@ -53,6 +71,8 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
                 elif m.is_file():
                     files.append(m)
                     matched += 1
+                elif (kind := special_file_kind(m)) is not None:
+                    problems.append((str(m), not_regular_message(m, kind)))
             if matched == 0:
                 problems.append((item, f"{item}: pattern matches no image file"))
         else:
@@ -67,13 +87,53 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
     return unique, problems
 
 
-def unique_stems(files: Sequence[Path]) -> list[str]:
-    """Output names: the file's stem, made unique with ``_2``, ``_3`` ... when two files share it."""
-    used: dict[str, int] = {}
-    names: list[str] = []
-    for f in files:
-        stem = f.stem or f.name
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        names.append(stem if n == 1 else f"{stem}_{n}")
+SUMMARY_NAME = "predictions"
+"""Stem of the batch summary ``predictions.json`` in ``--out-dir``: no image output may take it."""
+
+
+def output_names(files: Sequence[Path], reserved: Sequence[str] = (SUMMARY_NAME,)) -> list[str]:
+    """Output names of the inputs in ``--out-dir``: unique, and never one of ``reserved``.
+
+    A name is the input's path relative to the inputs' common folder, without its extension, in
+    POSIX form (``scans/a/x.png`` and ``scans/b/x.png`` -> ``a/x`` and ``b/x``; outputs go to
+    ``OUT/a/x.json`` ...). Inputs whose names would coincide (``x.png`` and ``x.dcm``, compared
+    ignoring case for file systems that do) or take a reserved name (``predictions.png`` would
+    write ``predictions.json``, the batch summary) keep their extension instead (``x.png``,
+    ``x.dcm``, ``predictions.png``). Distinct files have distinct relative paths, so the names are
+    unique; as every output is ``NAME`` + a fixed suffix (``.json``, ``.overlay.png``,
+    ``.maps.npy``), no two outputs collide. Names that differ only in case get ``~2``, ``~3``.
+    """
+    if not files:
+        return []
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    try:
+        root: Path | None = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    except ValueError:  # no common folder (different drives)
+        root = None
+    full = [(p.relative_to(root) if root is not None else Path(*p.parts[1:])).as_posix() for p in absolute]
+    names = [f[: -len(p.suffix)] if p.suffix and p.stem else f for f, p in zip(full, absolute, strict=True)]
+    taken_reserved = {r.casefold() for r in reserved}
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name.casefold(), []).append(i)
+        clash = [
+            i
+            for key, idx in groups.items()
+            if len(idx) > 1 or key in taken_reserved
+            for i in idx
+            if names[i] != full[i]
+        ]
+        if not clash:
+            break
+        for i in clash:
+            names[i] = full[i]
+    used: set[str] = set(taken_reserved)
+    for i, name in enumerate(names):
+        candidate, n = name, 1
+        while candidate.casefold() in used:
+            n += 1
+            candidate = f"{name}~{n}"
+        used.add(candidate.casefold())
+        names[i] = candidate
     return names

@@ -53,6 +53,14 @@ BLOB_ALPHA: float = 0.45
 NO_FINDING: str = "No finding called present"
 """The legend's line when no class is shown."""
 
+MAX_OVERLAY_PIXELS: int = 4096 * 2048
+"""Largest overlay drawn (width x height): the enlargement of small images to ``min_side`` and the
+original size of large ones both stop here, so that the picture's memory stays bounded (~100 MB
+per float RGB plane) whatever the input's shape."""
+
+OVERLAY_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+"""Overlay file extensions (lower case) and the format written for each."""
+
 GtBox = tuple[str, float, float, float, float]
 """``(class name, x0, y0, x1, y1)`` with coordinates as fractions of the image side."""
 
@@ -103,6 +111,15 @@ def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = REGIO
     return np.asarray(up, dtype=np.float32) * np.float32(BLOB_ALPHA / 255.0)
 
 
+def overlay_scale(height: int, width: int, min_side: int = 512) -> float:
+    """The factor applied to an image for its overlay: enlarge to ``min_side``, never past
+    :data:`MAX_OVERLAY_PIXELS` (so a 4 x 3000 strip is not blown up to 512 x 384,000)."""
+    scale = max(1.0, min_side / max(1, min(height, width)))
+    if height * width * scale * scale > MAX_OVERLAY_PIXELS:
+        scale = (MAX_OVERLAY_PIXELS / (height * width)) ** 0.5
+    return scale
+
+
 def render_overlay(
     img: np.ndarray,
     z: np.ndarray,
@@ -133,13 +150,14 @@ def render_overlay(
         empty_message: the legend's line when ``present`` is empty.
 
     Returns:
-        An RGB image of the original size, or enlarged to ``min_side``; its ``info["Description"]``
-        holds the legend's text (written to the PNG by :func:`save_png`).
+        An RGB image of the original size, or enlarged to ``min_side``; in both cases at most
+        :data:`MAX_OVERLAY_PIXELS` pixels (scaled down, keeping the aspect ratio, beyond that). Its
+        ``info["Description"]`` holds the legend's text (written into a PNG by :func:`save_overlay`).
     """
     height, width = img.shape
-    if min(height, width) < min_side:
-        scale = min_side / min(height, width)
-        size = (round(width * scale), round(height * scale))
+    scale = overlay_scale(height, width, min_side)
+    if scale != 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
         img = np.asarray(Image.fromarray(np.asarray(img, dtype=np.float32), mode="F").resize(size, Image.BILINEAR))
         height, width = img.shape
     rgb = np.repeat(np.clip(img, 0.0, 1.0)[..., None] * np.float32(255.0), 3, axis=2).astype(np.float32)
@@ -192,14 +210,37 @@ def render_overlay(
     return canvas
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
-    """Save ``image`` as PNG atomically (temporary name, then rename), with its text ``info`` as PNG text chunks."""
+def overlay_format(path: str | os.PathLike[str]) -> str:
+    """The image format an overlay named ``path`` is written in (by its extension).
+
+    Raises:
+        CxrlocError: the extension is not ``.png``, ``.jpg`` or ``.jpeg``.
+    """
+    from cxrloc.utils import CxrlocError
+
+    fmt = OVERLAY_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise CxrlocError(
+            f"--overlay {path}: name it .png or .jpg / .jpeg (the format is chosen by the extension)"
+        )
+    return fmt
+
+
+def save_overlay(image: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Save ``image`` atomically as PNG or JPEG (quality 95), as the extension of ``path`` says.
+
+    A PNG keeps the image's text ``info`` (the legend) as text chunks.
+    """
     from PIL import PngImagePlugin
 
-    text = PngImagePlugin.PngInfo()
-    for key, value in image.info.items():
-        if isinstance(value, str):
-            text.add_text(key, value)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=text)
+    fmt = overlay_format(path)
+    options: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {}
+    if fmt == "PNG":
+        text = PngImagePlugin.PngInfo()
+        for key, value in image.info.items():
+            if isinstance(value, str):
+                text.add_text(key, value)
+        options["pnginfo"] = text
+    with atomic_path(path, "overlay") as tmp:
+        image.save(tmp, format=fmt, **options)
     return Path(path)

@@ -20,9 +20,17 @@ from typing import Any
 import numpy as np
 
 from cxrloc.inference.backends import DEFAULT_THREADS, Predictor, load_predictor
-from cxrloc.inference.inputs import expand_inputs, preprocess, unique_stems
+from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess
 from cxrloc.inference.postprocess import make_record
-from cxrloc.utils import CxrlocError, atomic_path, console, progress_bar, write_json_atomic
+from cxrloc.utils import (
+    CxrlocError,
+    atomic_path,
+    check_writable_dir,
+    check_writable_file,
+    console,
+    progress_bar,
+    write_json_atomic,
+)
 
 OVERLAY_CLASSES: tuple[str, ...] = ("present", "all", "gt")
 """What an overlay shows: the classes called present, every class, or the ground-truth classes."""
@@ -63,12 +71,17 @@ def predict_files(
     """Run a model on image files and write JSON records, overlays and maps.
 
     One input without ``--out-dir``: ``json_path`` / ``overlay`` name the outputs (the JSON goes
-    to stdout when neither they nor ``out_dir`` are given). Several inputs: everything goes to
-    ``out_dir`` (default ``./predictions``): ``<stem>.json``, ``<stem>.overlay.png`` (unless
-    ``overlays`` is False), ``<stem>.maps.npy`` with ``save_maps`` and ``predictions.json``.
+    to stdout when neither they nor ``out_dir`` are given; the overlay is PNG or JPEG by its
+    extension). Several inputs: everything goes to ``out_dir`` (default ``./predictions``):
+    ``NAME.json``, ``NAME.overlay.png`` (unless ``overlays`` is False), ``NAME.maps.npy`` with
+    ``save_maps`` and ``predictions.json``, where NAME is the input's path relative to the
+    inputs' common folder, without extension, kept unique by
+    :func:`cxrloc.inference.inputs.output_names`.
 
-    A file that cannot be read is reported with one error line and recorded in
-    ``failures``; the other files are still processed.
+    A file that cannot be read, and an output that cannot be written (disk full, read-only
+    folder), is reported with one error line and recorded in ``failures``; the other files are
+    still processed and ``predictions.json`` is still written. Output folders and files are
+    checked for writability before the model is loaded; no output ever replaces an input file.
 
     ``overlay_classes``: ``present`` draws a blob for every class called present at the model's
     operating point (:mod:`cxrloc.calibration`; ``1'z >= tau_hat`` for an uncalibrated model) and
@@ -86,31 +99,42 @@ def predict_files(
     if overlay_classes == "gt" and boxes_csv is None:
         raise CxrlocError("--overlay-classes gt draws the classes of the ground-truth boxes: pass --boxes CSV.")
 
+    if threads < 1:
+        raise CxrlocError(f"--threads must be at least 1, got {threads}.")
+    if batch_size < 1:
+        raise CxrlocError(f"--batch-size must be at least 1, got {batch_size}.")
+    if overlay is not None:
+        from cxrloc.inference.overlay import overlay_format
+
+        overlay_format(overlay)
     files, problems = expand_inputs(inputs)
     summary = PredictSummary()
-    for item, msg in problems:
-        console.print(f"[bold red]Error:[/] {msg}")
-        summary.failures.append({"image": item, "error": msg})
     many = len(files) + len(problems) > 1
     if many and out_dir is None and (overlay is not None or json_path is not None):
         raise CxrlocError("--overlay and --json name the outputs of ONE image; for several use --out-dir DIR.")
     if many and out_dir is None:
         out_dir = Path("predictions")
-    if batch_size < 1:
-        raise CxrlocError("--batch-size must be at least 1.")
+    if out_dir is not None:
+        check_writable_dir(out_dir, "--out-dir")
+    else:
+        for option, target in (("--json", json_path), ("--overlay", overlay)):
+            if target is not None:
+                check_writable_file(target, option)
+    for item, msg in problems:
+        _fail(summary, item, msg)
     gt_boxes = None
     if boxes_csv is not None:
         from cxrloc.inference.overlay import gt_boxes_by_image
 
         gt_boxes = gt_boxes_by_image(boxes_csv)
     if not files:
-        summary.location = str(out_dir) if out_dir else "nowhere (no input could be read)"
-        return summary
+        return summary  # nothing written: no location
 
     predictor = load_predictor(model, device=device, fold=fold, threads=threads, thresholds_file=thresholds_file)
     summary.operating_point = predictor.describe_operating_point()
     out = Path(out_dir) if out_dir is not None else None
-    stems = unique_stems(files)
+    names = output_names(files)
+    inputs_resolved = {f.resolve() for f in files}
     with progress_bar(enabled=progress and len(files) > 1, info=True, transient=True) as bar:
         task = bar.add_task("Predicting", total=len(files), info="")
         for start in range(0, len(files), batch_size):
@@ -119,9 +143,8 @@ def predict_files(
             for i in chunk:
                 try:
                     loaded.append((i, read_image(files[i])))
-                except CxrlocError as exc:
-                    console.print(f"[bold red]Error:[/] {exc}")
-                    summary.failures.append({"image": str(files[i]), "error": str(exc)})
+                except (CxrlocError, MemoryError) as exc:
+                    _fail(summary, str(files[i]), _reason(exc, files[i]))
                     bar.advance(task)
             if not loaded:
                 continue
@@ -129,36 +152,53 @@ def predict_files(
             z_all, _ = predictor.run(x)
             for (i, img), z in zip(loaded, z_all, strict=True):
                 bar.update(task, info=files[i].name)
-                record = _finish_one(
-                    files[i], stems[i], img, z, predictor, out=out, overlay=overlay, json_path=json_path,
-                    gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
-                    summary=summary,
-                )
-                summary.records.append(record)
+                try:
+                    record = _finish_one(
+                        files[i], names[i], img, z, predictor, out=out, overlay=overlay, json_path=json_path,
+                        gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
+                        summary=summary, inputs=inputs_resolved,
+                    )
+                except (CxrlocError, MemoryError) as exc:  # an output that cannot be written: go on
+                    _fail(summary, str(files[i]), _reason(exc, files[i]))
+                else:
+                    summary.records.append(record)
                 bar.advance(task)
+            del loaded, x, z_all
 
     if out is not None:
-        summary_path = out / "predictions.json"
+        summary_path = out / f"{SUMMARY_NAME}.json"
         write_json_atomic(summary_path, {
             "model": str(predictor.source), "backend": predictor.backend,
             "operating_point": predictor.operating_point(),
             "count": len(summary.records), "failed": len(summary.failures),
             "predictions": summary.records, "failures": summary.failures,
-        })
+        }, what="batch summary")
         summary.outputs.append(summary_path)
         summary.location = str(out)
     else:
         if json_path is None and summary.records:
             print(json.dumps(summary.records[0], indent=2))  # stdout stays machine-readable
-        summary.location = ", ".join([str(p) for p in summary.outputs] + (["stdout"] if json_path is None else []))
-        if not summary.records and not summary.outputs:
-            summary.location = "nowhere (no input could be read)"
+        where = [str(p) for p in summary.outputs] + (["stdout"] if json_path is None and summary.records else [])
+        summary.location = ", ".join(where)
     return summary
+
+
+def _fail(summary: PredictSummary, image: str, message: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    summary.failures.append({"image": image, "error": message})
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    if isinstance(exc, MemoryError):
+        return f"{path}: out of memory while processing this image; it was skipped"
+    return str(exc)
 
 
 def _finish_one(
     path: Path,
-    stem: str,
+    name: str,
     img: np.ndarray,
     z: np.ndarray,
     predictor: Predictor,
@@ -171,8 +211,13 @@ def _finish_one(
     overlays: bool,
     overlay_classes: str,
     summary: PredictSummary,
+    inputs: set[Path],
 ) -> dict[str, Any]:
-    """Write the outputs of one image and return its record."""
+    """Write the outputs of one image and return its record.
+
+    Raises:
+        CxrlocError: an output cannot be written, or would replace one of ``inputs``.
+    """
     height, width = img.shape
     record = {
         "image": str(path),
@@ -185,23 +230,26 @@ def _finish_one(
                       calibration=predictor.calibration),
     }
     if out is not None:
-        json_path = out / f"{stem}.json"
-        overlay = out / f"{stem}.overlay.png" if overlays else None
-        maps_path: Path | None = out / f"{stem}.maps.npy"
+        json_path = out / f"{name}.json"
+        overlay = out / f"{name}.overlay.png" if overlays else None
+        maps_path: Path | None = out / f"{name}.maps.npy"
     else:
         base = Path(json_path) if json_path is not None else Path(overlay) if overlay is not None else None
-        maps_path = base.with_suffix(".maps.npy") if base is not None else Path(f"{stem}.maps.npy")
+        maps_path = base.with_suffix(".maps.npy") if base is not None else Path(f"{path.stem}.maps.npy")
+    for target in (json_path, overlay, maps_path if save_maps else None):
+        if target is not None and Path(target).resolve() in inputs:
+            raise CxrlocError(f"{path}: its output {target} would replace an input image; choose another --out-dir")
     if save_maps and maps_path is not None:
-        with atomic_path(maps_path) as tmp, open(tmp, "wb") as fh:
+        with atomic_path(maps_path, "maps") as tmp, open(tmp, "wb") as fh:
             np.save(fh, z.astype(np.float32))
         record["maps"] = str(maps_path)
         summary.outputs.append(maps_path)
     if overlay is not None:
-        from cxrloc.inference.overlay import NO_FINDING, render_overlay, save_png
+        from cxrloc.inference.overlay import NO_FINDING, render_overlay, save_overlay
 
         gts = gt_boxes.get(path.name, []) if gt_boxes is not None else None
         if overlay_classes == "gt":
-            names = {name for name, *_ in gts or []}
+            names = {label for label, *_ in gts or []}
             shown = [k for k, c in enumerate(predictor.classes) if c in names]
             empty = "No ground-truth box on this image"
         elif overlay_classes == "all":
@@ -210,12 +258,12 @@ def _finish_one(
             shown = [k for k, c in enumerate(record["classes"]) if c["present"]]
             empty = f"{NO_FINDING} ({_short_rule(predictor)})"
         probabilities = None if predictor.calibration is None else [c["probability"] for c in record["classes"]]
-        save_png(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities, gt_boxes=gts,
-                                empty_message=empty), overlay)
+        save_overlay(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities,
+                                    gt_boxes=gts, empty_message=empty), overlay)
         record["overlay"] = str(overlay)
         summary.outputs.append(Path(overlay))
     if json_path is not None:
-        write_json_atomic(json_path, record)
+        write_json_atomic(json_path, record, what="prediction")
         summary.outputs.append(Path(json_path))
     return record
 

@@ -33,7 +33,14 @@ from rich.progress import Progress, TaskID
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cxrloc.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from cxrloc.checkpoint import (
+    checkpoint_config,
+    checkpoint_weights,
+    load_checkpoint,
+    make_meta,
+    require_training_state,
+    save_checkpoint,
+)
 from cxrloc.config import Config, save_config
 from cxrloc.data.dataset import AnnotatedBatchSampler, LocalizationDataset, repeat_factors, split_train_val
 from cxrloc.data.prepared import Prepared
@@ -55,7 +62,7 @@ from cxrloc.training.runtime import (
     set_rng_state,
     setup_distributed,
 )
-from cxrloc.utils import CxrlocError, console, progress_bar
+from cxrloc.utils import CxrlocError, check_writable_dir, console, progress_bar
 
 STAGES: tuple[str, ...] = ("unary", "crf", "joint")
 
@@ -88,8 +95,11 @@ def load_start_weights(model: nn.Module, init_from: Path, fold: int) -> Path:
     """Load the weights a ``crf`` / ``joint`` stage starts from (``--from``); return the checkpoint."""
     ckpt_path = init_from if init_from.is_file() else resolve_checkpoint(start_fold(init_from, fold).path, which="best")
     state = load_checkpoint(ckpt_path)
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CxrlocError(f"{ckpt_path}: it holds no model weights; the checkpoint is damaged (use another --from).")
     try:
-        result = model.load_state_dict(state["model"], strict=False)
+        result = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise CxrlocError(
             f"The weights in {ckpt_path} do not fit this network ({str(exc).splitlines()[0]}); "
@@ -242,7 +252,9 @@ def _check_resume(fold_dir: FoldDir, cfg: Config, stage: str, resume: bool) -> d
     if not resume:
         raise CxrlocError(f"{fold_dir.path} already holds a run; add --resume to continue it, or choose another --out.")
     state = load_checkpoint(last_path)
-    saved = Config.from_dict(state["config"])
+    saved = checkpoint_config(state, last_path)
+    checkpoint_weights(state, last_path, saved)
+    require_training_state(state, last_path)
     diff = [
         f.name
         for f in dataclasses.fields(Config)
@@ -292,7 +304,18 @@ def train(
         raise CxrlocError("--stage crf needs a model with a CRF; remove --set crf=false.")
     prepared = Prepared.open(prepared_dir)
     fold_dir = FoldDir.of(out_dir, fold)
+    check_writable_dir(fold_dir.path, "run folder")
+    if resume and not fold_dir.checkpoint("last").is_file() and not fold_dir.config_json.is_file():
+        raise CxrlocError(
+            f"--resume: there is no run to resume in {fold_dir.path} (no checkpoints/last.pt, no config.json); "
+            "drop --resume to start a new run there, or check --out and --fold."
+        )
     resume_state = _check_resume(fold_dir, cfg, stage, resume)
+    if resume and int(os.environ.get("RANK", "0")) == 0:
+        # A kill during an atomic write leaves its temporary file; a resumed run removes them.
+        stale = fold_dir.remove_stale_temporaries()
+        if stale and progress:
+            console.print(f"Removed {len(stale)} unfinished temporary file(s) left by an interrupted write.")
 
     device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     dd = setup_distributed(device.type)
@@ -420,6 +443,11 @@ def _train_fold(
     dd.barrier()
 
     show = progress and dd.main
+    if start_epoch >= cfg.epochs and dd.main:
+        console.print(
+            f"Fold {fold}: {fold_dir.path} already has {start_epoch} epoch(s), --epochs is {cfg.epochs}: nothing "
+            "was trained. Pass a larger --epochs to train more."
+        )
     if show:
         console.print(
             f"Fold {fold}, stage {stage}: {len(train_ids)} training images "

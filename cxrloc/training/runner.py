@@ -17,9 +17,27 @@ from cxrloc.training.runtime import resolve_device
 from cxrloc.utils import CxrlocError, console
 
 
-def _existing_config(out_dir: Path, fold: int) -> Config | None:
-    path = FoldDir.of(out_dir, fold).config_json
-    return load_config(path) if path.is_file() else None
+def _has_run(out_dir: Path, fold: int) -> bool:
+    fd = FoldDir.of(out_dir, fold)
+    return fd.checkpoint("last").is_file() or fd.config_json.is_file()
+
+
+def _resume_config(out_dir: Path, fold: int) -> Config:
+    """The saved config a resumed fold starts from: its own, else that of another fold of the run.
+
+    Raises:
+        CxrlocError: no fold of ``out_dir`` holds a ``config.json``: there is nothing to resume.
+    """
+    own = FoldDir.of(out_dir, fold).config_json
+    if own.is_file():
+        return load_config(own)
+    others = sorted(out_dir.glob("fold_*/config.json")) if out_dir.is_dir() else []
+    if not others:
+        raise CxrlocError(
+            f"--resume: there is no run to resume in {out_dir} (no fold_*/config.json); drop --resume to start "
+            "a new run there, or check --out."
+        )
+    return load_config(others[0])
 
 
 def run_training(
@@ -62,26 +80,34 @@ def run_training(
         )
     extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
     results = []
+    if resume and not any(_has_run(out, f) for f in fold_list):
+        where = FoldDir.of(out, fold_list[0]).path if len(fold_list) == 1 else out
+        raise CxrlocError(
+            f"--resume: there is no run to resume in {where} (no checkpoints/last.pt, no config.json); drop "
+            "--resume to start a new run there, or check --out and --fold."
+        )
     for fold in fold_list:
-        base = _existing_config(out, fold) if resume and preset is None else None
+        base = _resume_config(out, fold) if resume and preset is None else None
         cfg = apply_overrides(base, extra) if base is not None else make_config(preset or "paper", extra)
+        # With --fold all, the folds an interrupted run had not reached yet start now.
+        resume_fold = resume and _has_run(out, fold)
         if alternate == 0:
             results.append(
                 train(
-                    prepared_dir, out, fold=fold, cfg=cfg, stage=stage, resume=resume, init_from=init_from,
+                    prepared_dir, out, fold=fold, cfg=cfg, stage=stage, resume=resume_fold, init_from=init_from,
                     progress=progress,
                 )
             )
             continue
         per_round = cfg.epochs
         start = 0
-        if resume:
+        if resume_fold:
             last = FoldDir.of(out, fold).checkpoint("last")
-            start = int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+            start = int(load_checkpoint(last).get("epoch", 0)) if last.is_file() else 0
         for r in range(alternate):
             cfg_r = dataclasses.replace(cfg, epochs=start + per_round * (r + 1))
             fold_dir = train(
-                prepared_dir, out, fold=fold, cfg=cfg_r, stage=stage, resume=resume or r > 0,
+                prepared_dir, out, fold=fold, cfg=cfg_r, stage=stage, resume=resume_fold or r > 0,
                 init_from=init_from, progress=progress,
             )
             fit_thresholds(fold_dir, device=resolve_device(cfg, 0).type, which="best", progress=progress)
