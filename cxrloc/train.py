@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cxrloc.checkpoint import load_checkpoint, make_meta, resolve_checkpoint, save_checkpoint
+from cxrloc.checkpoint import CheckpointWriter, load_checkpoint, make_meta, resolve_checkpoint
 from cxrloc.config import Config, apply_overrides, load_config, make_config, save_config
 from cxrloc.data.dataset import AnnotatedBatchSampler, LocalizationDataset, repeat_factors, split_train_val
 from cxrloc.geometry import union_patch_mask
@@ -45,7 +45,7 @@ from cxrloc.utils import CxrlocError, console, write_json_atomic, write_text_ato
 
 STAGES: tuple[str, ...] = ("unary", "crf", "joint")
 
-RESUME_CHANGEABLE: tuple[str, ...] = ("epochs", "workers", "device", "max_steps_per_epoch")
+RESUME_CHANGEABLE: tuple[str, ...] = ("epochs", "workers", "device", "max_steps_per_epoch", "compile")
 """Config fields that ``--resume`` may change; any other difference is an error."""
 
 METRIC_COLUMNS_HEAD: tuple[str, ...] = ("epoch", "stage")
@@ -415,7 +415,8 @@ def _train(
     compute_loss: Any,
     compute_gamma: Any,
 ) -> Path:
-    train_ids, val_ids = split_train_val(prepared, fold, cfg.val_fraction, cfg.val_seed if cfg.val_seed >= 0 else cfg.seed)
+    val_seed = cfg.val_seed if cfg.val_seed >= 0 else cfg.seed
+    train_ids, val_ids = split_train_val(prepared, fold, cfg.val_fraction, val_seed)
     test_ids = prepared.fold(fold)["test"]
     init_path = Path(init_from) if init_from is not None else None
     init_dir = _fold_dir_of(init_path, fold) if init_path is not None else None
@@ -440,6 +441,9 @@ def _train(
     net = model
     if dd.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # compile=true: the training forward runs through torch.compile; `net` (DDP's no_sync) and `model`
+    # (state dicts, validation) stay the plain modules.
+    forward = torch.compile(net) if cfg.compile else net
 
     lr = cfg.lr * (cfg.joint_lr_factor if stage == "joint" else 1.0)
     optimizer = _make_optimizer(cfg, params, lr)
@@ -512,24 +516,27 @@ def _train(
             f"({int(dataset.is_annotated().sum())} annotated), {len(val_ids)} validation, device {device}, "
             f"{dd.world_size} process(es), epochs {start_epoch + 1}..{cfg.epochs}"
         )
-    with _progress(show) as bar:
+    # One loader for the whole run: the workers persist between epochs (items depend only on
+    # (index, epoch), and the sampler's epoch is read each time the loader is iterated); the
+    # generator only seeds the worker processes, which the items do not depend on.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed * 100003 + start_epoch),
+    )
+    writer = CheckpointWriter()
+    with _progress(show) as bar, writer:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
-            loader = DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
-            )
             _set_train_mode(model, stage)
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), info="")
-            sums: dict[str, float] = {}
-            steps = 0
+            log = _EpochLog()
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
-                terms_step: dict[str, float] = {}
                 for s in range(cfg.accum_steps):
                     part = slice(s * micro, (s + 1) * micro)
                     x = batch["image"][part].to(device, non_blocking=True)
@@ -542,33 +549,28 @@ def _train(
                             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                         )
                         with autocast:
-                            z, unary_logits = net(x)
+                            z, unary_logits = forward(x)
                         unary_logits = unary_logits.float()
                         z = torch.sigmoid(unary_logits) if stage == "unary" else z.float()
                         loss, terms = compute_loss(
                             loss_cfg,
                             z,
                             unary_logits,
-                            batch["labels"][part].to(device),
-                            batch["annotated"][part].to(device),
-                            batch["box_mask"][part].to(device),
+                            batch["labels"][part].to(device, non_blocking=True),
+                            batch["annotated"][part].to(device, non_blocking=True),
+                            batch["box_mask"][part].to(device, non_blocking=True),
                             model.thresholds,
                             gamma,
                         )
-                        if not torch.isfinite(loss):
-                            raise CxrlocError(
-                                f"The loss became {loss.item()} at epoch {epoch + 1}; lower lr or use amp=off."
-                            )
                         scaler.scale(loss / cfg.accum_steps).backward()
-                    for k, v in terms.items():
-                        terms_step[k] = terms_step.get(k, 0.0) + float(v) / cfg.accum_steps
-                    terms_step["loss"] = terms_step.get("loss", 0.0) + float(loss.detach()) / cfg.accum_steps
+                    log.add(loss, terms, cfg.accum_steps)
                 scaler.step(optimizer)
                 scaler.update()
-                steps += 1
-                for k, v in terms_step.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.update(task, advance=1, info=f"loss {terms_step['loss']:.4f}")
+                log.end_step()
+                if log.steps % LOG_EVERY == 0:  # a host sync only every LOG_EVERY steps
+                    bar.update(task, info=f"loss {log.check(epoch):.4f}")
+                bar.update(task, advance=1)
+            sums, steps = log.finish(epoch)
             means = _reduce_means(sums, steps, dd, device)
             lr_used = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -609,9 +611,10 @@ def _train(
                     "thresholds_source": thresholds_source,
                 }
                 _write_metrics(fold_dir / "metrics.csv", history)
-                if is_best:
-                    save_checkpoint(fold_dir / "checkpoints" / "best.pt", state)
-                save_checkpoint(last_path_of(fold_dir), state)
+                # Written in the background (a CPU snapshot is taken now); best.pt, when this epoch is
+                # the best, is the same file as last.pt (a hard link, else a copy).
+                best = [fold_dir / "checkpoints" / "best.pt"] if is_best else []
+                writer.submit([*best, last_path_of(fold_dir)], state)
                 if show:
                     console.print(
                         f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val IoU acc@{cfg.eval_threshold} "
@@ -633,6 +636,56 @@ def prepared_labels(prepared: Any, image_ids: Sequence[str]) -> np.ndarray:
         for k, *_ in prepared.boxes(image_id):
             labels[row, k] = 1.0
     return labels
+
+
+LOG_EVERY = 20
+"""Training steps between two reads of the running loss on the host (progress bar, non-finite check)."""
+
+
+class _EpochLog:
+    """Per-epoch sums of the logged loss terms, kept on the training device.
+
+    The arithmetic is the float64 arithmetic the host did before (each micro-batch's value over
+    ``accum_steps``, summed per step, then over steps), so the logged means are unchanged; the host
+    reads them once per epoch (:meth:`finish`) and every ``LOG_EVERY`` steps (:meth:`check`) instead
+    of after every step, which lets the CPU queue the next steps while the GPU runs.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._step: dict[str, Any] = {}
+        self._sums: dict[str, Any] = {}
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], accum_steps: int) -> None:
+        for k, v in (*terms.items(), ("loss", loss)):
+            self._step[k] = self._step.get(k, 0.0) + v.detach().to(torch.float64) / accum_steps
+
+    def end_step(self) -> None:
+        for k, v in self._step.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._last_loss = self._step["loss"]
+        self._step = {}
+        self.steps += 1
+
+    def check(self, epoch: int) -> float:
+        """Raise if the loss has not been finite this epoch; return the last step's loss."""
+        total, last = torch.stack([self._sums["loss"], self._last_loss]).tolist()
+        _check_finite(total, epoch)
+        return last
+
+    def finish(self, epoch: int) -> tuple[dict[str, float], int]:
+        """The epoch's sums as floats (one host sync) and the number of steps."""
+        keys = list(self._sums)
+        values = torch.stack([self._sums[k] for k in keys]).tolist() if keys else []
+        sums = dict(zip(keys, values, strict=True))
+        if sums:
+            _check_finite(sums["loss"], epoch)
+        return sums, self.steps
+
+
+def _check_finite(loss_sum: float, epoch: int) -> None:
+    if not math.isfinite(loss_sum):
+        raise CxrlocError(f"The loss became {loss_sum} at epoch {epoch + 1}; lower lr or use amp=off.")
 
 
 def _reduce_means(sums: dict[str, float], steps: int, dd: _Dist, device: torch.device) -> dict[str, float]:

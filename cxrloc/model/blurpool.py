@@ -52,7 +52,9 @@ def _reflect_border(n: int, size: int, stride: int) -> tuple[tuple[int, int, flo
     samples of padding on both sides; ``D`` holds what reflect padding adds over zero padding:
     output ``i`` receives ``d * x[j]`` from the padded samples that mirror ``x[j]``.
     """
-    taps = binomial_filter(size).tolist()  # the float32 filter values the convolution uses
+    # The binomial taps C(size-1, t) / 2^(size-1): dyadic, so exactly the float32 values of the filter
+    # (plain Python, so that torch.compile folds this function instead of breaking its graph).
+    taps = [math.comb(size - 1, t) / 2 ** (size - 1) for t in range(size)]
     r = (size - 1) // 2
     m = (n + 2 * r - size) // stride + 1
     entries: dict[tuple[int, int], float] = {}
