@@ -85,18 +85,30 @@ def test_crf_matches_the_unfold_formulation_forward_and_backward(k: int, p: int,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_window_view_equals_im2col_windows() -> None:
+def test_window_view_by_hand() -> None:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)
-    upstream = torch.randn(2, 6, 6, 5, 5, 3, generator=gen)
-    view = _windows_last(x, 5, via_im2col=False)
-    cols = _windows_last(x, 5, via_im2col=True)
-    assert torch.equal(view, cols)
-    # by hand: element [b, i, j, dy, dx, c] is x[b, c, i + dy - 2, j + dx - 2], zero outside
-    assert view[1, 0, 3, 2, 4, 2] == x[1, 2, 0, 5] and view[0, 0, 0, 1, 1, 0] == 0
-    (gv,) = torch.autograd.grad(view, x, upstream)
-    (gc,) = torch.autograd.grad(cols, x, upstream)
-    torch.testing.assert_close(gv, gc)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    view = _windows_last(x, 5)
+    assert view.shape == (2, 6, 6, 5, 5, 3)
+    # element [b, i, j, dy, dx, c] is x[b, c, i + dy - 2, j + dx - 2], zero outside
+    for b, i, j, dy, dx, c in ((1, 0, 3, 2, 4, 2), (0, 5, 5, 0, 0, 1), (1, 2, 2, 4, 4, 0)):
+        assert view[b, i, j, dy, dx, c] == x[b, c, i + dy - 2, j + dx - 2]
+    assert view[0, 0, 0, 1, 1, 0] == 0 and view[1, 5, 4, 4, 2, 2] == 0
+
+
+def test_export_layout_computes_the_same_messages() -> None:
+    """kernel_cols / message_cols (the ONNX path) against kernel / message, values and gradients."""
+    crf, image, unary = _crf(14, 8, 5, 2, seed=11)
+    feats = crf.branch(image).detach().requires_grad_()
+    q = torch.sigmoid(unary).requires_grad_()
+    m_view = crf.message(q, crf.kernel(feats))
+    m_cols = crf.message_cols(q, crf.kernel_cols(feats))
+    torch.testing.assert_close(m_view, m_cols, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(m_view.shape, generator=torch.Generator().manual_seed(1))
+    g_view = torch.autograd.grad(m_view, [feats, q, crf.compat], upstream)
+    g_cols = torch.autograd.grad(m_cols, [feats, q, crf.compat], upstream)
+    for a, b in zip(g_view, g_cols, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_crf_under_cpu_autocast_stays_close_to_float32() -> None:

@@ -18,7 +18,8 @@ Computation: ``G`` is evaluated once per forward, in float32, on the ``window x 
 neighbourhood of every patch; each mean-field step multiplies ``G`` with the neighbours' ``q``
 (windows taken as a strided view of the zero-padded grid, channels last) and contracts offsets and
 classes with ``W`` in one GEMM, in the autocast dtype when autocast is on. Plain torch ops only
-(``pad``, ``unfold``, ``matmul``, ``exp``): exports to ONNX, where the windows come from ``F.unfold``.
+(``pad``, ``unfold``, ``matmul``, ``exp``): exports to ONNX, where the same arithmetic runs in the
+``F.unfold`` layout (:meth:`PacCrf.kernel_cols`, :meth:`PacCrf.message_cols`).
 """
 
 from __future__ import annotations
@@ -30,28 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _windows_last(x: torch.Tensor, window: int, *, via_im2col: bool | None = None) -> torch.Tensor:
-    """The ``window x window`` neighbourhoods of every position, channels last.
+def _windows_last(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The ``window x window`` neighbourhoods of every position, channels last, as a strided view.
 
     ``x`` ``(B, C, P, P)`` -> ``(B, P, P, window, window, C)`` with zeros beyond the border:
     element ``[b, i, j, dy, dx, c]`` is ``x[b, c, i + dy - r, j + dx - r]`` (``r = window // 2``).
-
-    Two exact implementations of the same data movement:
-
-    - training / eager (default): only the zero-padded ``(B, P + 2r, P + 2r, C)`` copy is
-      materialised and ``Tensor.unfold`` makes the windows a strided view; its gradient is
-      ``unfold_backward``, so neither ``im2col`` nor ``col2im`` runs;
-    - ONNX export (``via_im2col``, the default while ``torch.onnx.export`` traces): ``F.unfold``
-      (``im2col``) and a permute, because the exporter cannot translate ``Tensor.unfold`` with a
-      dynamic batch axis.
+    Only the zero-padded ``(B, P + 2r, P + 2r, C)`` copy is materialised; ``Tensor.unfold`` makes the
+    windows a view, whose gradient is ``unfold_backward``: neither ``im2col`` nor ``col2im`` runs.
     """
     r = window // 2
-    if via_im2col is None:
-        via_im2col = torch.onnx.is_in_onnx_export()
-    if via_im2col:
-        b, c, p, q = x.shape
-        cols = F.unfold(x, kernel_size=window, padding=r).view(b, c, window, window, p, q)
-        return cols.permute(0, 4, 5, 2, 3, 1)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, r, r, r, r))
     return padded.unfold(1, window, 1).unfold(2, window, 1).permute(0, 1, 2, 4, 5, 3)
 
@@ -62,6 +50,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return torch.float32
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; no op (and no ONNX ``Cast`` node) when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -171,9 +164,32 @@ class PacCrf(nn.Module):
         b, k, p, _ = q.shape
         w = self.window
         # G times the neighbours' q, laid out (B, P, P, w, w, K') so that it is one GEMM operand as it is.
-        weighted = g.view(b, p, p, w, w, 1) * _windows_last(q.to(g.dtype), w)
-        compat = (self.compat * self.offset_mask).permute(2, 1, 0).reshape(w * w * k, k).to(g.dtype)
+        weighted = g.view(b, p, p, w, w, 1) * _windows_last(_as(q, g.dtype), w)
+        compat = _as((self.compat * self.offset_mask).permute(2, 1, 0).reshape(w * w * k, k), g.dtype)
         return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat).transpose(1, 2)
+
+    def kernel_cols(self, feats: torch.Tensor) -> torch.Tensor:
+        """:meth:`kernel` in the ``F.unfold`` layout ``(B, window^2, P*P)``, for ONNX export.
+
+        The exporter cannot translate ``Tensor.unfold`` with a dynamic batch axis, and onnxruntime
+        runs this layout faster than the permuted windows (no large transposes).
+        """
+        b, d, p, _ = feats.shape
+        w = self.window
+        feats = feats.float()
+        nb = F.unfold(feats, kernel_size=w, padding=w // 2).view(b, d, w * w, p * p)
+        diff = nb - feats.reshape(b, d, 1, p * p)
+        g = torch.exp(-0.5 * (diff * diff).sum(dim=1))
+        return g * F.unfold(torch.ones_like(feats[:, :1]), kernel_size=w, padding=w // 2)
+
+    def message_cols(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`message` for :meth:`kernel_cols`'s layout (ONNX export), ``(B, K, P*P)``."""
+        b, k, p, _ = q.shape
+        w = self.window
+        nb = F.unfold(_as(q, g.dtype), kernel_size=w, padding=w // 2).view(b, k, w * w, p * p)
+        weighted = (nb * g.unsqueeze(1)).reshape(b, k * w * w, p * p)
+        compat = _as((self.compat * self.offset_mask).reshape(k, k * w * w), g.dtype)
+        return torch.matmul(compat, weighted)
 
     def forward(self, image: torch.Tensor, unary_logits: torch.Tensor) -> torch.Tensor:
         b, k, p, _ = unary_logits.shape
@@ -181,12 +197,14 @@ class PacCrf(nn.Module):
         if self.iterations > 0:
             # G in float32 (exp of squared distances needs the precision); the messages in the
             # autocast dtype when autocast is on (the GEMM ran in it before too), else float32.
-            g = self.kernel(self.branch(image)).to(_compute_dtype(image))
+            export = torch.onnx.is_in_onnx_export()
+            kernel, message = (self.kernel_cols, self.message_cols) if export else (self.kernel, self.message)
+            g = _as(kernel(self.branch(image)), _compute_dtype(image))
             u = unary_logits.float()
             flat_u = u.reshape(b, k, p * p)
             q = torch.sigmoid(u)
             for _ in range(self.iterations):
-                logits = flat_u + self.message(q, g)
+                logits = flat_u + message(q, g)
                 q = torch.sigmoid(logits).reshape(b, k, p, p)
             logits = logits.reshape(b, k, p, p)
         return torch.sigmoid(logits + self.refine(logits))
