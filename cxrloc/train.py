@@ -655,6 +655,7 @@ class _EpochLog:
         self.steps = 0
         self._step: dict[str, Any] = {}
         self._sums: dict[str, Any] = {}
+        self._last_loss: Any = None
 
     def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], accum_steps: int) -> None:
         for k, v in (*terms.items(), ("loss", loss)):
