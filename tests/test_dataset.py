@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from cxrloc.classes import CLASSES
 from cxrloc.config import make_config
 from cxrloc.data.dataset import (
+    _SALT_AUG,
     AffineParams,
     AnnotatedBatchSampler,
     LocalizationDataset,
+    crop_resize,
+    draw_affine,
     repeat_factors,
+    snap_affine,
+    source_window,
     split_train_val,
     transform_boxes,
     warp_image,
@@ -72,6 +78,79 @@ def test_random_augmentation_keeps_boxes_on_their_pixels(seed: int) -> None:
     rows, cols = np.nonzero(out > 0)  # bilinear: > 0 means more than half covered by the rectangle
     assert abs(cols.min() - x0 * 64) <= 1 and abs(cols.max() + 1 - x1 * 64) <= 1
     assert abs(rows.min() - y0 * 64) <= 1 and abs(rows.max() + 1 - y1 * 64) <= 1
+
+
+def test_snap_affine_puts_the_source_window_on_the_pixel_grid() -> None:
+    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true"])
+    for seed in range(20):
+        drawn = draw_affine(np.random.default_rng(seed), cfg)
+        snapped = snap_affine(drawn, 64)
+        x0, y0, side = source_window(snapped, 64)
+        assert snapped.scale == 64 / side and snapped.flip == drawn.flip
+        # the snapped window's edges, in pixels, are whole numbers within half a pixel of the drawn ones
+        for shift, start in ((drawn.shift_x, x0), (drawn.shift_y, y0)):
+            exact = 64 * (0.5 - (0.5 + shift) / drawn.scale)
+            assert abs(exact - start) <= 0.5 and abs(64 / drawn.scale - side) <= 0.5
+        # where the snapped map sends the window's corners: exactly the output's corners
+        (_, a, b, c, d), = transform_boxes([(0, x0 / 64, y0 / 64, (x0 + side) / 64, (y0 + side) / 64)],
+                                          AffineParams(snapped.scale, snapped.shift_x, snapped.shift_y))
+        assert np.allclose((a, b, c, d), (0, 0, 1, 1), atol=1e-12)
+        assert snap_affine(snapped, 64) == snapped
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_crop_resize_samples_the_points_grid_sample_samples(seed: int) -> None:
+    """With snapped parameters the fast warp and the general grid_sample warp agree inside the image
+    (to float rounding); only the outermost pixels of a zoom-in differ (edge replicated within the crop)."""
+    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true"])
+    params = snap_affine(draw_affine(np.random.default_rng(seed), cfg), 64)
+    u8 = (np.random.default_rng(100 + seed).random((64, 64)) * 255).astype(np.uint8)
+    fast = crop_resize(u8, params, 64)
+    general = warp_image(torch.from_numpy(u8.astype(np.float32) / 127.5 - 1)[None], params)
+    assert fast.shape == (1, 64, 64) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast[:, 1:-1, 1:-1], general[:, 1:-1, 1:-1], rtol=0, atol=1e-4)
+    if params.scale <= 1:  # zoom-out or none: every sample lies inside the crop
+        torch.testing.assert_close(fast, general, rtol=0, atol=1e-4)
+
+
+class _OneImage:
+    """The part of ``Prepared`` the dataset reads, for one hand-made cached image with one box."""
+
+    def __init__(self, image: np.ndarray, box: tuple[float, float, float, float]) -> None:
+        self.root = Path("one-image")
+        self.images = image[None]
+        self._box = box
+
+    def cache_index(self, image_id: str) -> int:
+        return 0
+
+    def labels(self, image_id: str) -> np.ndarray:
+        return np.zeros(len(CLASSES), dtype=np.uint8)
+
+    def boxes(self, image_id: str) -> list[tuple[int, float, float, float, float]]:
+        return [(5, *self._box)]
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+def test_augmented_items_keep_each_box_on_its_pixels(image_size: int) -> None:
+    """Through LocalizationDataset: the bright rectangle drawn into the cached image lies, after the
+    augmentation, where the item's transformed box says (within one output pixel), for 40 draws."""
+    u8 = np.full((64, 64), 10, dtype=np.uint8)
+    u8[20:36, 12:40] = 250  # rows 20..35, columns 12..39: the box (12, 20, 40, 36) / 64 exactly
+    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true", f"image_size={image_size}",
+                               "patch_grid=4"])
+    ds = LocalizationDataset(_OneImage(u8, (12 / 64, 20 / 64, 40 / 64, 36 / 64)), ["a"], cfg)
+    s = image_size
+    flips = 0
+    for epoch in range(40):
+        x, boxes = ds.sample(0, epoch)
+        assert x.shape == (1, s, s)
+        (k, x0, y0, x1, y1), = boxes
+        rows, cols = np.nonzero(x[0].numpy() > 0)  # bilinear: > 0 means more than half inside the rectangle
+        assert abs(cols.min() - x0 * s) <= 1 and abs(cols.max() + 1 - x1 * s) <= 1, (epoch, boxes)
+        assert abs(rows.min() - y0 * s) <= 1 and abs(rows.max() + 1 - y1 * s) <= 1, (epoch, boxes)
+        flips += draw_affine(np.random.default_rng([cfg.seed, epoch, 0, _SALT_AUG]), cfg).flip
+    assert 5 < flips < 35  # both orientations were exercised
 
 
 def test_item_targets_and_reproducible_augmentation(prepared: Prepared) -> None:
