@@ -1,10 +1,12 @@
 """Does the training data pipeline keep up with the training step?
 
-Reads items of ``cxrloc.data.dataset.LocalizationDataset`` (what ``cxrloc train`` feeds the network:
-uint8 cache row -> optional zoom/shift augmentation with its boxes -> [-1, 1] tensor + box masks)
-from a real prepared folder, in one process and one thread, with and without augmentation.
-Compare the images/s with the training step's images/s of ``bench/bench_train.py`` for the same
-preset: one loader worker keeps up when its figure is the larger.
+Reads items of ``cxrloc.data.dataset.LocalizationDataset`` (what a loader worker of ``cxrloc train``
+does: uint8 cache row -> [-1, 1] tensor, the augmentation's zoom/shift drawn and applied to the
+boxes, box masks) from a real prepared folder, in one process and one thread, with and without
+augmentation; then the pixels' warp that the training step applies to whole batches on its device
+(``warp_batch``), timed here on this CPU with one thread. Compare the images/s with the training
+step's images/s of ``bench/bench_train.py`` for the same preset: one loader worker keeps up when
+its figure is the larger.
 
 ``--rounds`` alternates the two settings that many times and reports the median; ``--clock
 process`` divides by this process's CPU time instead of wall time (one core's rate, nearly
@@ -26,7 +28,7 @@ import time
 import torch
 
 from cxrloc.config import make_config
-from cxrloc.data.dataset import LocalizationDataset
+from cxrloc.data.dataset import LocalizationDataset, warp_batch
 from cxrloc.data.prepared import Prepared
 
 
@@ -60,6 +62,19 @@ def main() -> None:
     for augment in (False, True):
         print(f"dataset items, augmentation {'on ' if augment else 'off'}: "
               f"{statistics.median(rates[augment]):8.1f} images/s per core")
+    # The warp of the pixels, as the training step does it: one affine_grid + grid_sample per batch.
+    ds = datasets[True]
+    batch = [ds[i] for i in range(min(16, len(ds)))]
+    images = torch.stack([b["image"] for b in batch])
+    theta = torch.stack([b["theta"] for b in batch])
+    warp_rates = []
+    for _ in range(max(1, args.rounds)):
+        start = clock()
+        for _ in range(5):
+            warp_batch(images, theta)
+        warp_rates.append(5 * len(batch) / (clock() - start))
+    print(f"batch warp on the training device (this CPU, batch {len(batch)}): "
+          f"{statistics.median(warp_rates):8.1f} images/s per core")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ from cxrloc.data.dataset import (
     AffineParams,
     AnnotatedBatchSampler,
     LocalizationDataset,
-    crop_resize,
     draw_affine,
     repeat_factors,
-    snap_affine,
-    source_window,
     split_train_val,
     transform_boxes,
+    warp_batch,
     warp_image,
 )
 from cxrloc.data.prepared import Prepared
@@ -80,37 +78,37 @@ def test_random_augmentation_keeps_boxes_on_their_pixels(seed: int) -> None:
     assert abs(rows.min() - y0 * 64) <= 1 and abs(rows.max() + 1 - y1 * 64) <= 1
 
 
-def test_snap_affine_puts_the_source_window_on_the_pixel_grid() -> None:
-    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true"])
-    for seed in range(20):
-        drawn = draw_affine(np.random.default_rng(seed), cfg)
-        snapped = snap_affine(drawn, 64)
-        x0, y0, side = source_window(snapped, 64)
-        assert snapped.scale == 64 / side and snapped.flip == drawn.flip
-        # the snapped window's edges, in pixels, are whole numbers within half a pixel of the drawn ones
-        for shift, start in ((drawn.shift_x, x0), (drawn.shift_y, y0)):
-            exact = 64 * (0.5 - (0.5 + shift) / drawn.scale)
-            assert abs(exact - start) <= 0.5 and abs(64 / drawn.scale - side) <= 0.5
-        # where the snapped map sends the window's corners: exactly the output's corners
-        (_, a, b, c, d), = transform_boxes([(0, x0 / 64, y0 / 64, (x0 + side) / 64, (y0 + side) / 64)],
-                                          AffineParams(snapped.scale, snapped.shift_x, snapped.shift_y))
-        assert np.allclose((a, b, c, d), (0, 0, 1, 1), atol=1e-12)
-        assert snap_affine(snapped, 64) == snapped
+def _old_warp(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """The per-item warp of cxrloc 0.1.0 (written out independently): affine_grid + grid_sample of one image."""
+    s = params.scale
+    fx = -1.0 if params.flip else 1.0
+    theta = torch.tensor(
+        [[fx / s, 0.0, -fx * 2.0 * params.shift_x / s], [0.0, 1.0 / s, -2.0 * params.shift_y / s]],
+        dtype=image.dtype,
+    ).unsqueeze(0)
+    grid = torch.nn.functional.affine_grid(theta, [1, *image.shape], align_corners=False)
+    return torch.nn.functional.grid_sample(
+        image.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[0]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_crop_resize_samples_the_points_grid_sample_samples(seed: int) -> None:
-    """With snapped parameters the fast warp and the general grid_sample warp agree inside the image
-    (to float rounding); only the outermost pixels of a zoom-in differ (edge replicated within the crop)."""
+def test_batch_warp_is_the_per_item_warp_bit_for_bit(prepared: Prepared) -> None:
+    """Items carry their warp; the batch warp on the training device gives, image by image, exactly what
+    warping each item alone gave (the augmentation of 0.1.0), and the items' box targets follow it."""
     cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true"])
-    params = snap_affine(draw_affine(np.random.default_rng(seed), cfg), 64)
-    u8 = (np.random.default_rng(100 + seed).random((64, 64)) * 255).astype(np.uint8)
-    fast = crop_resize(u8, params, 64)
-    general = warp_image(torch.from_numpy(u8.astype(np.float32) / 127.5 - 1)[None], params)
-    assert fast.shape == (1, 64, 64) and fast.dtype == torch.float32
-    torch.testing.assert_close(fast[:, 1:-1, 1:-1], general[:, 1:-1, 1:-1], rtol=0, atol=1e-4)
-    if params.scale <= 1:  # zoom-out or none: every sample lies inside the crop
-        torch.testing.assert_close(fast, general, rtol=0, atol=1e-4)
+    ids = prepared.fold(0)["train_annotated"]
+    ds = LocalizationDataset(prepared, ids, cfg)
+    items = [ds[(i, 3)] for i in range(6)]
+    assert all("theta" in it for it in items)
+    warped = warp_batch(torch.stack([it["image"] for it in items]), torch.stack([it["theta"] for it in items]))
+    for i, it in enumerate(items):
+        params = ds.params(i, 3)
+        raw = torch.from_numpy(prepared.image(ids[i]).astype(np.float32) / 127.5 - 1)[None]
+        assert torch.equal(it["image"], raw)  # the item itself is not warped
+        assert torch.equal(warped[i], _old_warp(raw, params))
+        x, boxes = ds.sample(i, 3)
+        assert torch.equal(x, warped[i]) and boxes == transform_boxes(prepared.boxes(ids[i]), params)
+    assert "theta" not in LocalizationDataset(prepared, ids, make_config("tiny", ["augment=false"]))[0]
 
 
 class _OneImage:
@@ -175,8 +173,9 @@ def test_item_targets_and_reproducible_augmentation(prepared: Prepared) -> None:
 
     aug = LocalizationDataset(prepared, ids, make_config("tiny", ["aug_scale=0.2", "aug_translate=0.1"]))
     a1, a2, b1 = aug[(pos, 1)], aug[(pos, 1)], aug[(pos, 2)]
-    assert torch.equal(a1["image"], a2["image"]) and torch.equal(a1["box_mask"], a2["box_mask"])
-    assert not torch.equal(a1["image"], b1["image"]), "augmentation does not change with the epoch"
+    assert torch.equal(a1["theta"], a2["theta"]) and torch.equal(a1["box_mask"], a2["box_mask"])
+    assert not torch.equal(a1["theta"], b1["theta"]), "augmentation does not change with the epoch"
+    assert not torch.equal(aug.sample(pos, 1)[0], aug.sample(pos, 2)[0])
 
 
 def test_resize_on_the_fly_is_an_area_mean(prepared: Prepared) -> None:

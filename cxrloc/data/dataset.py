@@ -6,10 +6,10 @@
   labels ``y``, the per-class annotation flags ``a`` and the box masks ``b`` on the P x P grid.
   The random zoom / shift (and optional flip) moves the boxes together with the pixels; its
   random numbers are a pure function of ``(seed, epoch, index)``, so a resumed run sees exactly
-  the images an uninterrupted run would have seen, whatever the number of loader workers. The
-  drawn zoom and shift are snapped to the pixel grid (:func:`snap_affine`: the source window is a
-  whole number of pixels wide and starts on a pixel), so the warp is one edge-replicated crop and
-  one bilinear resize (:func:`crop_resize`), several times faster than a general ``grid_sample``.
+  the images an uninterrupted run would have seen, whatever the number of loader workers. Items
+  carry the warp's matrix (``theta``) and the already moved box targets; the pixels are warped by
+  the training step, a whole batch at once on the training device (:func:`warp_batch`, one
+  ``affine_grid`` + ``grid_sample``), so loader workers only read and convert the cache.
 - :class:`AnnotatedBatchSampler` guarantees annotated images in every batch and every annotated
   image in every epoch; its order is a pure function of ``(seed, epoch)`` and it splits each
   global batch between distributed ranks.
@@ -121,101 +121,34 @@ def transform_boxes(boxes: Sequence[BoxRow], params: AffineParams) -> list[BoxRo
     return out
 
 
-def warp_image(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
-    """Apply any :class:`AffineParams` to an image ``(1, S, S)`` (bilinear, edges replicated).
-
-    The general routine (also for parameters off the pixel grid); training uses the faster
-    :func:`crop_resize` with :func:`snap_affine`'d parameters, which samples the same points.
+def affine_theta(params: AffineParams) -> torch.Tensor:
+    """The ``(2, 3)`` float32 matrix of ``F.affine_grid`` that applies :class:`AffineParams`.
 
     ``grid_sample`` maps each output pixel to its source; with ``align_corners=False`` the grid's
     -1 and 1 are the outer edges of the image, the same frame as the normalised box coordinates.
+    Inverse map in [-1, 1] coordinates: ``g_in = flip((g_out - 2 t) / s)``.
     """
     s = params.scale
     fx = -1.0 if params.flip else 1.0
-    # Inverse map in [-1, 1] coordinates: g_in = flip((g_out - 2 t) / s).
-    theta = torch.tensor(
+    return torch.tensor(
         [[fx / s, 0.0, -fx * 2.0 * params.shift_x / s], [0.0, 1.0 / s, -2.0 * params.shift_y / s]],
-        dtype=image.dtype,
-    ).unsqueeze(0)
-    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
-    return F.grid_sample(image.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        dtype=torch.float32,
+    )
 
 
-def snap_affine(params: AffineParams, size: int) -> AffineParams:
-    """The closest :class:`AffineParams` whose source window lies on the pixel grid of a ``size``-px image.
+def warp_batch(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp a batch ``(B, C, S, S)`` by per-image matrices ``(B, 2, 3)`` (:func:`affine_theta`).
 
-    The output shows the (flipped) input's window ``[x0, x0 + side) x [y0, y0 + side)`` pixels; here
-    ``side = round(size / scale)`` and ``x0``, ``y0`` are rounded to whole pixels, and the returned
-    scale and shifts are recomputed from them exactly. The change is below half a pixel at each
-    window edge; the boxes are then moved by the returned parameters, the same map as the pixels.
+    Bilinear, edge pixels repeated beyond the image. Training applies it on the training device to
+    whole batches, so data-loader workers only read and convert the cache (``cxrloc train``).
     """
-    side = max(1, round(size / params.scale))
-    scale = size / side
-    x0, y0 = (round(size * (0.5 - (0.5 + t) / params.scale)) for t in (params.shift_x, params.shift_y))
-    shift_x, shift_y = ((0.5 - v / size) * scale - 0.5 for v in (x0, y0))
-    return AffineParams(scale=scale, shift_x=shift_x, shift_y=shift_y, flip=params.flip)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def source_window(params: AffineParams, size: int) -> tuple[int, int, int]:
-    """``(x0, y0, side)`` in pixels of the (flipped) input that a snapped ``params`` shows (:func:`snap_affine`)."""
-    side = round(size / params.scale)
-    x0, y0 = (round(size * (0.5 - (0.5 + t) / params.scale)) for t in (params.shift_x, params.shift_y))
-    return x0, y0, side
-
-
-def edge_window(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
-    """``image[y0:y0+side, x0:x0+side]`` in the network range, float32, edge pixels replicated beyond the image.
-
-    ``image``: uint8 cache pixels (converted by :func:`~cxrloc.data.prepared.to_network_range`, only
-    the part inside the image, written straight into the window) or float network values.
-    """
-    h, w = image.shape
-    top, bottom = max(y0, 0), min(y0 + side, h)  # the rows and columns of the window inside the image
-    left, right = max(x0, 0), min(x0 + side, w)
-    if top >= bottom or left >= right:  # the window lies beyond an edge: every pixel repeats an edge pixel
-        rows = np.clip(np.arange(y0, y0 + side), 0, h - 1)
-        cols = np.clip(np.arange(x0, x0 + side), 0, w - 1)
-        picked = image.take(rows, axis=0).take(cols, axis=1)
-        return to_network_range(picked) if image.dtype == np.uint8 else picked.astype(np.float32)
-    out = np.empty((side, side), dtype=np.float32)
-    r0, r1, c0, c1 = top - y0, bottom - y0, left - x0, right - x0
-    core, src = out[r0:r1, c0:c1], image[top:bottom, left:right]
-    if image.dtype == np.uint8:
-        to_network_range(src, out=core)
-    else:
-        core[...] = src
-    out[:r0] = out[r0]
-    out[r1:] = out[r1 - 1]
-    out[:, :c0] = out[:, c0 : c0 + 1]
-    out[:, c1:] = out[:, c1 - 1 : c1]
-    return out
-
-
-def crop_resize(image: np.ndarray, params: AffineParams, out_size: int) -> torch.Tensor:
-    """Warp a square image ``(S, S)`` (uint8 cache pixels or float network values) by snapped ``params``.
-
-    ``params`` must come from :func:`snap_affine` for this ``S`` (other values are read as the
-    nearest window on the pixel grid, which the boxes would not follow).
-
-    Flip (a reversed view), the source window of :func:`source_window` in the network range
-    (:func:`edge_window`: pixels beyond the image repeat its edge, as ``grid_sample(padding_mode=
-    "border")`` did), then one bilinear resize to ``out_size`` (``align_corners=False``: output pixel
-    centre ``i + 0.5`` samples the window at ``(i + 0.5) side / out_size``, the map
-    :func:`transform_boxes` applies to the boxes).
-
-    Returns:
-        ``(1, out_size, out_size)`` float32.
-    """
-    size = image.shape[-1]
-    if image.shape != (size, size):
-        raise CxrlocError(f"crop_resize needs a square 2-D image, got shape {image.shape}.")
-    if params.flip:
-        image = image[:, ::-1]
-    x0, y0, side = source_window(params, size)
-    x = torch.from_numpy(edge_window(image, x0, y0, side))[None, None]
-    if side != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
-    return x[0]
+def warp_image(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """Apply :class:`AffineParams` to one image ``(1, S, S)``: :func:`warp_batch` of a batch of one."""
+    return warp_batch(image.unsqueeze(0), affine_theta(params).unsqueeze(0))[0]
 
 
 def targets_from_boxes(
@@ -247,9 +180,12 @@ class LocalizationDataset(Dataset):
 
     An item is ``{"image": (1, S, S) float32 in [-1, 1], "labels": (14,) float32, "annotated":
     (14,) bool, "box_mask": (14, P, P) float32, "index": int}`` where ``S = cfg.image_size`` and
-    ``P = cfg.patch_grid``. Keys may be a position ``i`` (epoch = :attr:`epoch`) or a pair
-    ``(i, epoch)`` as yielded by :class:`AnnotatedBatchSampler`; the augmentation of item ``i``
-    in epoch ``e`` depends only on ``(cfg.seed, e, i)``.
+    ``P = cfg.patch_grid``. With augmentation the item also holds ``"theta"`` ``(2, 3)``: the image
+    is NOT warped yet (the training step warps whole batches on its device with :func:`warp_batch`,
+    so loader workers only read the cache), while labels and box masks already describe the warped
+    image. :meth:`sample` gives one warped image and its boxes. Keys may be a position ``i``
+    (epoch = :attr:`epoch`) or a pair ``(i, epoch)`` as yielded by :class:`AnnotatedBatchSampler`;
+    the augmentation of item ``i`` in epoch ``e`` depends only on ``(cfg.seed, e, i)``.
 
     Args:
         prepared: an opened ``Prepared`` folder.
@@ -290,34 +226,45 @@ class LocalizationDataset(Dataset):
         """``(N,)`` bool: the item has at least one box."""
         return np.array([bool(b) for b in self.boxes], dtype=bool)
 
-    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
-        """The (augmented) network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch``."""
+    def _image(self, index: int) -> torch.Tensor:
+        """The network input ``(1, S, S)`` of item ``index`` before augmentation."""
         u8 = np.asarray(self.prepared.images[self.cache_index[index]])
-        boxes = list(self.boxes[index])
-        resize = u8.shape[-1] != self.image_size
-        if not self.augment or resize:
-            x = torch.from_numpy(to_network_range(u8)).unsqueeze(0)
-            if resize:
-                mode = "area" if x.shape[-1] > self.image_size else "bilinear"
-                x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode=mode)[0]
-            if not self.augment:
-                return x.contiguous(), boxes
-        rng = np.random.default_rng([self.seed, epoch, index, _SALT_AUG])
-        params = snap_affine(draw_affine(rng, self.cfg), self.image_size)
-        x = crop_resize(x[0].numpy() if resize else u8, params, self.image_size)
-        return x.contiguous(), transform_boxes(boxes, params)
+        x = torch.from_numpy(to_network_range(u8)).unsqueeze(0)
+        if x.shape[-1] != self.image_size:
+            mode = "area" if x.shape[-1] > self.image_size else "bilinear"
+            x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode=mode)[0]
+        return x.contiguous()
+
+    def params(self, index: int, epoch: int) -> AffineParams | None:
+        """The augmentation of item ``index`` in ``epoch`` (``None`` without augmentation)."""
+        if not self.augment:
+            return None
+        return draw_affine(np.random.default_rng([self.seed, epoch, index, _SALT_AUG]), self.cfg)
+
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
+        """The augmented network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch`` (one image;
+        training items carry the warp instead, see :meth:`__getitem__`)."""
+        params = self.params(index, epoch)
+        x, boxes = self._image(index), list(self.boxes[index])
+        if params is None:
+            return x, boxes
+        return warp_image(x, params), transform_boxes(boxes, params)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), self.epoch)
-        x, boxes = self.sample(index, epoch)
+        params = self.params(index, epoch)
+        boxes = list(self.boxes[index]) if params is None else transform_boxes(self.boxes[index], params)
         y, a, mask = targets_from_boxes(boxes, self.labels[index], self.patch_grid)
-        return {
-            "image": x,
+        item = {
+            "image": self._image(index),
             "labels": torch.from_numpy(y),
             "annotated": torch.from_numpy(a),
             "box_mask": torch.from_numpy(mask),
             "index": index,
         }
+        if params is not None:
+            item["theta"] = affine_theta(params)
+        return item
 
 
 def repeat_factors(boxes: Sequence[Sequence[BoxRow]], threshold: float) -> np.ndarray:

@@ -42,7 +42,13 @@ from cxrloc.checkpoint import (
     require_training_state,
 )
 from cxrloc.config import Config, save_config
-from cxrloc.data.dataset import AnnotatedBatchSampler, LocalizationDataset, repeat_factors, split_train_val
+from cxrloc.data.dataset import (
+    AnnotatedBatchSampler,
+    LocalizationDataset,
+    repeat_factors,
+    split_train_val,
+    warp_batch,
+)
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
 from cxrloc.geometry import class_box_masks
@@ -190,6 +196,8 @@ def train_one_epoch(
         for s in range(cfg.accum_steps):
             part = slice(s * micro, (s + 1) * micro)
             x = batch["image"][part].to(tr.device, non_blocking=True)
+            if "theta" in batch:  # the augmentation's zoom/shift, on the training device for the whole batch
+                x = warp_batch(x, batch["theta"][part].to(tr.device, non_blocking=True))
             if tr.device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = s == cfg.accum_steps - 1 or not ddp
