@@ -95,6 +95,10 @@ class Config:
     """Gradient-accumulation micro-batches per optimizer step (``batch_size`` is the global batch)."""
     joint_lr_factor: float = 0.1
     """Stage ``joint``: learning rate = ``lr * joint_lr_factor`` (fine-tuning both parts)."""
+    crf_epochs: int = 5
+    """``--stage all``: epochs of its ``crf`` stage (0 skips it; so does ``crf=false``)."""
+    joint_epochs: int = 5
+    """``--stage all``: epochs of its ``joint`` stage (0 skips it)."""
     annotated_per_batch: int = 0
     """Minimum annotated images in every batch (0: their share of the training set, at least 1)."""
     repeat_threshold: float = 0.0
@@ -204,6 +208,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crf_branch_channels": 8,
         "batch_size": 8,
         "epochs": 2,
+        "crf_epochs": 1,
+        "joint_epochs": 1,
         "workers": 0,
         "amp": "off",
     },
@@ -351,6 +357,9 @@ def validate(cfg: Config) -> None:
         raise CxrlocError(f"Invalid val_fraction={cfg.val_fraction}: use a value in [0, 1).")
     if cfg.batch_size < 1:
         raise CxrlocError(f"Invalid batch_size={cfg.batch_size}: it must be >= 1.")
+    if cfg.crf_epochs < 0 or cfg.joint_epochs < 0:
+        raise CxrlocError(f"crf_epochs and joint_epochs must be >= 0 (0 skips that stage of --stage all), got "
+                          f"{cfg.crf_epochs} and {cfg.joint_epochs}.")
     if cfg.epochs < 1:
         raise CxrlocError(f"Invalid epochs={cfg.epochs}: train at least 1 epoch (with 0 nothing would be trained).")
     if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:

@@ -346,3 +346,34 @@ def test_resume_cleans_stale_temporaries_and_refuses_a_damaged_last(prep: Path, 
     assert code == 2 and "Traceback" not in text
     assert "lacks the training state needed to resume (optimizer)" in one_line(text)
     assert (ckpts / "last.pt").read_bytes() == damaged
+
+
+def test_stage_all_chains_unary_crf_joint_with_their_epochs_and_resumes(prep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recipe"
+    base = ["max_steps_per_epoch=1", "device=cpu", "workers=0", "width=4", "crf_epochs=2", "joint_epochs=1"]
+    (joint,) = run_training(prep, out, folds="1", preset="tiny", overrides=base, epochs=1, stage="all", progress=False)
+    assert joint == out / "joint" / "fold_1"
+    stages = {}
+    for stage, want_epochs in (("unary", 1), ("crf", 2), ("joint", 1)):
+        fd = out / stage / "fold_1"
+        rows = list(csv.DictReader((fd / "metrics.csv").open()))
+        assert [r["stage"] for r in rows] == [stage] * want_epochs
+        stages[stage] = _weights(fd)
+    # Each stage started from the one before: the CRF stage kept the unary part it was given.
+    unary_keys = [k for k in stages["unary"] if k.startswith("unary.") and stages["unary"][k].is_floating_point()]
+    assert all(torch.equal(_weights(out / "unary" / "fold_1", "best")[k], stages["crf"][k]) for k in unary_keys)
+    assert any(not torch.equal(stages["crf"][k], stages["joint"][k]) for k in unary_keys)
+    assert json.loads((out / "joint" / "fold_1" / "config.json").read_text())["joint_epochs"] == 1
+
+    # Resume without --preset: every stage keeps its config; a finished run trains no further epochs.
+    (again,) = run_training(prep, out, folds="1", resume=True, stage="all", progress=False)
+    assert again == joint and len(list(csv.DictReader((joint / "metrics.csv").open()))) == 1
+
+    # crf=false skips the CRF stage; joint fine-tunes the unary run.
+    (j2,) = run_training(prep, tmp_path / "nocrf", folds="1", preset="tiny", overrides=[*base, "crf=false"],
+                         epochs=1, stage="all", progress=False)
+    assert j2 == tmp_path / "nocrf" / "joint" / "fold_1" and not (tmp_path / "nocrf" / "crf").exists()
+    with pytest.raises(CxrlocError, match="drop --from"):
+        run_training(prep, tmp_path / "x", folds="1", preset="tiny", stage="all", init_from=out / "unary")
+    with pytest.raises(CxrlocError, match="crf_epochs and joint_epochs must be >= 0"):
+        make_config("tiny", ["crf_epochs=-1"])

@@ -20,7 +20,11 @@ Examples:
 
   cxrloc train prepared/ --out runs/alt --fold 0 --preset cpu --epochs 8 --alternate 3  # 3 x (train, fit)
 
-  Two stages (train the base model, then only the CRF on top of it):
+  The whole recipe in one command (unary, then CRF, then joint fine-tune; runs/cpu/{unary,crf,joint}):
+
+  cxrloc train prepared/ --out runs/cpu --fold all --preset cpu --stage all
+
+  Stage by stage (train the base model, then only the CRF on top of it):
 
   cxrloc train prepared/ --out runs/unary --fold 0 --preset paper --stage unary
 
@@ -58,7 +62,10 @@ def register(app: typer.Typer) -> None:
             None, "--preset", help="paper, cpu or tiny (default paper; on --resume, the run's saved config)."
         ),
         epochs: int = typer.Option(None, "--epochs", help="Number of epochs (overrides the preset)."),
-        stage: str = typer.Option("unary", "--stage", help="unary, crf (CRF only, needs --from) or joint."),
+        stage: str = typer.Option(
+            "unary", "--stage", help="unary, crf (CRF only, needs --from), joint, or all: unary, then crf_epochs of "
+            "crf and joint_epochs of joint (config fields, 5 each), into RUN_DIR/{unary,crf,joint}."
+        ),
         init_from: Path = typer.Option(None, "--from", help="Run folder to start from (its fold_K best.pt)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from fold_K/checkpoints/last.pt."),
         sets: list[str] = typer.Option(
@@ -86,5 +93,8 @@ def register(app: typer.Typer) -> None:
         )
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, rank 0 reports
-        where = paths[0] if len(paths) == 1 else f"{out} ({len(paths)} folds)"
+        final = paths[0].parent
+        where = paths[0] if len(paths) == 1 else f"{final} ({len(paths)} folds)"
+        if stage == "all":
+            where = f"{where}; use {final} (the last stage) with fit-thresholds, evaluate, predict and export"
         console.print(f"Results saved to {where}")

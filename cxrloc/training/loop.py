@@ -72,7 +72,9 @@ from cxrloc.utils import CxrlocError, check_writable_dir, console, progress_bar
 
 STAGES: tuple[str, ...] = ("unary", "crf", "joint")
 
-RESUME_CHANGEABLE: tuple[str, ...] = ("epochs", "workers", "device", "max_steps_per_epoch", "compile")
+RESUME_CHANGEABLE: tuple[str, ...] = (
+    "epochs", "workers", "device", "max_steps_per_epoch", "compile", "crf_epochs", "joint_epochs"
+)
 """Config fields that ``--resume`` may change; any other difference is an error."""
 
 LOADER_SEED_STRIDE: int = 100003

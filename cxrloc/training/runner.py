@@ -56,6 +56,10 @@ def run_training(
 ) -> list[Path]:
     """Resolve the config and train one fold or all folds one after another (what ``cxrloc train`` does).
 
+    ``stage="all"`` runs the whole recipe, fold by fold: ``unary`` (``epochs``) into ``out_dir/unary``,
+    then ``crf`` (``cfg.crf_epochs``) into ``out_dir/crf`` and ``joint`` (``cfg.joint_epochs``) into
+    ``out_dir/joint``, each starting from the one before (see :func:`_run_all_stages`).
+
     ``alternate=N`` runs the paper's alternation N times per fold: train ``epochs`` more epochs
     with the thresholds fixed, then fit the thresholds with the network frozen
     (:func:`cxrloc.evaluation.fit_thresholds.fit_thresholds`, written to ``fold_K/thresholds.json``),
@@ -71,6 +75,11 @@ def run_training(
     """
     out = Path(out_dir)
     fold_list = list(range(Prepared.open(prepared_dir).num_folds)) if folds == "all" else [parse_fold(folds)]
+    if stage == "all":
+        return _run_all_stages(
+            prepared_dir, out, fold_list, preset=preset, overrides=overrides, epochs=epochs, resume=resume,
+            init_from=init_from, progress=progress, alternate=alternate,
+        )
     if alternate < 0:
         raise CxrlocError(f"--alternate must be >= 0, got {alternate}.")
     if alternate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -113,4 +122,55 @@ def run_training(
             fit_thresholds(fold_dir, device=resolve_device(cfg, 0).type, which="best", progress=progress)
             console.print(f"Fold {fold}: alternation round {r + 1}/{alternate} done (thresholds fitted).")
         results.append(fold_dir)
+    return results
+
+
+ALL_STAGES: tuple[str, ...] = ("unary", "crf", "joint")
+"""The sub-folders of a ``--stage all`` run, in training order."""
+
+
+def _run_all_stages(
+    prepared_dir: str | os.PathLike[str],
+    out: Path,
+    fold_list: list[int],
+    *,
+    preset: str | None,
+    overrides: Sequence[str],
+    epochs: int | None,
+    resume: bool,
+    init_from: str | os.PathLike[str] | None,
+    progress: bool,
+    alternate: int,
+) -> list[Path]:
+    """``--stage all``: for each fold, unary -> crf -> joint into ``out/{unary,crf,joint}``.
+
+    The epochs of the later stages are the config's ``crf_epochs`` and ``joint_epochs`` (0 skips a
+    stage; ``crf=false`` skips the CRF stage, and ``joint`` then fine-tunes the unary run). With
+    ``resume`` every stage that has started resumes and the others start; a finished stage resumed
+    trains no further epochs. Returns the fold folders of the last stage trained.
+    """
+    if init_from is not None:
+        raise CxrlocError("--stage all starts from scratch (or ImageNet, --set init=...); drop --from, or train "
+                          "the stages one by one with --stage crf / joint --from RUN.")
+    if alternate:
+        raise CxrlocError("--alternate trains one stage; use it with --stage unary, crf or joint.")
+    extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
+    results: list[Path] = []
+    for fold in fold_list:
+        base = _resume_config(out / "unary", fold) if resume and preset is None else None
+        cfg = apply_overrides(base, extra) if base is not None else make_config(preset or "paper", extra)
+        prev: Path | None = None
+        for stage in ALL_STAGES:
+            stage_epochs = {"unary": cfg.epochs, "crf": cfg.crf_epochs, "joint": cfg.joint_epochs}[stage]
+            if stage_epochs == 0 or (stage == "crf" and not cfg.crf):
+                continue
+            sub = out / stage
+            if progress:
+                console.print(f"Fold {fold}, stage {stage} ({stage_epochs} epochs): {sub / f'fold_{fold}'}")
+            prev_dir = train(
+                prepared_dir, sub, fold=fold, cfg=dataclasses.replace(cfg, epochs=stage_epochs), stage=stage,
+                resume=resume and _has_run(sub, fold), init_from=prev, progress=progress,
+            )
+            prev = sub
+        results.append(prev_dir)
     return results
