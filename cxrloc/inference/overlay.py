@@ -36,7 +36,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 120, 135),  # Pleural_Thickening: salmon
     (180, 45, 30),  # Hernia: brick
 )
-"""One colour per class, in ``CLASSES`` order (repeated for longer class lists).
+"""The colours of the first 14 classes (NIH's, in ``CLASSES`` order; the first 14 of any other
+class list); :func:`class_color` makes more for longer lists.
 
 Chosen for a grey radiograph: a greedy max-min search over sRGB (steps of 15) of CIEDE2000
 distances, between the colours themselves and between their blends at :data:`BLOB_ALPHA` over dark,
@@ -66,20 +67,37 @@ GtBox = tuple[str, float, float, float, float]
 
 
 def gt_boxes_by_image(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
-    """Ground-truth boxes per image file name from NIH's ``BBox_List_2017.csv``, for drawing.
+    """Ground-truth boxes per image file name, for drawing: from NIH's ``BBox_List_2017.csv`` or a
+    COCO annotation file (``.json``).
 
-    Read by :func:`cxrloc.data.nih.read_bbox_list` (its quirks, label spellings, 1024-pixel frame
-    and clipping), with each class index turned into its name. Rows that cannot be used are left
-    out with one note naming the first of them.
+    NIH's list is read by :func:`cxrloc.data.nih.read_bbox_list` (its quirks, label spellings,
+    1024-pixel frame and clipping); a COCO file by :mod:`cxrloc.data.coco` (its categories' names,
+    each image's width and height as the frame; images are named by the last part of their
+    ``file_name``). Rows that cannot be used are left out with one note naming the first of them.
     """
-    from cxrloc.data.nih import read_bbox_list
+    from cxrloc.data.nih import BoxKey, add_box, read_bbox_list
     from cxrloc.utils import console
 
-    parsed = read_bbox_list(path)
+    if Path(path).suffix.lower() == ".json":
+        from cxrloc.data.coco import read_coco_boxes
+
+        classes, rows, frames, parsed = read_coco_boxes(Path(path))
+        seen: dict[BoxKey, int] = {}
+        for raw in rows:
+            if raw.image_id in frames:
+                add_box(parsed, seen, line=raw.line, where=raw.where, image_id=raw.image_id, k=raw.k,
+                        label=raw.label, xywh=raw.xywh, frame=frames[raw.image_id])
+            else:
+                parsed.add_problem("malformed", raw.line, raw.image_id, f"{raw.where}: {raw.image_id} has no "
+                                   "width and height in 'images'")
+    else:
+        classes, parsed = list(CLASSES), read_bbox_list(path)
     if parsed.skipped:
         console.print(f"[yellow]Note:[/] {len(parsed.skipped)} row(s) of {path} not drawn; first: {parsed.skipped[0]}")
-    boxes = parsed.boxes
-    return {name: [(CLASSES[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in rows] for name, rows in boxes.items()}
+    out: dict[str, list[GtBox]] = {}
+    for name, boxes in parsed.boxes.items():
+        out.setdefault(name.rpartition("/")[2], []).extend((classes[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in boxes)
+    return out
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -89,9 +107,30 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+EXTRA_SATURATION: float = 0.9
+EXTRA_LIGHTNESS: tuple[float, float] = (0.36, 0.62)
+"""Saturation and lightness range of the colours beyond :data:`PALETTE`: saturated, never near
+black, white or the grey of a radiograph."""
+
+_R2 = (0.7548776662466927, 0.5698402909980532)
+"""The R2 low-discrepancy sequence (Roberts 2018, from the plastic number): successive points spread
+evenly over (hue, lightness), so any number of extra colours stay apart and distinct."""
+
+
 def class_color(k: int) -> tuple[int, int, int]:
-    """The overlay colour of class index ``k``."""
-    return PALETTE[k % len(PALETTE)]
+    """The overlay colour of class index ``k``: :data:`PALETTE` for the first 14, then saturated
+    colours spread over hue and lightness by the R2 sequence (distinct for up to
+    :data:`cxrloc.classes.MAX_CLASSES` classes, tested), for a class list of any length."""
+    import colorsys
+
+    if k < len(PALETTE):
+        return PALETTE[k]
+    j = k - len(PALETTE) + 1
+    hue = (0.5 + _R2[0] * j) % 1.0
+    lo, hi = EXTRA_LIGHTNESS
+    light = lo + (hi - lo) * ((0.5 + _R2[1] * j) % 1.0)
+    r, g, b = colorsys.hls_to_rgb(hue, light, EXTRA_SATURATION)
+    return round(r * 255), round(g * 255), round(b * 255)
 
 
 def percent(p: float) -> str:
