@@ -6,9 +6,22 @@ loss) and for torchvision's ResNet-50 (one input channel, BCE on its pooled 14-w
 the same input size, batch and precision. The ratio is the overhead of anti-aliasing, head,
 CRF and loss.
 
+``--variants`` measures the five rows of issue 10 in one run: the bare ResNet-50, then the
+preset's network without anti-aliasing and CRF, with the CRF only, with anti-aliasing only, and
+with both; each row with its ratio to the bare ResNet-50, and the CRF's and blur-pool's costs
+(1 - the throughput with the part / without it). The networks are timed in interleaved rounds
+(``--rounds``, each ``--steps`` timed steps per network after ``--warmup``) and each row reports
+the median round, so that a machine whose load changes during the run affects every row alike.
+On CUDA it also reports each network's peak memory (``torch.cuda.max_memory_allocated``).
+
+``--clock process`` (CPU only) divides by this process's CPU time (``time.process_time``) instead
+of wall time: with one thread (``OMP_NUM_THREADS=1``) that is the throughput of one core, nearly
+unaffected by other jobs that share the machine (wall time on a loaded machine is not).
+
 Example:
     OMP_NUM_THREADS=2 python bench/bench_train.py --steps 3 --batch 4
-    python bench/bench_train.py --device cuda --amp bf16 --batch 32 --steps 20
+    OMP_NUM_THREADS=1 python bench/bench_train.py --variants --size 256 --batch 2 --steps 2 --rounds 5 --clock process
+    python bench/bench_train.py --device cuda --amp bf16 --batch 32 --steps 15 --warmup 3 --variants
 """
 
 from __future__ import annotations
@@ -16,8 +29,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,33 +43,60 @@ from cxrloc.config import make_config
 from cxrloc.model.net import build_model
 from cxrloc.training.losses import compute_loss
 
+VARIANTS: tuple[tuple[str, str, list[str]], ...] = (
+    ("cxrloc, no anti-aliasing, no CRF", "plain", ["antialias=false", "crf=false"]),
+    ("cxrloc, CRF, no anti-aliasing", "crf", ["antialias=false", "crf=true"]),
+    ("cxrloc, anti-aliasing, no CRF", "aa", ["antialias=true", "crf=false"]),
+    ("cxrloc, anti-aliasing + CRF", "full", ["antialias=true", "crf=true"]),
+)
+"""(row label, key, config overrides) of ``--variants``, after the bare ResNet-50."""
 
-def _time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
+
+@dataclass
+class Row:
+    label: str
+    step: Callable[[], None]
+    rounds: list[float]
+    peak_mib: float = float("nan")
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step: Callable[[], None], steps: int, device: torch.device, clock: Callable[[], float]) -> float:
+    _sync(device)
+    start = clock()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    _sync(device)
+    return clock() - start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per network and round")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds; the median is reported")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     ap.add_argument("--preset", default="paper")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override of the cxrloc network(s), as cxrloc train --set (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", action="store_true", help="the five rows of issue 10 (see above)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the cxrloc networks (as compile=true)")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="wall time, or this process's CPU time (CPU only; see above)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.clock == "process" and device.type != "cpu":
+        ap.error("--clock process measures CPU work; use it with --device cpu")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def autocast() -> contextlib.AbstractContextManager[None]:
@@ -67,31 +109,38 @@ def main() -> None:
     x = (torch.rand(b, 1, s, s, generator=gen) * 2 - 1).to(device)
     labels = (torch.rand(b, NUM_CLASSES, generator=gen) < 0.2).float().to(device)
     channels_last = device.type == "cuda"
-
-    cfg = make_config(args.preset, ["init=scratch", f"image_size={s}"])
-    p = cfg.patch_grid
-    annotated = torch.zeros(b, NUM_CLASSES, dtype=torch.bool)
-    annotated[0, 0] = True  # one annotated box per batch, like the sampled batches of training
-    box_mask = torch.zeros(b, NUM_CLASSES, p, p)
-    box_mask[0, 0, p // 4 : p // 2, p // 4 : p // 2] = 1
-    annotated, box_mask = annotated.to(device), box_mask.to(device)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     gamma = torch.full((NUM_CLASSES,), 0.2, device=device)
 
-    net = build_model(cfg).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=0.01)
-    xin = x.to(memory_format=torch.channels_last) if channels_last else x
+    def cxrloc_step(overrides: list[str]) -> tuple[Callable[[], None], str]:
+        cfg = make_config(args.preset, ["init=scratch", f"image_size={s}", *args.overrides, *overrides])
+        p = cfg.patch_grid
+        annotated = torch.zeros(b, NUM_CLASSES, dtype=torch.bool)
+        annotated[0, 0] = True  # one annotated box per batch, like the sampled batches of training
+        box_mask = torch.zeros(b, NUM_CLASSES, p, p)
+        box_mask[0, 0, p // 4 : p // 2, p // 4 : p // 2] = 1
+        annotated, box_mask = annotated.to(device), box_mask.to(device)
+        torch.manual_seed(args.seed)
+        net = build_model(cfg).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net.train()
+        fwd = torch.compile(net) if args.compile else net
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=0.01)
 
-    def ours_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            z, u = net(xin)
-        loss, _ = compute_loss(cfg, z, u, labels, annotated, box_mask, net.thresholds, gamma)
-        loss.backward()
-        opt.step()
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                z, u = fwd(xin)
+            loss, _ = compute_loss(cfg, z, u, labels, annotated, box_mask, net.thresholds, gamma)
+            loss.backward()
+            opt.step()
 
+        desc = (f"{cfg.arch} aa={cfg.antialias} P={p} crf={cfg.crf} (window {cfg.crf_window}, "
+                f"{cfg.crf_iterations} it.) loss={cfg.loss}")
+        return step, desc
+
+    torch.manual_seed(args.seed)
     base = resnet50(num_classes=NUM_CLASSES)
     base.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     base = base.to(device)
@@ -108,17 +157,48 @@ def main() -> None:
         loss.backward()
         opt_b.step()
 
-    t_base = _time_steps(base_step, args.warmup, args.steps, device)
-    t_ours = _time_steps(ours_step, args.warmup, args.steps, device)
+    rows = {"base": Row("torchvision resnet50 (BCE on pooled logits)", base_step, [])}
+    if args.variants:
+        for label, key, overrides in VARIANTS:
+            step, _ = cxrloc_step(overrides)
+            rows[key] = Row(label, step, [])
+    else:
+        step, desc = cxrloc_step([])
+        rows["ours"] = Row(f"cxrloc {desc}", step, [])
+
+    for row in rows.values():  # warm-up, and the peak memory of one step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.warmup):
+            row.step()
+        _sync(device)
+        if device.type == "cuda":
+            row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    for _ in range(max(1, args.rounds)):
+        for row in rows.values():
+            row.rounds.append(_time_steps(row.step, args.steps, device, clock))
+
     n = b * args.steps
-    ips_base, ips_ours = n / t_base, n / t_ours
+    ips = {key: n / statistics.median(row.rounds) for key, row in rows.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device={device} ({where}) torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"size={s} batch={b} steps={args.steps} amp={args.amp} preset={args.preset}")
-    print(f"torchvision resnet50 (BCE on pooled logits): {ips_base:8.2f} images/s")
-    print(f"cxrloc {cfg.arch} aa={cfg.antialias} P={p} crf={cfg.crf} (window {cfg.crf_window}, "
-          f"{cfg.crf_iterations} it.) loss={cfg.loss}: {ips_ours:8.2f} images/s")
-    print(f"ratio cxrloc / resnet50 throughput: {ips_ours / ips_base:.3f} (overhead x{ips_base / ips_ours:.2f})")
+          f"size={s} batch={b} steps={args.steps} rounds={max(1, args.rounds)} amp={args.amp} "
+          f"preset={args.preset} compile={args.compile} clock={args.clock}")
+    if not args.variants:
+        print(f"{rows['base'].label}: {ips['base']:8.2f} images/s")
+        print(f"{rows['ours'].label}: {ips['ours']:8.2f} images/s")
+        print(f"ratio cxrloc / resnet50 throughput: {ips['ours'] / ips['base']:.3f} "
+              f"(overhead x{ips['base'] / ips['ours']:.2f})")
+        return
+    memory = device.type == "cuda"
+    print(f"| network | images/s | vs bare ResNet-50 |{' peak MiB |' if memory else ''}")
+    print(f"|---|---|---|{'---|' if memory else ''}")
+    for key, row in rows.items():
+        extra = f" {row.peak_mib:.0f} |" if memory else ""
+        print(f"| {row.label} | {ips[key]:.2f} | {ips[key] / ips['base']:.2f} |{extra}")
+    print(f"CRF cost (no anti-aliasing): {1 - ips['crf'] / ips['plain']:.1%}; "
+          f"blur-pool cost (no CRF): {1 - ips['aa'] / ips['plain']:.1%}; "
+          f"full vs bare ResNet-50: {ips['full'] / ips['base']:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrloc.evaluation.metrics import roc_points
 from cxrloc.utils import CxrlocError, read_json, write_json_atomic
 
 METHOD: str = "platt"
@@ -158,15 +159,10 @@ def operating_cut(
     """
     if rule not in RULES:
         raise CxrlocError(f"Unknown operating-point rule {rule!r}: use {' or '.join(RULES)}.")
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels).reshape(-1).astype(bool)
-    pos, neg = np.sort(x[y]), np.sort(x[~y])
-    if pos.size == 0 or neg.size == 0:
+    points = roc_points(x, labels, below_all=True)
+    if points is None:
         return None
-    values = np.unique(x)
-    cuts = np.r_[values[0] - 1.0, (values[:-1] + values[1:]) / 2.0]
-    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / pos.size  # share of positives >= cut
-    tnr = np.searchsorted(neg, cuts, side="left") / neg.size  # share of negatives < cut
+    cuts, tpr, tnr = points
     if rule == "youden":
         j = tpr + tnr - 1.0
         i = int(np.flatnonzero(j >= j.max() - 1e-12)[0])

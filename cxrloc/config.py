@@ -126,6 +126,10 @@ class Config:
     """``auto`` (bf16 on CUDA when supported, off on CPU), ``bf16``, ``fp16`` or ``off``."""
     channels_last: bool = True
     """channels_last memory format on CUDA."""
+    compile: bool = False
+    """Run the training forward through ``torch.compile`` (default mode). Off by default: compiling
+    takes minutes at the first step and its gain is to be measured on each GPU (``bench/bench_train.py
+    --compile``); results agree with eager to float rounding, not bit for bit."""
     sync_bn: bool = True
     """Under multi-GPU DDP on CUDA, convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
     workers: int = 2

@@ -82,7 +82,8 @@ def main() -> None:
             per_fold["prior"].append(_boxed_mean(prior["accuracy"]["iou"], count))
             per_fold["prior_t"].append(_boxed_mean(prior_t["accuracy"]["iou"], count))
             per_fold.setdefault("per_class", []).append(table["accuracy"]["iou"][BOXED].tolist())
-        means = {k: np.mean(v, axis=0) for k, v in per_fold.items() if k != "per_class"}
+            per_fold.setdefault("prior_t_per_class", []).append(prior_t["accuracy"]["iou"][BOXED].tolist())
+        means = {k: np.mean(v, axis=0) for k, v in per_fold.items() if not k.endswith("per_class")}
         best_prior = np.maximum(means["prior"], means["prior_t"])
         pc = np.nanmean(np.array(per_fold["per_class"], dtype=float), axis=0)
         print(
@@ -90,8 +91,11 @@ def main() -> None:
             f"  (mean {means['model'].mean():.3f}; vs stronger prior "
             f"{' / '.join(f'{v:+.3f}' for v in means['model'] - best_prior)})"
         )
-        cells = zip(BOXED_CLASSES, pc[:, 0], strict=True)
-        print("    per class @0.1: " + " ".join(f"{c[:4]} {v:.2f}" for c, v in cells))
+        ppc = np.nanmean(np.array(per_fold["prior_t_per_class"], dtype=float), axis=0)
+        for j, t in enumerate(TS):
+            cells = zip(BOXED_CLASSES, pc[:, j], ppc[:, j], strict=True)
+            text = " ".join(f"{c[:4]} {v:.2f}/{w:.2f}" for c, v, w in cells)
+            print(f"    per class @{t:g} (model/per-T prior): {text}")
         report[label] = {k: v.tolist() for k, v in means.items()}
     if len(groups) > 0:
         print(f"{'prior (one q)':40s} {' / '.join(f'{v:.3f}' for v in means['prior'])}")

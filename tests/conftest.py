@@ -53,6 +53,16 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``cuda`` when no CUDA device is present (``bench/gpu_check.sh`` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def save_tiny_run(
     root: Path,
     *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -151,3 +152,27 @@ def test_nan_and_bounds_in_set_are_refused():
             make_config("tiny", [override])
         code, text = run_cli("train", "/nonexistent-prepared", "--out", "/tmp/x", "--set", override)
         assert code == 2 and words in one_line(text) and "Traceback" not in text, (override, text)
+
+
+def test_background_writer_snapshots_links_and_reports_errors(tmp_path):
+    from cxrloc.checkpoint import CheckpointWriter
+
+    weights = torch.arange(6.0)
+    best, last = tmp_path / "ck" / "best.pt", tmp_path / "ck" / "last.pt"
+    with CheckpointWriter() as writer:
+        writer.submit([best, last], {"model": {"w": weights}, "epoch": 1})
+        weights += 100  # training goes on: the file must hold the values at submit time
+        writer.wait()
+        assert os.path.samefile(best, last)  # one write, two names
+        writer.submit([last], {"model": {"w": weights}, "epoch": 2})
+    assert load_checkpoint(best)["epoch"] == 1 and torch.equal(load_checkpoint(best)["model"]["w"], torch.arange(6.0))
+    assert load_checkpoint(last)["epoch"] == 2 and torch.equal(load_checkpoint(last)["model"]["w"], weights)
+    assert not os.path.samefile(best, last)  # replacing last.pt left best.pt alone
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best.pt", "last.pt"]  # no temporary left
+    # a failing write surfaces in the training thread, at the next wait
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    writer = CheckpointWriter()
+    writer.submit([blocked / "last.pt"], {"epoch": 3})
+    with pytest.raises(CxrlocError, match="cannot write checkpoint .*a file of that name exists"):
+        writer.wait()

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from cxrloc.classes import CLASSES
 from cxrloc.config import make_config
 from cxrloc.data.dataset import (
+    _SALT_AUG,
     AffineParams,
     AnnotatedBatchSampler,
     LocalizationDataset,
+    draw_affine,
     repeat_factors,
     split_train_val,
     transform_boxes,
+    warp_batch,
     warp_image,
 )
 from cxrloc.data.prepared import Prepared
@@ -74,6 +78,79 @@ def test_random_augmentation_keeps_boxes_on_their_pixels(seed: int) -> None:
     assert abs(rows.min() - y0 * 64) <= 1 and abs(rows.max() + 1 - y1 * 64) <= 1
 
 
+def _old_warp(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """The per-item warp of cxrloc 0.1.0 (written out independently): affine_grid + grid_sample of one image."""
+    s = params.scale
+    fx = -1.0 if params.flip else 1.0
+    theta = torch.tensor(
+        [[fx / s, 0.0, -fx * 2.0 * params.shift_x / s], [0.0, 1.0 / s, -2.0 * params.shift_y / s]],
+        dtype=image.dtype,
+    ).unsqueeze(0)
+    grid = torch.nn.functional.affine_grid(theta, [1, *image.shape], align_corners=False)
+    return torch.nn.functional.grid_sample(
+        image.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[0]
+
+
+def test_batch_warp_is_the_per_item_warp_bit_for_bit(prepared: Prepared) -> None:
+    """Items carry their warp; the batch warp on the training device gives, image by image, exactly what
+    warping each item alone gave (the augmentation of 0.1.0), and the items' box targets follow it."""
+    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true"])
+    ids = prepared.fold(0)["train_annotated"]
+    ds = LocalizationDataset(prepared, ids, cfg)
+    items = [ds[(i, 3)] for i in range(6)]
+    assert all("theta" in it for it in items)
+    warped = warp_batch(torch.stack([it["image"] for it in items]), torch.stack([it["theta"] for it in items]))
+    for i, it in enumerate(items):
+        params = ds.params(i, 3)
+        raw = torch.from_numpy(prepared.image(ids[i]).astype(np.float32) / 127.5 - 1)[None]
+        assert torch.equal(it["image"], raw)  # the item itself is not warped
+        assert torch.equal(warped[i], _old_warp(raw, params))
+        x, boxes = ds.sample(i, 3)
+        assert torch.equal(x, warped[i]) and boxes == transform_boxes(prepared.boxes(ids[i]), params)
+    assert "theta" not in LocalizationDataset(prepared, ids, make_config("tiny", ["augment=false"]))[0]
+
+
+class _OneImage:
+    """The part of ``Prepared`` the dataset reads, for one hand-made cached image with one box."""
+
+    def __init__(self, image: np.ndarray, box: tuple[float, float, float, float]) -> None:
+        self.root = Path("one-image")
+        self.images = image[None]
+        self._box = box
+
+    def cache_index(self, image_id: str) -> int:
+        return 0
+
+    def labels(self, image_id: str) -> np.ndarray:
+        return np.zeros(len(CLASSES), dtype=np.uint8)
+
+    def boxes(self, image_id: str) -> list[tuple[int, float, float, float, float]]:
+        return [(5, *self._box)]
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+def test_augmented_items_keep_each_box_on_its_pixels(image_size: int) -> None:
+    """Through LocalizationDataset: the bright rectangle drawn into the cached image lies, after the
+    augmentation, where the item's transformed box says (within one output pixel), for 40 draws."""
+    u8 = np.full((64, 64), 10, dtype=np.uint8)
+    u8[20:36, 12:40] = 250  # rows 20..35, columns 12..39: the box (12, 20, 40, 36) / 64 exactly
+    cfg = make_config("tiny", ["aug_scale=0.3", "aug_translate=0.2", "hflip=true", f"image_size={image_size}",
+                               "patch_grid=4"])
+    ds = LocalizationDataset(_OneImage(u8, (12 / 64, 20 / 64, 40 / 64, 36 / 64)), ["a"], cfg)
+    s = image_size
+    flips = 0
+    for epoch in range(40):
+        x, boxes = ds.sample(0, epoch)
+        assert x.shape == (1, s, s)
+        (k, x0, y0, x1, y1), = boxes
+        rows, cols = np.nonzero(x[0].numpy() > 0)  # bilinear: > 0 means more than half inside the rectangle
+        assert abs(cols.min() - x0 * s) <= 1 and abs(cols.max() + 1 - x1 * s) <= 1, (epoch, boxes)
+        assert abs(rows.min() - y0 * s) <= 1 and abs(rows.max() + 1 - y1 * s) <= 1, (epoch, boxes)
+        flips += draw_affine(np.random.default_rng([cfg.seed, epoch, 0, _SALT_AUG]), cfg).flip
+    assert 5 < flips < 35  # both orientations were exercised
+
+
 def test_item_targets_and_reproducible_augmentation(prepared: Prepared) -> None:
     cfg = make_config("tiny", ["augment=false"])  # tiny: 64 px, P = 8
     ids = prepared.fold(0)["train_annotated"] + prepared.fold(0)["train_unannotated"]
@@ -96,8 +173,9 @@ def test_item_targets_and_reproducible_augmentation(prepared: Prepared) -> None:
 
     aug = LocalizationDataset(prepared, ids, make_config("tiny", ["aug_scale=0.2", "aug_translate=0.1"]))
     a1, a2, b1 = aug[(pos, 1)], aug[(pos, 1)], aug[(pos, 2)]
-    assert torch.equal(a1["image"], a2["image"]) and torch.equal(a1["box_mask"], a2["box_mask"])
-    assert not torch.equal(a1["image"], b1["image"]), "augmentation does not change with the epoch"
+    assert torch.equal(a1["theta"], a2["theta"]) and torch.equal(a1["box_mask"], a2["box_mask"])
+    assert not torch.equal(a1["theta"], b1["theta"]), "augmentation does not change with the epoch"
+    assert not torch.equal(aug.sample(pos, 1)[0], aug.sample(pos, 2)[0])
 
 
 def test_resize_on_the_fly_is_an_area_mean(prepared: Prepared) -> None:

@@ -75,3 +75,74 @@ def test_antialiasing_makes_features_more_shift_stable(arch: str) -> None:
         change[name] = sum(rel) / len(rel)
     # Measured ~8x more stable (resnet18: 0.36 vs 0.046); require 2x.
     assert change["aa"] < 0.5 * change["plain"], change
+
+
+def _padded_reference(x: torch.Tensor, size: int, stride: int, pad_mode: str) -> torch.Tensor:
+    """Zhang's / timm's formulation, written out: F.pad, then the strided depthwise binomial convolution."""
+    a = binomial_filter(size).to(x.dtype)
+    filt = torch.outer(a, a)[None, None].repeat(x.shape[1], 1, 1, 1)
+    lo, hi = (size - 1) // 2, size // 2
+    padded = F.pad(x, (lo, hi, lo, hi), mode="reflect" if pad_mode == "reflect" else "constant")
+    return F.conv2d(padded, filt, stride=stride, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "zeros"])
+@pytest.mark.parametrize(
+    ("size", "stride", "h", "w"),
+    [
+        (3, 2, 16, 16), (3, 2, 15, 17), (3, 2, 2, 3), (5, 2, 9, 8), (7, 3, 11, 12), (3, 1, 7, 6),
+        (4, 2, 10, 9), (2, 2, 7, 8),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blurpool_matches_the_padded_formulation(
+    pad_mode: str, size: int, stride: int, h: int, w: int, channels_last: bool
+) -> None:
+    """Forward and input gradient equal F.pad + conv in float32 (even sides, odd sides, tiny maps, sizes 2-7)."""
+    gen = torch.Generator().manual_seed(size * 100 + h * 10 + w)
+    x = torch.randn(2, 5, h, w, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_new, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pool = BlurPool2d(5, size, stride, pad_mode)
+    y, y_ref = pool(x_new), _padded_reference(x_ref, size, stride, pad_mode)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(y.shape, generator=gen)
+    if channels_last:
+        upstream = upstream.contiguous(memory_format=torch.channels_last)  # as the next layer would send it
+    (g,) = torch.autograd.grad(y, x_new, upstream)
+    (g_ref,) = torch.autograd.grad(y_ref, x_ref, upstream)
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+    if channels_last and size == 3 and stride == 2 and h > 2:
+        # no padded NCHW copy on the way: the layout of the network is kept, forward and backward
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert g.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_reflect_blurpool_gradcheck() -> None:
+    """The hand-written backward of the folded reflect padding is the exact adjoint (float64 gradcheck)."""
+    gen = torch.Generator().manual_seed(0)
+    for size, stride, h, w in ((3, 2, 6, 7), (5, 2, 7, 6), (3, 3, 5, 5)):
+        pool = BlurPool2d(2, size, stride).double()
+        x = torch.randn(1, 2, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(pool, (x,))
+
+
+def test_blurpool_border_by_hand() -> None:
+    """Reflect padding at an even side, stride 2, [1 2 1]/4: the first output is (x0 + x1) / 2 per axis."""
+    x = torch.arange(16.0).view(1, 1, 4, 4) ** 2  # non-linear, so that a wrong border weight shows
+    y = BlurPool2d(1, 3, 2)(x)
+    row = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.25, 0.5, 0.25]])  # outputs 0, 1 of one axis
+    torch.testing.assert_close(y[0, 0], row @ x[0, 0] @ row.T)
+
+
+@pytest.mark.cuda
+def test_blurpool_on_cuda_bf16_channels_last() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 64, 64, 64, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+    pool = BlurPool2d(64, 3, 2).cuda().to(memory_format=torch.channels_last)
+    y = pool(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), _padded_reference(x, 3, 2, "reflect"), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(pool(x), _padded_reference(x, 3, 2, "reflect"), rtol=1e-5, atol=1e-5)

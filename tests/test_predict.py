@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from cxrloc.classes import CLASSES
 from cxrloc.inference.postprocess import connected_components, make_record, regions_from_map
 from cxrloc.inference.predict import predict_files
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
 NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
 NONSQUARE = DATA / "fixtures" / "rgb_nonsquare.jpg"
 DICOM2 = DATA / "fixtures" / "cr_monochrome2_jpeg.dcm"
@@ -219,17 +221,20 @@ def test_real_entry_point_exit_codes(tiny_run, tmp_path: Path) -> None:
     img = tmp_path / "x.png"
     Image.fromarray(np.full((32, 48), 90, np.uint8)).save(img)
     cmd = [sys.executable, "-m", "cxrloc", "predict", str(img), "--model", str(run)]
-    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # The child imports this checkout's cxrloc (the one that wrote the run), whatever is installed.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     rec = json.loads(ok.stdout)  # one image without --json: the record goes to stdout
     assert [c["name"] for c in rec["classes"]] == list(CLASSES)
     bad = subprocess.run(
-        cmd + [str(tmp_path / "nope.png")], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        cmd + [str(tmp_path / "nope.png")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
     )
     assert bad.returncode == 1
     assert "nope.png" in bad.stderr
     wrong = subprocess.run(
-        cmd[:-2] + ["--model", str(tmp_path / "no_run")], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        cmd[:-2] + ["--model", str(tmp_path / "no_run")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env=env,
     )
     assert wrong.returncode == 2 and "no_run" in wrong.stderr
 

@@ -174,6 +174,70 @@ def test_run_folder_layout_and_checkpoint_contents(prep: Path, tmp_path: Path) -
         assert cfg.crf is False and model.crf is None
 
 
+def test_epoch_log_keeps_the_host_float64_arithmetic_and_catches_non_finite_losses() -> None:
+    from cxrloc.training.loop import EpochLog as _EpochLog
+
+    gen = torch.Generator().manual_seed(0)
+    log = _EpochLog()
+    want: dict[str, float] = {}
+    for _ in range(7):  # steps of 3 micro-batches, float32 values as compute_loss returns them
+        step: dict[str, float] = {}
+        for _ in range(3):
+            loss, terms = torch.rand((), generator=gen), {"ann": torch.rand((), generator=gen) * 70}
+            log.add(loss, terms, 3)
+            for k, v in (*terms.items(), ("loss", loss)):
+                step[k] = step.get(k, 0.0) + float(v) / 3  # what the loop did on the host before
+        log.end_step()
+        for k, v in step.items():
+            want[k] = want.get(k, 0.0) + v
+    assert log.check(0) == pytest.approx(step["loss"], rel=0, abs=0)
+    sums, steps = log.finish(0)
+    assert steps == 7 and sums == want  # bit for bit
+    log.add(torch.tensor(float("nan")), {"ann": torch.tensor(0.0)}, 1)
+    log.end_step()
+    with pytest.raises(CxrlocError, match="loss became nan at epoch 5"):
+        log.finish(4)
+
+
+def test_compile_setting_routes_the_training_forward_through_torch_compile(
+    prep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled: list[torch.nn.Module] = []
+
+    def fake_compile(module: torch.nn.Module) -> torch.nn.Module:  # records; compiling takes minutes on CPU
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    common = ["epochs=1", "max_steps_per_epoch=2", "device=cpu", "deterministic=true"]
+    train(prep, tmp_path / "plain", fold=0, cfg=make_config("tiny", common), progress=False)
+    assert compiled == []
+    train(prep, tmp_path / "comp", fold=0, cfg=make_config("tiny", [*common, "compile=true"]), progress=False)
+    assert len(compiled) == 1 and hasattr(compiled[0], "unary")
+    a, b = _weights(tmp_path / "plain" / "fold_0"), _weights(tmp_path / "comp" / "fold_0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # compile may be switched when resuming (it changes no setting of the model)
+    cfg = make_config("tiny", [*common, "epochs=2"])
+    train(prep, tmp_path / "comp", fold=0, cfg=cfg, resume=True, progress=False)
+
+
+@pytest.mark.cuda
+def test_compiled_cuda_training_step_matches_eager() -> None:
+    from cxrloc.model.net import build_model
+
+    cfg = make_config("tiny", ["crf=true"])
+    torch.manual_seed(0)
+    net = build_model(cfg).cuda().train()
+    x = (torch.rand(4, 1, 64, 64) * 2 - 1).cuda()
+    z_eager, u_eager = net(x)
+    z_comp, u_comp = torch.compile(net)(x)
+    torch.testing.assert_close(z_comp, z_eager, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(u_comp, u_eager, rtol=1e-3, atol=1e-3)
+    (g_eager,) = torch.autograd.grad(z_eager.square().sum(), net.crf.compat)
+    (g_comp,) = torch.autograd.grad(z_comp.square().sum(), net.crf.compat)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-3, atol=1e-4)
+
+
 def test_user_errors_are_one_clear_message(prep: Path, tmp_path: Path) -> None:
     cfg = make_config("tiny", ["epochs=1", "max_steps_per_epoch=1", "device=cpu"])
     train(prep, tmp_path / "r", fold=0, cfg=cfg, progress=False)

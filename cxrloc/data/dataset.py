@@ -6,7 +6,10 @@
   labels ``y``, the per-class annotation flags ``a`` and the box masks ``b`` on the P x P grid.
   The random zoom / shift (and optional flip) moves the boxes together with the pixels; its
   random numbers are a pure function of ``(seed, epoch, index)``, so a resumed run sees exactly
-  the images an uninterrupted run would have seen, whatever the number of loader workers.
+  the images an uninterrupted run would have seen, whatever the number of loader workers. Items
+  carry the warp's matrix (``theta``) and the already moved box targets; the pixels are warped by
+  the training step, a whole batch at once on the training device (:func:`warp_batch`, one
+  ``affine_grid`` + ``grid_sample``), so loader workers only read and convert the cache.
 - :class:`AnnotatedBatchSampler` guarantees annotated images in every batch and every annotated
   image in every epoch; its order is a pure function of ``(seed, epoch)`` and it splits each
   global batch between distributed ranks.
@@ -117,21 +120,34 @@ def transform_boxes(boxes: Sequence[BoxRow], params: AffineParams) -> list[BoxRo
     return out
 
 
-def warp_image(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
-    """Apply :class:`AffineParams` to an image ``(1, S, S)`` (bilinear, edges replicated).
+def affine_theta(params: AffineParams) -> torch.Tensor:
+    """The ``(2, 3)`` float32 matrix of ``F.affine_grid`` that applies :class:`AffineParams`.
 
     ``grid_sample`` maps each output pixel to its source; with ``align_corners=False`` the grid's
     -1 and 1 are the outer edges of the image, the same frame as the normalised box coordinates.
+    Inverse map in [-1, 1] coordinates: ``g_in = flip((g_out - 2 t) / s)``.
     """
     s = params.scale
     fx = -1.0 if params.flip else 1.0
-    # Inverse map in [-1, 1] coordinates: g_in = flip((g_out - 2 t) / s).
-    theta = torch.tensor(
+    return torch.tensor(
         [[fx / s, 0.0, -fx * 2.0 * params.shift_x / s], [0.0, 1.0 / s, -2.0 * params.shift_y / s]],
-        dtype=image.dtype,
-    ).unsqueeze(0)
-    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
-    return F.grid_sample(image.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        dtype=torch.float32,
+    )
+
+
+def warp_batch(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp a batch ``(B, C, S, S)`` by per-image matrices ``(B, 2, 3)`` (:func:`affine_theta`).
+
+    Bilinear, edge pixels repeated beyond the image. Training applies it on the training device to
+    whole batches, so data-loader workers only read and convert the cache (``cxrloc train``).
+    """
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def warp_image(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """Apply :class:`AffineParams` to one image ``(1, S, S)``: :func:`warp_batch` of a batch of one."""
+    return warp_batch(image.unsqueeze(0), affine_theta(params).unsqueeze(0))[0]
 
 
 def targets_from_boxes(
@@ -163,9 +179,12 @@ class LocalizationDataset(Dataset):
 
     An item is ``{"image": (1, S, S) float32 in [-1, 1], "labels": (K,) float32, "annotated":
     (K,) bool, "box_mask": (K, P, P) float32, "index": int}`` where ``S = cfg.image_size`` and
-    ``P = cfg.patch_grid``. Keys may be a position ``i`` (epoch = :attr:`epoch`) or a pair
-    ``(i, epoch)`` as yielded by :class:`AnnotatedBatchSampler`; the augmentation of item ``i``
-    in epoch ``e`` depends only on ``(cfg.seed, e, i)``.
+    ``P = cfg.patch_grid``. With augmentation the item also holds ``"theta"`` ``(2, 3)``: the image
+    is NOT warped yet (the training step warps whole batches on its device with :func:`warp_batch`,
+    so loader workers only read the cache), while labels and box masks already describe the warped
+    image. :meth:`sample` gives one warped image and its boxes. Keys may be a position ``i``
+    (epoch = :attr:`epoch`) or a pair ``(i, epoch)`` as yielded by :class:`AnnotatedBatchSampler`;
+    the augmentation of item ``i`` in epoch ``e`` depends only on ``(cfg.seed, e, i)``.
 
     Args:
         prepared: an opened ``Prepared`` folder.
@@ -208,32 +227,45 @@ class LocalizationDataset(Dataset):
         """``(N,)`` bool: the item has at least one box."""
         return np.array([bool(b) for b in self.boxes], dtype=bool)
 
-    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
-        """The (augmented) network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch``."""
+    def _image(self, index: int) -> torch.Tensor:
+        """The network input ``(1, S, S)`` of item ``index`` before augmentation."""
         u8 = np.asarray(self.prepared.images[self.cache_index[index]])
         x = torch.from_numpy(to_network_range(u8)).unsqueeze(0)
         if x.shape[-1] != self.image_size:
             mode = "area" if x.shape[-1] > self.image_size else "bilinear"
             x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode=mode)[0]
-        boxes = list(self.boxes[index])
-        if self.augment:
-            rng = np.random.default_rng([self.seed, epoch, index, _SALT_AUG])
-            params = draw_affine(rng, self.cfg)
-            x = warp_image(x, params)
-            boxes = transform_boxes(boxes, params)
-        return x.contiguous(), boxes
+        return x.contiguous()
+
+    def params(self, index: int, epoch: int) -> AffineParams | None:
+        """The augmentation of item ``index`` in ``epoch`` (``None`` without augmentation)."""
+        if not self.augment:
+            return None
+        return draw_affine(np.random.default_rng([self.seed, epoch, index, _SALT_AUG]), self.cfg)
+
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
+        """The augmented network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch`` (one image;
+        training items carry the warp instead, see :meth:`__getitem__`)."""
+        params = self.params(index, epoch)
+        x, boxes = self._image(index), list(self.boxes[index])
+        if params is None:
+            return x, boxes
+        return warp_image(x, params), transform_boxes(boxes, params)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), self.epoch)
-        x, boxes = self.sample(index, epoch)
+        params = self.params(index, epoch)
+        boxes = list(self.boxes[index]) if params is None else transform_boxes(self.boxes[index], params)
         y, a, mask = targets_from_boxes(boxes, self.labels[index], self.patch_grid)
-        return {
-            "image": x,
+        item = {
+            "image": self._image(index),
             "labels": torch.from_numpy(y),
             "annotated": torch.from_numpy(a),
             "box_mask": torch.from_numpy(mask),
             "index": index,
         }
+        if params is not None:
+            item["theta"] = affine_theta(params)
+        return item
 
 
 def repeat_factors(boxes: Sequence[Sequence[BoxRow]], threshold: float) -> np.ndarray:

@@ -122,14 +122,16 @@ def read_manifest(path: str | os.PathLike[str], classes: Sequence[str] = CLASSES
     return df.set_index("image_id", drop=False)
 
 
-def to_network_range(u8: np.ndarray) -> np.ndarray:
+def to_network_range(u8: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Cached uint8 pixels to the network's input range: ``u8 / 127.5 - 1`` in float32, in [-1, 1].
 
     The one place that defines the conversion (training, evaluation and prediction all use it);
     plain float32 numpy arithmetic, bit-identical to the same arithmetic on a torch tensor and
     faster per core (``bench/bench_loader.py`` measures both).
+    ``out``: a float32 array (or view) of the same shape to write into (the augmentation writes a
+    crop straight into its edge-padded window).
     """
-    out = np.divide(np.asarray(u8, dtype=np.uint8), np.float32(127.5), dtype=np.float32)
+    out = np.divide(np.asarray(u8, dtype=np.uint8), np.float32(127.5), out=out, dtype=np.float32)
     out -= np.float32(1.0)
     return out
 

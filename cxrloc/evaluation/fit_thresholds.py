@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cxrloc.classes import NUM_CLASSES
+from cxrloc.evaluation.metrics import roc_points
 from cxrloc.geometry import union_patch_mask
 from cxrloc.rundir import RunDir
 from cxrloc.thresholds import Thresholds
@@ -64,17 +65,10 @@ def best_cut(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float] | No
         ``(cut, balanced_accuracy)``, or ``None`` without both classes or when no cut
         beats chance (balanced accuracy <= 0.5).
     """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
-    if pos.size == 0 or neg.size == 0:
+    points = roc_points(scores, labels)
+    if points is None:
         return None
-    values = np.unique(scores)
-    if values.size < 2:
-        return None
-    cuts = (values[:-1] + values[1:]) / 2.0
-    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / pos.size  # share of positives >= cut
-    tnr = np.searchsorted(neg, cuts, side="left") / neg.size  # share of negatives < cut
+    cuts, tpr, tnr = points
     balanced = (tpr + tnr) / 2.0
     # First of the best, with a rounding slack so that equal fractions tie exactly.
     i = int(np.flatnonzero(balanced >= balanced.max() - 1e-12)[0])

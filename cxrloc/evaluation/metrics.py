@@ -172,6 +172,34 @@ def mean_localization_accuracy(
     return acc[idx].mean(axis=0)
 
 
+def roc_points(
+    scores: np.ndarray, labels: np.ndarray, *, below_all: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every distinct decision ``scores >= cut``: the cuts and their sensitivity and specificity.
+
+    Candidate cuts are the midpoints between consecutive distinct scores (any cut inside the same
+    gap decides identically), plus, with ``below_all``, one cut below every score (all positive).
+
+    Returns:
+        ``(cuts, tpr, tnr)``, ascending cuts; ``None`` without a positive or a negative example or
+        without any candidate.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
+    if pos.size == 0 or neg.size == 0:
+        return None
+    values = np.unique(scores)
+    cuts = (values[:-1] + values[1:]) / 2.0
+    if below_all:
+        cuts = np.r_[values[0] - 1.0, cuts]
+    if cuts.size == 0:
+        return None
+    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / pos.size  # share of positives >= cut
+    tnr = np.searchsorted(neg, cuts, side="left") / neg.size  # share of negatives < cut
+    return cuts, tpr, tnr
+
+
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given the mean of the ranks they span."""
     order = np.argsort(values, kind="mergesort")

@@ -3,15 +3,32 @@
 A fixed binomial low-pass filter applied depthwise before subsampling. The filter is a
 buffer of fixed size (not a parameter), so the layer exports to ONNX as a plain ``Pad`` +
 grouped ``Conv``.
+
+How it is computed (the result is that of ``F.pad(x, mode="reflect")`` followed by the strided
+depthwise convolution, Zhang's and timm's ``BlurPool2d`` design, within float rounding):
+
+- odd filter sizes (3, the default, 5, 7) with reflect padding: one depthwise convolution with
+  **zero** padding folded into it, plus an exact correction of the few border rows and columns
+  whose window reaches beyond the image (:class:`_ReflectBlurPool`, with a hand-written backward).
+  Reflect padding is separable, ``A_r = A_0 + D`` per axis with ``D`` non-zero only at the
+  borders, so ``A_r,y X A_r,x^T = A_0,y X A_0,x^T + D_y X A_r,x^T + A_0,y X D_x^T``: the last two
+  terms read one strip of ``r = size // 2`` rows or columns. For an even side, stride 2 and
+  size 3, only the first row and column change (``out[0] = (x[0] + x[1]) / 2`` per axis). No
+  separate padded copy of the input is made, and a channels-last input stays channels-last;
+- zero padding with an odd size: the padding is the convolution's own;
+- even filter sizes (asymmetric padding), size 1, inputs no larger than the padding, and ONNX
+  export: ``F.pad`` + convolution, as before.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def binomial_filter(size: int) -> torch.Tensor:
@@ -25,6 +42,131 @@ def binomial_filter(size: int) -> torch.Tensor:
         raise ValueError(f"blur filter size must be >= 1, got {size}")
     coeffs = torch.tensor([math.comb(size - 1, i) for i in range(size)], dtype=torch.float64)
     return (coeffs / coeffs.sum()).float()
+
+
+@functools.lru_cache(maxsize=512)
+def _reflect_border(n: int, size: int, stride: int) -> tuple[tuple[int, int, float], ...]:
+    """Non-zero entries ``(i, j, d)`` of ``D = A_reflect - A_zero`` for one axis of length ``n``.
+
+    ``A`` maps ``n`` input samples to the strided, ``size``-tap binomial blur with ``r = size // 2``
+    samples of padding on both sides; ``D`` holds what reflect padding adds over zero padding:
+    output ``i`` receives ``d * x[j]`` from the padded samples that mirror ``x[j]``.
+    """
+    # The binomial taps C(size-1, t) / 2^(size-1): dyadic, so exactly the float32 values of the filter
+    # (plain Python, so that torch.compile folds this function instead of breaking its graph).
+    taps = [math.comb(size - 1, t) / 2 ** (size - 1) for t in range(size)]
+    r = (size - 1) // 2
+    m = (n + 2 * r - size) // stride + 1
+    entries: dict[tuple[int, int], float] = {}
+    for i in range(m):
+        for t, a in enumerate(taps):
+            u = stride * i + t - r
+            if 0 <= u < n:
+                continue
+            j = -u if u < 0 else 2 * (n - 1) - u
+            entries[(i, j)] = entries.get((i, j), 0.0) + a
+    return tuple((i, j, d) for (i, j), d in sorted(entries.items()))
+
+
+def _sources(entries: tuple[tuple[int, int, float], ...]) -> list[int]:
+    return sorted({j for _, j, _ in entries})
+
+
+def _gather(x: torch.Tensor, dim: int, index: list[int]) -> torch.Tensor:
+    """``x`` restricted to ``index`` along ``dim`` (a few slices; no index tensor, so no host-to-device copy)."""
+    return torch.cat([x.narrow(dim, j, 1) for j in index], dim=dim)
+
+
+class _ReflectBlurPool(torch.autograd.Function):
+    """Reflect-padded depthwise blur with stride, as zero-padded convolution + border corrections.
+
+    Odd ``size`` only (symmetric padding ``r = size // 2``); see the module docstring for the algebra.
+    Arguments: the input, the 2-D filter ``(C, 1, size, size)`` and its 1-D factors along x
+    ``(C, 1, 1, size)`` and y ``(C, 1, size, 1)`` (all in the input's dtype), ``size`` and ``stride``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        filt: torch.Tensor,
+        row: torch.Tensor,
+        col: torch.Tensor,
+        size: int,
+        stride: int,
+    ) -> torch.Tensor:
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        r = (size - 1) // 2
+        ctx.save_for_backward(filt, row, col)
+        ctx.meta = (tuple(x.shape), size, stride)  # type: ignore[attr-defined]
+        out = F.conv2d(x, filt, stride=stride, padding=r, groups=c)
+        rows, cols = _reflect_border(h, size, stride), _reflect_border(w, size, stride)
+        if rows:
+            # D_y X A_r,x^T: the mirrored rows, blurred along x with reflect padding (a thin strip).
+            src = _sources(rows)
+            strip = F.pad(_gather(x, 2, src), (r, r, 0, 0), mode="reflect")
+            blurred = F.conv2d(strip, row, stride=(1, stride), groups=c)
+            for i, j, d in rows:
+                out[:, :, i].add_(blurred[:, :, src.index(j)], alpha=d)
+        if cols:
+            # A_0,y X D_x^T: the mirrored columns, blurred along y with zero padding.
+            src = _sources(cols)
+            blurred = F.conv2d(_gather(x, 3, src), col, stride=(stride, 1), padding=(r, 0), groups=c)
+            for i, j, d in cols:
+                out[:, :, :, i].add_(blurred[:, :, :, src.index(j)], alpha=d)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None, None, None]:
+        filt, row, col = ctx.saved_tensors  # type: ignore[attr-defined]
+        shape, size, stride = ctx.meta  # type: ignore[attr-defined]
+        c, h, w = shape[1], shape[2], shape[3]
+        r = (size - 1) // 2
+        # A_0,y^T G A_0,x: the adjoint of the zero-padded convolution (keeps grad's memory format).
+        gx = _conv_adjoint(grad, filt, (h, w), (stride, stride), (r, r), c)
+        rows, cols = _reflect_border(h, size, stride), _reflect_border(w, size, stride)
+        if rows:
+            # D_y^T G A_r,x: the corrected output rows combined per mirrored input row, then the adjoint
+            # of the reflect-padded blur along x (the zero-padded adjoint, its mirrored margins folded back).
+            src = _sources(rows)
+            comb = torch.stack([_combine(grad, 2, rows, j) for j in src], dim=2)
+            padded = _conv_adjoint(comb, row, (len(src), w + 2 * r), (1, stride), (0, 0), c)
+            strip = padded[..., r : r + w].clone()
+            for p in range(r):
+                strip[..., r - p] += padded[..., p]  # left margin: padded column p mirrors x[r - p]
+                strip[..., w - 2 - p] += padded[..., r + w + p]  # right margin: padded r + w + p mirrors x[w - 2 - p]
+            for k, j in enumerate(src):
+                gx[:, :, j].add_(strip[:, :, k])
+        if cols:
+            # A_0,y^T G D_x: the corrected output columns combined per mirrored input column, then the
+            # adjoint of the zero-padded blur along y.
+            src = _sources(cols)
+            comb = torch.stack([_combine(grad, 3, cols, j) for j in src], dim=3)
+            strip = _conv_adjoint(comb, col, (h, len(src)), (stride, 1), (r, 0), c)
+            for k, j in enumerate(src):
+                gx[:, :, :, j].add_(strip[:, :, :, k])
+        return gx, None, None, None, None, None
+
+
+def _conv_adjoint(
+    grad: torch.Tensor, filt: torch.Tensor, size: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], c: int
+) -> torch.Tensor:
+    """Adjoint of the depthwise ``F.conv2d(., filt, stride, pad, groups=c)`` on an input of spatial ``size``."""
+    k = filt.shape[-2:]
+    extra = tuple(size[d] - ((grad.shape[2 + d] - 1) * stride[d] - 2 * pad[d] + k[d]) for d in range(2))
+    return F.conv_transpose2d(grad, filt, stride=stride, padding=pad, output_padding=extra, groups=c)
+
+
+def _combine(grad: torch.Tensor, dim: int, entries: tuple[tuple[int, int, float], ...], j: int) -> torch.Tensor:
+    """``sum_i d_ij grad[i]`` along ``dim`` (2: rows, 3: columns) for the entries that mirror input ``j``."""
+    parts = [grad.select(dim, i) * d for i, jj, d in entries if jj == j]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 class BlurPool2d(nn.Module):
@@ -56,8 +198,24 @@ class BlurPool2d(nn.Module):
         # Non-persistent: the filter is fully determined by the hyper-parameters, and keeping it out of
         # the state dict lets plain torchvision weights load into an anti-aliased network.
         self.register_buffer("filt", kernel, persistent=False)
+        self.register_buffer("taps", a, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size, r = self.filt_size, (self.filt_size - 1) // 2
+        if size == 1 or size % 2 == 0:
+            return self.padded_forward(x)
+        filt = self.filt.to(dtype=x.dtype)
+        if self.pad_mode == "zeros":
+            return F.conv2d(x, filt, stride=self.stride, padding=r, groups=self.channels)
+        if min(x.shape[-2:]) <= r or torch.onnx.is_in_onnx_export():
+            return self.padded_forward(x)  # F.pad reports a too-small input; ONNX gets Pad(reflect) + Conv
+        taps = self.taps.to(dtype=x.dtype)
+        row = taps.view(1, 1, 1, size).expand(self.channels, 1, 1, size)
+        col = taps.view(1, 1, size, 1).expand(self.channels, 1, size, 1)
+        return _ReflectBlurPool.apply(x, filt, row, col, size, self.stride)
+
+    def padded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The textbook formulation: ``F.pad`` (reflect or zeros), then the strided depthwise convolution."""
         if self.filt_size > 1:
             mode = "reflect" if self.pad_mode == "reflect" else "constant"
             x = F.pad(x, self.padding, mode=mode)

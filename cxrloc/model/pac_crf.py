@@ -12,7 +12,14 @@ learned guidance features ``f`` (from a small branch that reads the image), and 
 compatibility of shape ``(K, K, window^2)`` (one K x K matrix per offset), initialised to zero.
 Finally two conv layers (conv -> ReLU -> BN, each; the paper's order) make a residual correction
 of the logits; the last BN starts at weight = bias = 0, so a fresh CRF returns the unary
-probabilities exactly. Plain torch ops only (``unfold``, ``matmul``, ``exp``): exports to ONNX.
+probabilities exactly.
+
+Computation: ``G`` is evaluated once per forward, in float32, on the ``window x window``
+neighbourhood of every patch; each mean-field step multiplies ``G`` with the neighbours' ``q``
+(windows taken as a strided view of the zero-padded grid, channels last) and contracts offsets and
+classes with ``W`` in one GEMM, in the autocast dtype when autocast is on. Plain torch ops only
+(``pad``, ``unfold``, ``matmul``, ``exp``): exports to ONNX, where the same arithmetic runs in the
+``F.unfold`` layout (:meth:`PacCrf.kernel_cols`, :meth:`PacCrf.message_cols`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,32 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _windows_last(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The ``window x window`` neighbourhoods of every position, channels last, as a strided view.
+
+    ``x`` ``(B, C, P, P)`` -> ``(B, P, P, window, window, C)`` with zeros beyond the border:
+    element ``[b, i, j, dy, dx, c]`` is ``x[b, c, i + dy - r, j + dx - r]`` (``r = window // 2``).
+    Only the zero-padded ``(B, P + 2r, P + 2r, C)`` copy is materialised; ``Tensor.unfold`` makes the
+    windows a view, whose gradient is ``unfold_backward``: neither ``im2col`` nor ``col2im`` runs.
+    """
+    r = window // 2
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, r, r, r, r))
+    return padded.unfold(1, window, 1).unfold(2, window, 1).permute(0, 1, 2, 4, 5, 3)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype of ``x``'s device when autocast is on there, else float32."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.float32
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; no op (and no ONNX ``Cast`` node) when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -108,35 +141,70 @@ class PacCrf(nn.Module):
         nn.init.zeros_(last_bn.bias)
 
     def kernel(self, feats: torch.Tensor) -> torch.Tensor:
-        """Gaussian affinities ``G`` of shape ``(B, window^2, P*P)`` (0 outside the image)."""
+        """Gaussian affinities ``G`` of shape ``(B, P*P, window^2)`` in float32 (0 outside the image).
+
+        Row ``j`` holds ``G(f_j, f_{j+o})`` for the ``window^2`` offsets ``o`` in row-major order.
+        """
+        b, _, p, _ = feats.shape
+        w = self.window
+        feats = feats.float()
+        nb = _windows_last(feats, w)  # (B, P, P, w, w, d): a strided view, no copy
+        diff = nb - feats.permute(0, 2, 3, 1)[:, :, :, None, None, :]
+        g = torch.exp(-0.5 * diff.square().sum(dim=-1))  # (B, P, P, w, w)
+        # Neighbours beyond the border: the zero padding is not a patch; mask them out.
+        inside = _windows_last(feats.new_ones(1, 1, p, p), w)[..., 0]
+        return (g * inside).reshape(b, p * p, w * w)
+
+    def message(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Sum over neighbours l and classes k' of ``G(j,l) W[k,k',offset] q(k',l)``: ``(B, K, P*P)``.
+
+        ``g`` is :meth:`kernel`'s output, possibly cast to a lower compute dtype (autocast); the
+        arithmetic runs in ``g.dtype``.
+        """
+        b, k, p, _ = q.shape
+        w = self.window
+        # G times the neighbours' q, laid out (B, P, P, w, w, K') so that it is one GEMM operand as it is.
+        weighted = g.view(b, p, p, w, w, 1) * _windows_last(_as(q, g.dtype), w)
+        compat = _as((self.compat * self.offset_mask).permute(2, 1, 0).reshape(w * w * k, k), g.dtype)
+        return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat).transpose(1, 2)
+
+    def kernel_cols(self, feats: torch.Tensor) -> torch.Tensor:
+        """:meth:`kernel` in the ``F.unfold`` layout ``(B, window^2, P*P)``, for ONNX export.
+
+        The exporter cannot translate ``Tensor.unfold`` with a dynamic batch axis, and onnxruntime
+        runs this layout faster than the permuted windows (no large transposes).
+        """
         b, d, p, _ = feats.shape
         w = self.window
+        feats = feats.float()
         nb = F.unfold(feats, kernel_size=w, padding=w // 2).view(b, d, w * w, p * p)
         diff = nb - feats.reshape(b, d, 1, p * p)
         g = torch.exp(-0.5 * (diff * diff).sum(dim=1))
-        # Neighbours beyond the border: unfold's zero padding is not a patch; mask them out.
-        inside = F.unfold(torch.ones_like(feats[:, :1]), kernel_size=w, padding=w // 2)
-        return g * inside
+        return g * F.unfold(torch.ones_like(feats[:, :1]), kernel_size=w, padding=w // 2)
 
-    def message(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Sum over neighbours l and classes k' of ``G(j,l) W[k,k',offset] q(k',l)``: ``(B, K, P*P)``."""
+    def message_cols(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`message` for :meth:`kernel_cols`'s layout (ONNX export), ``(B, K, P*P)``."""
         b, k, p, _ = q.shape
         w = self.window
-        nb = F.unfold(q, kernel_size=w, padding=w // 2).view(b, k, w * w, p * p)
+        nb = F.unfold(_as(q, g.dtype), kernel_size=w, padding=w // 2).view(b, k, w * w, p * p)
         weighted = (nb * g.unsqueeze(1)).reshape(b, k * w * w, p * p)
-        compat = (self.compat * self.offset_mask).reshape(k, k * w * w)
+        compat = _as((self.compat * self.offset_mask).reshape(k, k * w * w), g.dtype)
         return torch.matmul(compat, weighted)
 
     def forward(self, image: torch.Tensor, unary_logits: torch.Tensor) -> torch.Tensor:
         b, k, p, _ = unary_logits.shape
         logits = unary_logits
         if self.iterations > 0:
-            g = self.kernel(self.branch(image).float())
+            # G in float32 (exp of squared distances needs the precision); the messages in the
+            # autocast dtype when autocast is on (the GEMM ran in it before too), else float32.
+            export = torch.onnx.is_in_onnx_export()
+            kernel, message = (self.kernel_cols, self.message_cols) if export else (self.kernel, self.message)
+            g = _as(kernel(self.branch(image)), _compute_dtype(image))
             u = unary_logits.float()
             flat_u = u.reshape(b, k, p * p)
             q = torch.sigmoid(u)
             for _ in range(self.iterations):
-                logits = flat_u + self.message(q, g)
+                logits = flat_u + message(q, g)
                 q = torch.sigmoid(logits).reshape(b, k, p, p)
             logits = logits.reshape(b, k, p, p)
         return torch.sigmoid(logits + self.refine(logits))

@@ -34,15 +34,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cxrloc.checkpoint import (
+    CheckpointWriter,
     checkpoint_config,
     checkpoint_weights,
     load_checkpoint,
     make_meta,
     require_training_state,
-    save_checkpoint,
 )
 from cxrloc.config import Config, save_config
-from cxrloc.data.dataset import AnnotatedBatchSampler, LocalizationDataset, repeat_factors, split_train_val
+from cxrloc.data.dataset import (
+    AnnotatedBatchSampler,
+    LocalizationDataset,
+    repeat_factors,
+    split_train_val,
+    warp_batch,
+)
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
 from cxrloc.geometry import class_box_masks
@@ -66,7 +72,7 @@ from cxrloc.utils import CxrlocError, check_writable_dir, console, progress_bar
 
 STAGES: tuple[str, ...] = ("unary", "crf", "joint")
 
-RESUME_CHANGEABLE: tuple[str, ...] = ("epochs", "workers", "device", "max_steps_per_epoch")
+RESUME_CHANGEABLE: tuple[str, ...] = ("epochs", "workers", "device", "max_steps_per_epoch", "compile")
 """Config fields that ``--resume`` may change; any other difference is an error."""
 
 LOADER_SEED_STRIDE: int = 100003
@@ -152,6 +158,9 @@ class Trainer:
     model: CXRLocNet
     net: nn.Module
     """``model``, or its DistributedDataParallel wrapper."""
+    forward: nn.Module | Any
+    """What the training step calls: ``net``, or ``torch.compile(net)`` with ``compile=true``
+    (``net`` keeps DDP's ``no_sync`` and ``model`` the state dicts and validation)."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -173,51 +182,104 @@ class Trainer:
 def train_one_epoch(
     tr: Trainer, loader: DataLoader, epoch: int, bar: Progress | None = None, task: TaskID | None = None
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch means of the loss and its terms (over processes)."""
+    """One pass over ``loader``; returns the epoch means of the loss and its terms (over processes).
+
+    The loss terms are summed on the training device (:class:`EpochLog`): the host reads them every
+    :data:`LOG_EVERY` steps and at the end of the epoch, not after every step, so a GPU is never
+    waited for by the bookkeeping.
+    """
     cfg, micro = tr.cfg, tr.micro_batch
     loss_cfg = tr.loss_cfg
     set_train_mode(tr.model, tr.stage)
-    sums: dict[str, float] = {}
-    steps = 0
+    log = EpochLog()
     ddp = isinstance(tr.net, nn.parallel.DistributedDataParallel)
     for batch in loader:
         tr.optimizer.zero_grad(set_to_none=True)
-        terms_step: dict[str, float] = {}
         for s in range(cfg.accum_steps):
             part = slice(s * micro, (s + 1) * micro)
             x = batch["image"][part].to(tr.device, non_blocking=True)
+            if "theta" in batch:  # the augmentation's zoom/shift, on the training device for the whole batch
+                x = warp_batch(x, batch["theta"][part].to(tr.device, non_blocking=True))
             if tr.device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = s == cfg.accum_steps - 1 or not ddp
             with contextlib.nullcontext() if sync else tr.net.no_sync():  # type: ignore[operator]
                 with torch.autocast(tr.device.type, dtype=tr.amp or torch.float32, enabled=tr.amp is not None):
-                    z, unary_logits = tr.net(x)
+                    z, unary_logits = tr.forward(x)
                 unary_logits = unary_logits.float()
                 z = torch.sigmoid(unary_logits) if tr.stage == "unary" else z.float()
                 loss, terms = compute_loss(
                     loss_cfg,
                     z,
                     unary_logits,
-                    batch["labels"][part].to(tr.device),
-                    batch["annotated"][part].to(tr.device),
-                    batch["box_mask"][part].to(tr.device),
+                    batch["labels"][part].to(tr.device, non_blocking=True),
+                    batch["annotated"][part].to(tr.device, non_blocking=True),
+                    batch["box_mask"][part].to(tr.device, non_blocking=True),
                     tr.model.thresholds,
                     tr.gamma,
                 )
-                if not torch.isfinite(loss):
-                    raise CxrlocError(f"The loss became {loss.item()} at epoch {epoch + 1}; lower lr or use amp=off.")
                 tr.scaler.scale(loss / cfg.accum_steps).backward()
-            for k, v in terms.items():
-                terms_step[k] = terms_step.get(k, 0.0) + float(v) / cfg.accum_steps
-            terms_step["loss"] = terms_step.get("loss", 0.0) + float(loss.detach()) / cfg.accum_steps
+            log.add(loss, terms, cfg.accum_steps)
         tr.scaler.step(tr.optimizer)
         tr.scaler.update()
-        steps += 1
-        for k, v in terms_step.items():
-            sums[k] = sums.get(k, 0.0) + v
+        log.end_step()
         if bar is not None and task is not None:
-            bar.update(task, advance=1, info=f"loss {terms_step['loss']:.4f}")
+            if log.steps % LOG_EVERY == 0:  # a host sync only every LOG_EVERY steps
+                bar.update(task, info=f"loss {log.check(epoch):.4f}")
+            bar.update(task, advance=1)
+    sums, steps = log.finish(epoch)
     return _reduce_means(sums, steps, tr.dist, tr.device)
+
+
+LOG_EVERY: int = 20
+"""Training steps between two reads of the running loss on the host (progress bar, non-finite check)."""
+
+
+class EpochLog:
+    """Per-epoch sums of the logged loss terms, kept on the training device.
+
+    The arithmetic is float64, as the host's was (each micro-batch's value over ``accum_steps``,
+    summed per step, then over steps), so the logged means are unchanged; the host reads them once
+    per epoch (:meth:`finish`) and every ``LOG_EVERY`` steps (:meth:`check`) instead of after every
+    step, which lets the CPU queue the next steps while the GPU runs.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._step: dict[str, Any] = {}
+        self._sums: dict[str, Any] = {}
+        self._last_loss: Any = None
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], accum_steps: int) -> None:
+        for k, v in (*terms.items(), ("loss", loss)):
+            self._step[k] = self._step.get(k, 0.0) + v.detach().to(torch.float64) / accum_steps
+
+    def end_step(self) -> None:
+        for k, v in self._step.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._last_loss = self._step["loss"]
+        self._step = {}
+        self.steps += 1
+
+    def check(self, epoch: int) -> float:
+        """Raise if the loss has not been finite this epoch; return the last step's loss."""
+        total, last = torch.stack([self._sums["loss"], self._last_loss]).tolist()
+        _check_finite(total, epoch)
+        return last
+
+    def finish(self, epoch: int) -> tuple[dict[str, float], int]:
+        """The epoch's sums as floats (one host sync) and the number of steps."""
+        keys = list(self._sums)
+        values = torch.stack([self._sums[k] for k in keys]).tolist() if keys else []
+        sums = dict(zip(keys, values, strict=True))
+        if sums:
+            _check_finite(sums["loss"], epoch)
+        return sums, self.steps
+
+
+def _check_finite(loss_sum: float, epoch: int) -> None:
+    if not math.isfinite(loss_sum):
+        raise CxrlocError(f"The loss became {loss_sum} at epoch {epoch + 1}; lower lr or use amp=off.")
 
 
 def _reduce_means(sums: dict[str, float], steps: int, dd: DistInfo, device: torch.device) -> dict[str, float]:
@@ -386,6 +448,7 @@ def _train_fold(
         stage=stage,
         model=model,
         net=net,
+        forward=torch.compile(net) if cfg.compile else net,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -457,17 +520,22 @@ def _train_fold(
             f"({int(dataset.is_annotated().sum())} annotated), {len(val_ids)} validation, device {device}, "
             f"{dd.world_size} process(es), epochs {start_epoch + 1}..{cfg.epochs}"
         )
-    with progress_bar(enabled=show, info=True, elapsed=True) as bar:
+    # One loader for the whole run: the workers persist between epochs (items depend only on
+    # (seed, epoch, index), and the sampler's epoch is read each time the loader is iterated); the
+    # generator only seeds the worker processes, which the items do not depend on.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed * LOADER_SEED_STRIDE + start_epoch),
+    )
+    writer = CheckpointWriter()
+    with progress_bar(enabled=show, info=True, elapsed=True) as bar, writer:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
-            loader = DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * LOADER_SEED_STRIDE + epoch),
-            )
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), info="")
             means = train_one_epoch(tr, loader, epoch, bar, task)
             lr_used = tr.optimizer.param_groups[0]["lr"]
@@ -476,7 +544,7 @@ def _train_fold(
             if dd.main:
                 best_metric = _end_epoch(
                     tr, prepared, fold_dir, val_ids, epoch, means, lr_used, t0, best_metric, history,
-                    thresholds_source, show,
+                    thresholds_source, show, writer,
                 )
             dd.barrier()
     return fold_dir.path
@@ -495,6 +563,7 @@ def _end_epoch(
     history: list[dict[str, Any]],
     thresholds_source: str,
     show: bool,
+    writer: CheckpointWriter,
 ) -> float:
     """Validate, log the epoch to ``metrics.csv`` and write the checkpoints (rank 0); return the best metric."""
     cfg, model = tr.cfg, tr.model
@@ -532,9 +601,10 @@ def _end_epoch(
         "thresholds_source": thresholds_source,
     }
     fold_dir.write_metrics(history)
-    if is_best:
-        save_checkpoint(fold_dir.checkpoint("best"), state)
-    save_checkpoint(fold_dir.checkpoint("last"), state)
+    # Written in the background (a CPU snapshot is taken now); best.pt, when this epoch is the best,
+    # is the same file as last.pt (a hard link, else a copy).
+    best = [fold_dir.checkpoint("best")] if is_best else []
+    writer.submit([*best, fold_dir.checkpoint("last")], state)
     if show:
         console.print(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val IoU acc@{cfg.eval_threshold} "

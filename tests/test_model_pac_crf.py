@@ -1,0 +1,138 @@
+"""PAC-CRF: the current formulation against the original ``F.unfold`` one (forward and gradients),
+the two window implementations, and the autocast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cxrloc.model.pac_crf import PacCrf, _windows_last
+
+
+def reference_forward(crf: PacCrf, image: torch.Tensor, unary_logits: torch.Tensor) -> torch.Tensor:
+    """The PAC-CRF as first written (cxrloc 0.1.0): ``F.unfold`` windows, layout (B, K, w^2, P^2), float32.
+
+    Kept verbatim as the independent definition the optimised code must reproduce.
+    """
+    b, k, p, _ = unary_logits.shape
+    w = crf.window
+    feats = crf.branch(image).float()
+    d = feats.shape[1]
+    nb = F.unfold(feats, kernel_size=w, padding=w // 2).view(b, d, w * w, p * p)
+    diff = nb - feats.reshape(b, d, 1, p * p)
+    g = torch.exp(-0.5 * (diff * diff).sum(dim=1))
+    g = g * F.unfold(torch.ones_like(feats[:, :1]), kernel_size=w, padding=w // 2)
+    compat = (crf.compat * crf.offset_mask).reshape(k, k * w * w)
+    u = unary_logits.float()
+    flat_u = u.reshape(b, k, p * p)
+    q = torch.sigmoid(u)
+    logits = unary_logits
+    for _ in range(crf.iterations):
+        nbq = F.unfold(q, kernel_size=w, padding=w // 2).view(b, k, w * w, p * p)
+        weighted = (nbq * g.unsqueeze(1)).reshape(b, k * w * w, p * p)
+        logits = flat_u + torch.matmul(compat, weighted)
+        q = torch.sigmoid(logits).reshape(b, k, p, p)
+    logits = logits.reshape(b, k, p, p)
+    return torch.sigmoid(logits + crf.refine(logits))
+
+
+def _crf(k: int, p: int, window: int, iterations: int, seed: int) -> tuple[PacCrf, torch.Tensor, torch.Tensor]:
+    """A CRF with random compatibility and refinement weights, a random image and random unary logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        crf = PacCrf(k, image_size=4 * p, patch_grid=p, window=window, iterations=iterations, feature_dim=6,
+                     branch_channels=8)
+    with torch.no_grad():
+        crf.compat.copy_(0.3 * torch.randn(crf.compat.shape, generator=gen))
+        for m in crf.refine:
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+        crf.branch.proj.weight.mul_(0.5)  # guidance distances of order 1: G neither all 0 nor all 1
+    image = torch.rand(2, 1, 4 * p, 4 * p, generator=gen) * 2 - 1
+    unary = 2 * torch.randn(2, k, p, p, generator=gen)
+    return crf, image, unary
+
+
+@pytest.mark.parametrize(
+    ("k", "p", "window", "iterations"),
+    [(14, 8, 5, 2), (3, 5, 7, 3), (14, 20, 19, 5)],  # tiny preset; window wider than the grid; the paper's
+)
+def test_crf_matches_the_unfold_formulation_forward_and_backward(k: int, p: int, window: int, iterations: int) -> None:
+    crf, image, unary = _crf(k, p, window, iterations, seed=k + p)
+    crf.train()  # BatchNorm with batch statistics: gradients through the branch and the refinement too
+    params = [prm for prm in crf.parameters() if prm.requires_grad]
+    u_new = unary.clone().requires_grad_()
+    u_ref = unary.clone().requires_grad_()
+    z_new = crf(image, u_new)
+    z_ref = reference_forward(crf, image, u_ref)
+    assert z_new.shape == (2, k, p, p)
+    torch.testing.assert_close(z_new, z_ref, rtol=0, atol=3e-5)  # float32 sums in another order; export allows 1e-4
+    assert (z_ref - torch.sigmoid(unary)).abs().max() > 1e-2  # the CRF does change the unaries here
+    upstream = torch.randn(z_new.shape, generator=torch.Generator().manual_seed(7))
+    g_new = torch.autograd.grad(z_new, [u_new, *params], upstream)
+    g_ref = torch.autograd.grad(z_ref, [u_ref, *params], upstream)
+    names = ["unary_logits"] + [n for n, prm in crf.named_parameters() if prm.requires_grad]
+    for name, a, b in zip(names, g_new, g_ref, strict=True):
+        if name == "branch.proj.bias":
+            # G reads differences of f only: this gradient is 0 up to rounding in both formulations.
+            assert a.abs().max() < 1e-4 and b.abs().max() < 1e-4
+            continue
+        scale = b.abs().max().item()
+        assert scale > 1e-3, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_window_view_by_hand() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    view = _windows_last(x, 5)
+    assert view.shape == (2, 6, 6, 5, 5, 3)
+    # element [b, i, j, dy, dx, c] is x[b, c, i + dy - 2, j + dx - 2], zero outside
+    for b, i, j, dy, dx, c in ((1, 0, 3, 2, 4, 2), (0, 5, 5, 0, 0, 1), (1, 2, 2, 4, 4, 0)):
+        assert view[b, i, j, dy, dx, c] == x[b, c, i + dy - 2, j + dx - 2]
+    assert view[0, 0, 0, 1, 1, 0] == 0 and view[1, 5, 4, 4, 2, 2] == 0
+
+
+def test_export_layout_computes_the_same_messages() -> None:
+    """kernel_cols / message_cols (the ONNX path) against kernel / message, values and gradients."""
+    crf, image, unary = _crf(14, 8, 5, 2, seed=11)
+    feats = crf.branch(image).detach().requires_grad_()
+    q = torch.sigmoid(unary).requires_grad_()
+    m_view = crf.message(q, crf.kernel(feats))
+    m_cols = crf.message_cols(q, crf.kernel_cols(feats))
+    torch.testing.assert_close(m_view, m_cols, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(m_view.shape, generator=torch.Generator().manual_seed(1))
+    g_view = torch.autograd.grad(m_view, [feats, q, crf.compat], upstream)
+    g_cols = torch.autograd.grad(m_cols, [feats, q, crf.compat], upstream)
+    for a, b in zip(g_view, g_cols, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_crf_under_cpu_autocast_stays_close_to_float32() -> None:
+    """Under autocast the messages run in bf16 (the GEMM did before too); z stays within bf16 rounding."""
+    crf, image, unary = _crf(14, 8, 5, 2, seed=3)
+    crf.eval()
+    with torch.no_grad():
+        ref = reference_forward(crf, image, unary)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = crf(image, unary)
+    assert z.dtype == torch.float32
+    assert (z - ref).abs().max() < 3e-2
+    assert (z - ref).abs().mean() < 3e-3
+
+
+@pytest.mark.cuda
+def test_crf_on_cuda_bf16_matches_float32_reference() -> None:
+    crf, image, unary = _crf(14, 20, 19, 5, seed=5)
+    crf = crf.cuda().eval()
+    image, unary = image.cuda(), unary.cuda()
+    with torch.no_grad():
+        ref = reference_forward(crf, image, unary)
+        z32 = crf(image, unary)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            z16 = crf(image, unary)
+    torch.testing.assert_close(z32, ref, rtol=0, atol=1e-5)
+    assert (z16 - ref).abs().max() < 3e-2
