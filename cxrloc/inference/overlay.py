@@ -67,13 +67,13 @@ GtBox = tuple[str, float, float, float, float]
 
 
 def gt_boxes_by_image(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
-    """Ground-truth boxes per image file name, for drawing: from NIH's ``BBox_List_2017.csv`` or a
-    COCO annotation file (``.json``).
+    """Ground-truth boxes per image, for drawing: from NIH's ``BBox_List_2017.csv`` or a COCO
+    annotation file (``.json``); find an image's with :func:`gt_boxes_of`.
 
     NIH's list is read by :func:`cxrloc.data.nih.read_bbox_list` (its quirks, label spellings,
     1024-pixel frame and clipping); a COCO file by :mod:`cxrloc.data.coco` (its categories' names,
-    each image's width and height as the frame; images are named by the last part of their
-    ``file_name``). Rows that cannot be used are left out with one note naming the first of them.
+    each image's width and height as the frame; images are named by their ``file_name``, a path
+    below the data folder). Rows that cannot be used are left out with one note naming the first of them.
     """
     from cxrloc.data.nih import BoxKey, add_box, read_bbox_list
     from cxrloc.utils import console
@@ -96,8 +96,26 @@ def gt_boxes_by_image(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
         console.print(f"[yellow]Note:[/] {len(parsed.skipped)} row(s) of {path} not drawn; first: {parsed.skipped[0]}")
     out: dict[str, list[GtBox]] = {}
     for name, boxes in parsed.boxes.items():
-        out.setdefault(name.rpartition("/")[2], []).extend((classes[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in boxes)
+        out.setdefault(name, []).extend((classes[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in boxes)
     return out
+
+
+def gt_boxes_of(gt_boxes: dict[str, list[GtBox]], path: str | os.PathLike[str]) -> list[GtBox]:
+    """The ground-truth boxes of the image file ``path`` in :func:`gt_boxes_by_image`'s table.
+
+    A box list names an image by its path below the data folder (COCO's ``file_name``, e.g.
+    ``pat01/scan0.dcm``) or by its file name (NIH). The longest trailing part of ``path`` that the
+    list names wins, so ``/data/pat01/scan0.dcm`` gets the boxes of ``pat01/scan0.dcm``, never those
+    of ``pat02/scan0.dcm``; a bare file name is used only when one entry of the list ends in it.
+    """
+    parts = Path(path).parts
+    for n in range(len(parts), 0, -1):
+        key = "/".join(parts[-n:])
+        if key in gt_boxes:
+            return list(gt_boxes[key])
+    name = parts[-1] if parts else ""
+    matches = [k for k in gt_boxes if k.rpartition("/")[2] == name]
+    return list(gt_boxes[matches[0]]) if len(matches) == 1 else []
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
