@@ -117,6 +117,12 @@ def columns_note(result: dict[str, Any]) -> str:
     short = short_names(boxed)
     parts = [f"'mean' = mean over the {len(boxed)} boxed classes that have a test box"
              + (" (NIH's 8)" if result.get("paper_table1") else "") + "."]
+    unknown = set(result.get("not_in_run") or ())
+    if unknown:  # an external test set: say which columns the mean can use
+        boxes = result["summary"].get("boxes", {})
+        used = [c for c in boxed if boxes.get(c, 0) > 0 and c not in unknown]
+        parts[0] = (f"'mean' = mean over the boxed classes that have a test box and are known to the run: "
+                    f"{', '.join(used) or 'none'}.")
     cut = [f"{v} = {c}" for c, v in short.items() if v != c and c not in SHORT]
     if cut:
         parts.append("Columns: " + ", ".join(cut) + ".")
