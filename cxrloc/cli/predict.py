@@ -42,8 +42,9 @@ def register(app: typer.Typer) -> None:
             "validation), 'all' classes, or 'gt': the classes of the --boxes."
         ),
         boxes: Path | None = typer.Option(
-            None, "--boxes", help="NIH BBox_List_2017.csv or a COCO annotation file (.json): draw the ground-truth "
-            "boxes of each image (found by its path's trailing part, e.g. pat01/scan0.dcm)."
+            None, "--boxes", help="NIH BBox_List_2017.csv, a COCO annotation file (.json) or a boxes table (columns "
+            "image, label, x, y, w, h in pixels): draw the ground-truth boxes of each image (found by its path's "
+            "trailing part, e.g. pat01/scan0.dcm)."
         ),
         save_maps: bool = typer.Option(
             False, "--save-maps", help="Also save the raw (K, P, P) maps z as .npy (K: the model's classes)."
