@@ -87,6 +87,9 @@ def test_hand_run_on_an_external_table_dataset_by_hand(tmp_path: Path) -> None:
         assert f["model"]["iou"]["Cardiomegaly"] == [None, None, None]
         assert f["auroc"]["Lesion"] is None and f["auroc"]["Cardiomegaly"] is None
     s = result["summary"]
+    # Both folds scored the same four images: boxes and positives are counted once, not per fold.
+    assert s["boxes"]["Atelectasis"] == 2 and s["boxes"]["Lesion"] == 2 and s["boxes"]["Mass"] == 1
+    assert s["classification"]["positives"]["Lesion"] == 2 and s["classification"]["positives"]["Mass"] == 1
     assert s["model"]["iou"]["boxed_mean"] == pytest.approx([0.5, 0, 0])  # mean of Atelectasis and Mass
     assert s["prior"]["iou"]["boxed_mean"] == pytest.approx([0.75, 0.75, 0.75])
     # The prior is the one of the run's own evaluation (same training boxes), not one of the test data.

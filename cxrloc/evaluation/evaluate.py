@@ -524,6 +524,10 @@ def evaluate(
     boxed = [classes.index(c) for c in boxed_names]
     paper = folds[0]["data_format"] == "nih" and is_nih(classes)
     summary = summarise(folds, ts, boxed)
+    if test_data is not None and data_fold is None and len(folds) > 1:
+        # Every fold's model scored the same images: their boxes and positives are counted once.
+        summary["count"] = np.asarray(folds[0]["count"])
+        summary["positives"] = np.asarray(folds[0]["classification"]["positives"])
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     images = f"{split} images" if test_data is None else (
         f"external test set `{test_data.root}` ("
