@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from cxrloc import __version__
-from cxrloc.classes import CLASSES
 from cxrloc.config import Config
 from cxrloc.utils import CxrlocError, OutputError, atomic_path, os_error_message
 
@@ -48,10 +47,11 @@ def make_meta(
     """Inference metadata carried by every checkpoint and ONNX file.
 
     ``calibration`` is the ``calibration.json`` content (:class:`cxrloc.calibration.Calibration`),
-    ``None`` until ``cxrloc calibrate`` has run.
+    ``None`` until ``cxrloc calibrate`` has run. ``classes`` is the config's class list (the
+    prepared folder's, NIH's 14 for NIH data).
     """
     return {
-        "classes": list(CLASSES),
+        "classes": list(cfg.classes),
         "image_size": cfg.image_size,
         "patch_grid": cfg.patch_grid,
         "normalisation": dict(NORMALISATION),
@@ -298,7 +298,9 @@ def checkpoint_meta(state: dict[str, Any], path: str | os.PathLike[str], cfg: Co
     meta = state.get("meta")
     if not isinstance(meta, dict):
         raise _damaged(path, "it holds no inference metadata ('meta')")
-    for key in ("image_size", "patch_grid"):
+    for key in ("image_size", "patch_grid", "classes"):
+        if key == "classes" and "classes" not in meta:
+            continue  # not required of hand-made files; make_meta always writes it
         if meta.get(key) != getattr(cfg, key):
             raise _damaged(path, f"its metadata says {key}={meta.get(key)!r} but its config {getattr(cfg, key)}")
     return dict(meta)
@@ -380,7 +382,7 @@ def load_model(
         meta["thresholds"] = thresholds.to_json()
         meta["thresholds_source"] = str(chosen)
     elif "ensemble" in state and meta.get("thresholds"):
-        model.thresholds.set(Thresholds.from_json(meta["thresholds"]))
+        model.thresholds.set(Thresholds.from_json(meta["thresholds"], classes=cfg.classes))
     elif not meta.get("thresholds"):
         meta["thresholds"] = model.thresholds.get().to_json()
     meta.setdefault("calibration", None)

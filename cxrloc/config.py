@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrloc.classes import CLASSES, check_class_names
 from cxrloc.utils import CxrlocError
 
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
@@ -29,6 +30,10 @@ class Config:
     """
 
     # --- network -------------------------------------------------------------
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    """The class list, in output order: one output map per class. Not a setting: ``train`` takes it
+    from the prepared folder (``classes.json``; NIH's 14 for NIH data and for configs written
+    before class lists existed)."""
     arch: str = "resnet50"
     """Backbone: ``resnet18``, ``resnet34`` or ``resnet50`` (torchvision layout)."""
     width: int = 64
@@ -220,7 +225,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _unknown_key_message(key: str, names: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(names), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(names - {'extra'}))}."
+    return f"Unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(names - {'extra', 'classes'}))}."
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
@@ -263,6 +268,10 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     for key, value in items:
         if key not in names:
             raise CxrlocError(_unknown_key_message(key, names))
+        if key == "classes" and isinstance(value, str):
+            raise CxrlocError(
+                "--set classes: the class list comes from the prepared folder (its classes.json), not from an option."
+            )
         if isinstance(value, str) and not isinstance(data[key], str):
             value = _parse_value(key, value, data[key])
         data[key] = value
@@ -317,7 +326,10 @@ def _check_types(cfg: Config) -> None:
     """Every field holds a value of its declared type (a damaged ``config.json`` may not)."""
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        kind = type(f.default) if f.default is not dataclasses.MISSING else dict
+        if f.default is not dataclasses.MISSING:
+            kind = type(f.default)
+        else:
+            kind = type(f.default_factory())  # type: ignore[misc]
         if kind is float:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
         elif kind is int:
@@ -333,6 +345,7 @@ def _check_types(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Raise ``CxrlocError`` naming the first invalid field of ``cfg``."""
     _check_types(cfg)
+    check_class_names(cfg.classes, "config 'classes'")
     for key, (lo, hi) in SIZE_BOUNDS.items():
         value = getattr(cfg, key)
         if not lo <= value <= hi:

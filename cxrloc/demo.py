@@ -2,7 +2,9 @@
 
 Steps, each with the library function every command uses:
 
-1. :func:`cxrloc.data.synthetic.generate_synthetic_nih` -> ``DIR/nih`` (NIH layout and CSV quirks);
+1. :func:`cxrloc.data.synthetic.generate_synthetic_nih` -> ``DIR/nih`` (NIH layout and CSV quirks); with
+   ``data_format="coco"``, :func:`~cxrloc.data.synthetic.generate_synthetic_coco` -> ``DIR/coco`` (the same
+   data as ``images/``, a COCO ``annotations.json`` and a ``labels.csv``), read by the COCO reader;
 2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
 3. :func:`cxrloc.training.loop.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
 4. and 5. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation), and
@@ -15,7 +17,7 @@ Steps, each with the library function every command uses:
    carries the calibration);
 12. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
 
-``DIR/summary.json`` holds the accuracy table (per class and mean over the 8 boxed classes, IoU
+``DIR/summary.json`` holds the accuracy table (per class and mean over the boxed classes, IoU
 and IoR, for the model, the unary model and the prior, at each T), the classification at the
 operating point (per class AUROC, sensitivity, specificity; classes called present per image
 against labelled findings), what each overlay shows, the timings and every output.
@@ -39,7 +41,6 @@ from rich import box
 from rich.table import Table
 
 from cxrloc import __version__
-from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.config import Config, make_config
 from cxrloc.rundir import FoldDir
 from cxrloc.utils import CxrlocError, check_writable_dir, console, write_json_atomic
@@ -48,6 +49,9 @@ T = TypeVar("T")
 
 DEMO_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
 """The thresholds T of the accuracy table."""
+
+DEMO_FORMATS: tuple[str, ...] = ("nih", "coco")
+"""How the demo writes its synthetic data (and so which reader ``prepare`` uses)."""
 
 TARGET_T = 0.3
 TARGET_IOU = 0.8
@@ -123,7 +127,7 @@ def _table_rows(results: dict[str, Any], method: str, metric: str) -> dict[str, 
     """Per-class (boxed) and mean accuracies of one method/metric from ``evaluate``'s results."""
     block = results["summary"][method][metric]
     return {
-        "per_class": {c: block["per_class_mean"][c] for c in BOXED_CLASSES},
+        "per_class": {c: block["per_class_mean"][c] for c in results["boxed_classes"]},
         "mean": block["boxed_mean"],
     }
 
@@ -147,7 +151,7 @@ def _summary_tables(summary: dict[str, Any]) -> list[Table]:
         for label in methods.values():
             for t in ts:
                 table.add_column(f"{label}\n{t:g}", justify="right", no_wrap=True)
-        for row, name in [(c, c) for c in BOXED_CLASSES] + [(None, "mean")]:
+        for row, name in [(c, c) for c in summary["classes"]] + [(None, "mean")]:
             cells = []
             for method in methods:
                 block = summary["accuracy"][method][metric]
@@ -167,7 +171,7 @@ def _classification(results: dict[str, Any], operating_point: str) -> dict[str, 
         "per_class": {
             name: {"positives": c["positives"][name], "auroc": s["auroc"]["mean"][name],
                    "sensitivity": c["sensitivity"]["mean"][name], "specificity": c["specificity"]["mean"][name]}
-            for name in CLASSES
+            for name in results["classes"]
         },
         "present_per_image": c["present_per_image"],
         "labels_per_image": c["labels_per_image"],
@@ -201,11 +205,14 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     threads: int | None = None,
+    data_format: str = "nih",
 ) -> dict[str, Any]:
     """Run the whole pipeline on synthetic data and return the summary (also in ``DIR/summary.json``).
 
     Args:
         out_dir: folder for every output (created; must not hold a previous demo's runs).
+        data_format: ``nih`` (the data written as NIH's CSVs) or ``coco`` (as a COCO file and a
+            labels table, prepared by the COCO reader).
         size: image side in pixels (a multiple of 32).
         quick: a much smaller run (few images, a tiny network, 1-2 epochs) for tests.
         seed: seed of the data, the folds and the training.
@@ -216,7 +223,7 @@ def run_demo(
         The summary dict: accuracy table, target check, timings, outputs.
     """
     from cxrloc.data.prepare import prepare
-    from cxrloc.data.synthetic import generate_synthetic_nih
+    from cxrloc.data.synthetic import generate_synthetic_coco, generate_synthetic_nih
     from cxrloc.evaluation.calibrate import calibrate_fold
     from cxrloc.evaluation.evaluate import evaluate
     from cxrloc.evaluation.fit_thresholds import fit_thresholds
@@ -225,6 +232,8 @@ def run_demo(
     from cxrloc.training.loop import train
 
     settings = demo_settings(size, quick)
+    if data_format not in DEMO_FORMATS:
+        raise CxrlocError(f"--format {data_format!r}: use {' or '.join(DEMO_FORMATS)}.")
     out = Path(out_dir)
     unary_run, run = out / "run_unary", out / "run"
     check_writable_dir(out, "--out")
@@ -238,12 +247,17 @@ def run_demo(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
-        nih = _step("1/12 synthetic NIH-format data", timings, lambda: generate_synthetic_nih(
-            out / "nih", n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
+        generate = generate_synthetic_coco if data_format == "coco" else generate_synthetic_nih
+        data = _step(f"1/12 synthetic {data_format.upper()}-format data", timings, lambda: generate(
+            out / data_format, n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
             size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
+        tables: dict[str, Any] = (
+            {"data_format": "coco", "boxes": data / "annotations.json", "labels": data / "labels.csv"}
+            if data_format == "coco" else {}
+        )
         prepared = _step("2/12 prepare", timings, lambda: prepare(
-            nih, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
-            seed=seed, workers=1, progress=progress))
+            data, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
+            seed=seed, workers=1, progress=progress, **tables))
         _step("3/12 train (unary stage)", timings, lambda: train(
             prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
         _step("4/12 fit thresholds (unary)", timings, lambda: fit_thresholds(
@@ -259,9 +273,12 @@ def run_demo(
             unary_run, ts=DEMO_TS, progress=progress))
         report = _step("11/12 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
         picks = _overlay_picks(_test_ids(run), prepared, settings.overlays)
-        files = [str(next(nih.glob(f"images_*/images/{i}"))) for i in picks]
+        if data_format == "coco":
+            files, gt = [str(data / i) for i in picks], data / "annotations.json"
+        else:
+            files, gt = [str(next(data.glob(f"images_*/images/{i}"))) for i in picks], data / "BBox_List_2017.csv"
         overlays = _step("12/12 overlays", timings, lambda: predict_files(
-            files, report.path, out_dir=out / "overlays", boxes_csv=nih / "BBox_List_2017.csv", progress=progress))
+            files, report.path, out_dir=out / "overlays", boxes_csv=gt, progress=progress))
     finally:
         torch.set_num_threads(old_threads)
     total = round(time.perf_counter() - t_start, 1)
@@ -285,6 +302,7 @@ def run_demo(
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
         f"{torch.get_num_threads() if threads is None else threads} torch threads, {os.cpu_count()} CPUs",
         "quick": quick,
+        "format": data_format,
         "size": size,
         "seed": seed,
         "data": {
@@ -294,8 +312,8 @@ def run_demo(
             "unannotated_fraction": settings.unannotated_fraction,
         },
         "test_images": results["per_fold"][0]["test_images"],
-        "boxes": {c: results["summary"]["boxes"][c] for c in BOXED_CLASSES},
-        "classes": list(BOXED_CLASSES),
+        "boxes": {c: results["summary"]["boxes"][c] for c in results["boxed_classes"]},
+        "classes": list(results["boxed_classes"]),
         "ts": list(DEMO_TS),
         "accuracy": accuracy,
         "classification": _classification(results, calibration.describe()),
@@ -317,7 +335,7 @@ def run_demo(
         "config": {"unary": cfg.to_dict(), "crf": crf_cfg.to_dict()},
         "timings_s": {**timings, "total": total},
         "outputs": {
-            "data": str(nih),
+            "data": str(data),
             "prepared": str(prepared),
             "unary_run": str(unary_run),
             "run": str(run),
@@ -362,7 +380,8 @@ def _print_outputs(summary: dict[str, Any]) -> None:
     t = summary["target"]
     verdict = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
     console.print(
-        f"Mean IoU accuracy at T={t['T']:g} over the 8 boxed classes: model {_fmt(t['model'])}, "
+        f"Mean IoU accuracy at T={t['T']:g} over the {len(summary['classes'])} boxed classes: "
+        f"model {_fmt(t['model'])}, "
         f"stronger prior {_fmt(t['prior'])} (target >= {t['required']:g}, above the prior: {verdict}). "
         f"Total time {summary['timings_s']['total']:.0f} s."
     )
@@ -373,7 +392,8 @@ def _print_outputs(summary: dict[str, Any]) -> None:
     )
     o = summary["outputs"]
     for label, key in (
-        ("synthetic NIH data", "data"), ("prepared cache", "prepared"), ("unary run", "unary_run"),
+        (f"synthetic {summary['format'].upper()} data", "data"), ("prepared cache", "prepared"),
+        ("unary run", "unary_run"),
         ("CRF run", "run"), ("thresholds", "thresholds"), ("calibration", "calibration"), ("evaluation", "eval"),
         ("ONNX model", "onnx"), ("overlays", "overlays"),
     ):

@@ -12,7 +12,7 @@ and ``cxrloc train --set thresholds_file=...`` reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.classes import CLASSES
 from cxrloc.utils import CxrlocError, read_json, write_json_atomic
 
 # Bounds keep fitted thresholds away from the degenerate values (tau, tau_hat -> 0;
@@ -54,7 +54,7 @@ def box_patch_counts(box_masks: Iterable[tuple[int, np.ndarray]]) -> dict[int, l
 
 @dataclass
 class Thresholds:
-    """Per-class thresholds, each an array of shape ``(K,)`` (float64)."""
+    """Per-class thresholds, each an array of shape ``(K,)`` (float64), K = ``len(classes)``."""
 
     tau: np.ndarray
     rho: np.ndarray
@@ -63,12 +63,16 @@ class Thresholds:
     patch_grid: int
     info: dict[str, Any] | None = None
     """How they were obtained (criterion, data, round); written to JSON."""
+    classes: Sequence[str] = CLASSES
+    """The class names, in the order of the arrays (the keys of the JSON's ``classes``)."""
 
     def __post_init__(self) -> None:
+        self.classes = tuple(self.classes)
+        k_all = len(self.classes)
         for name in ("tau", "rho", "tau_hat", "rho_hat"):
             arr = np.asarray(getattr(self, name), dtype=np.float64).reshape(-1)
-            if arr.shape != (NUM_CLASSES,):
-                raise CxrlocError(f"Threshold '{name}' must have {NUM_CLASSES} values, got {arr.shape[0]}.")
+            if arr.shape != (k_all,):
+                raise CxrlocError(f"Threshold '{name}' must have {k_all} values (one per class), got {arr.shape[0]}.")
             if not np.all(np.isfinite(arr)):
                 raise CxrlocError(f"Threshold '{name}' holds a non-finite value.")
             setattr(self, name, arr)
@@ -83,6 +87,7 @@ class Thresholds:
             rho_hat=np.clip(self.rho_hat, 0.0, RHO_HAT_MAX_FRACTION * n),
             patch_grid=self.patch_grid,
             info=self.info,
+            classes=self.classes,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -96,25 +101,37 @@ class Thresholds:
                     "tau_hat": float(self.tau_hat[k]),
                     "rho_hat": float(self.rho_hat[k]),
                 }
-                for k, name in enumerate(CLASSES)
+                for k, name in enumerate(self.classes)
             },
             "info": self.info or {},
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Thresholds:
+    def from_json(cls, data: dict[str, Any], classes: Sequence[str] | None = None) -> Thresholds:
+        """Thresholds from their JSON form (``thresholds.json``, a checkpoint's ``meta``).
+
+        Args:
+            data: the JSON content.
+            classes: the class list wanted, in order (the model's); ``None``: the file's own, in the
+                file's order.
+
+        Raises:
+            CxrlocError: malformed data, or a class of ``classes`` the file lacks.
+        """
         try:
             per = data["classes"]
-            missing = [c for c in CLASSES if c not in per]
+            names = list(per) if classes is None else list(classes)
+            missing = [c for c in names if c not in per]
             if missing:
                 raise CxrlocError(f"thresholds file lacks classes: {', '.join(missing)}.")
             return cls(
-                tau=np.array([per[c]["tau"] for c in CLASSES]),
-                rho=np.array([per[c]["rho"] for c in CLASSES]),
-                tau_hat=np.array([per[c]["tau_hat"] for c in CLASSES]),
-                rho_hat=np.array([per[c]["rho_hat"] for c in CLASSES]),
+                tau=np.array([per[c]["tau"] for c in names]),
+                rho=np.array([per[c]["rho"] for c in names]),
+                tau_hat=np.array([per[c]["tau_hat"] for c in names]),
+                rho_hat=np.array([per[c]["rho_hat"] for c in names]),
                 patch_grid=int(data["patch_grid"]),
                 info=data.get("info") or {},
+                classes=names,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CxrlocError(
@@ -135,6 +152,7 @@ class Thresholds:
         patch_grid: int,
         box_patch_counts: dict[int, list[float]] | None = None,
         rho_hat_box_fraction: float = 0.0,
+        classes: Sequence[str] = CLASSES,
     ) -> Thresholds:
         """Initial thresholds before any fitting.
 
@@ -149,20 +167,22 @@ class Thresholds:
                 show a region of about that size at no cost (the evaluation protocol never asks
                 for the region of an absent class), which keeps a weak network from learning to
                 show nothing at all.
+            classes: the class list (K names; NIH's 14 by default).
         """
         all_sizes = [s for sizes in (box_patch_counts or {}).values() for s in sizes]
         fallback = float(np.median(all_sizes)) if all_sizes else 4.0
-        tau_hat = np.empty(NUM_CLASSES)
-        rho_hat = np.full(NUM_CLASSES, DEFAULT_RHO_HAT)
-        for k in range(NUM_CLASSES):
+        k_all = len(classes)
+        tau_hat = np.empty(k_all)
+        rho_hat = np.full(k_all, DEFAULT_RHO_HAT)
+        for k in range(k_all):
             sizes = (box_patch_counts or {}).get(k) or []
             med = float(np.median(sizes)) if sizes else fallback
             tau_hat[k] = DEFAULT_TAU_HAT_FRACTION * med
             if rho_hat_box_fraction > 0:
                 rho_hat[k] = rho_hat_box_fraction * med
         return cls(
-            tau=np.full(NUM_CLASSES, DEFAULT_TAU),
-            rho=np.full(NUM_CLASSES, DEFAULT_RHO),
+            tau=np.full(k_all, DEFAULT_TAU),
+            rho=np.full(k_all, DEFAULT_RHO),
             tau_hat=tau_hat,
             rho_hat=rho_hat,
             patch_grid=patch_grid,
@@ -171,16 +191,18 @@ class Thresholds:
                 "tau_hat_fraction_of_median_box": DEFAULT_TAU_HAT_FRACTION,
                 "rho_hat_fraction_of_median_box": rho_hat_box_fraction,
             },
+            classes=classes,
         ).clipped()
 
 
 class ThresholdBuffers(nn.Module):
     """Holds thresholds as non-trainable buffers so they travel with the model's state."""
 
-    def __init__(self, patch_grid: int) -> None:
+    def __init__(self, patch_grid: int, classes: Sequence[str] = CLASSES) -> None:
         super().__init__()
-        init = Thresholds.initial(patch_grid)
+        init = Thresholds.initial(patch_grid, classes=classes)
         self.patch_grid = patch_grid
+        self.classes: tuple[str, ...] = tuple(classes)
         for name in ("tau", "rho", "tau_hat", "rho_hat"):
             self.register_buffer(name, torch.tensor(getattr(init, name), dtype=torch.float32))
 
@@ -189,6 +211,13 @@ class ThresholdBuffers(nn.Module):
             raise CxrlocError(
                 f"Thresholds were made for P={thresholds.patch_grid} but the model has P={self.patch_grid}."
             )
+        if tuple(thresholds.classes) != self.classes:
+            if sorted(thresholds.classes) != sorted(self.classes):
+                raise CxrlocError(
+                    f"Thresholds were made for the classes {list(thresholds.classes)}, but the model has "
+                    f"{list(self.classes)}; use a thresholds file of this model's run."
+                )
+            thresholds = Thresholds.from_json(thresholds.to_json(), classes=self.classes)  # same names, model order
         for name in ("tau", "rho", "tau_hat", "rho_hat"):
             getattr(self, name).copy_(torch.as_tensor(getattr(thresholds, name), dtype=torch.float32))
 
@@ -196,4 +225,5 @@ class ThresholdBuffers(nn.Module):
         return Thresholds(
             **{n: getattr(self, n).detach().cpu().double().numpy() for n in ("tau", "rho", "tau_hat", "rho_hat")},
             patch_grid=self.patch_grid,
+            classes=self.classes,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -218,6 +219,15 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, what: str = "o
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2, what: str = "output") -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (sorted keys off, trailing newline)."""
     return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n", what=what)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike[str], what: str, hint: str = "") -> Any:

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import torch
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxrloc.checkpoint import make_meta, save_checkpoint
 from cxrloc.classes import CLASSES
@@ -235,3 +239,99 @@ def write_hand_run(root: Path) -> Path:
 def run_dir(tmp_path: Path) -> Path:
     """:func:`write_hand_run` in a fresh folder."""
     return write_hand_run(tmp_path)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int, **extra: object) -> Path:
+    """Write an uncompressed grey DICOM with the given stored pixels."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = 8 if bits <= 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+OWN_CLASSES: tuple[str, ...] = ("Cavity", "Miliary", "Calcification")
+"""The class list of the tests' own datasets: not NIH's (and not in NIH's order)."""
+
+
+def write_own_dataset(root: Path, *, n_patients: int = 12, boxed_patients: int = 8) -> dict[str, object]:
+    """A small dataset of one's own: images in patient folders, with the truth to check readers against.
+
+    ``root/images/pat{p}/scan{f}.png`` (every patient folder reuses the names ``scan0``, ``scan1``, as
+    DICOM archives do), non-square 72 x 60 px grey PNGs, and ``pat00/scan0`` as a 64 x 56 DICOM.
+    The first ``boxed_patients`` patients' images carry one box each (class ``i % 3`` of
+    :data:`OWN_CLASSES`), drawn as a bright rectangle; every third unboxed image is labelled
+    ``Miliary`` without a box. Patient ids are text (``P00``...).
+
+    Returns:
+        ``{"images": folder, "records": [{"image", "patient", "labels", "width", "height", "box":
+        (label, x, y, w, h) in pixels or None}]}`` in image order.
+    """
+    rng = np.random.default_rng(7)
+    images = root / "images"
+    records = []
+    for p in range(n_patients):
+        for f in range(2):
+            i = 2 * p + f
+            dicom = i == 0
+            width, height = (64, 56) if dicom else (72, 60)
+            pixels = (rng.random((height, width)) * 50).astype(np.uint8)
+            box = None
+            labels: list[str] = []
+            if p < boxed_patients:
+                label = OWN_CLASSES[i % 3]
+                w, h = int(rng.integers(14, 26)), int(rng.integers(12, 22))
+                x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+                pixels[y:y + h, x:x + w] = 230
+                box, labels = (label, x, y, w, h), [label]
+            elif i % 3 == 0:
+                labels = ["Miliary"]
+            name = f"pat{p:02d}/scan{f}.{'dcm' if dicom else 'png'}"
+            target = images / name
+            if dicom:
+                write_dicom(target, pixels, "MONOCHROME2", 8)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels, mode="L").save(target)
+            records.append({"image": name, "patient": f"P{p:02d}", "labels": labels, "width": width,
+                            "height": height, "box": box})
+    return {"images": images, "records": records}
+
+
+def write_own_tables(root: Path, records: list[dict]) -> tuple[Path, Path]:
+    """``labels.csv`` and ``boxes.csv`` of :func:`write_own_dataset`'s records (the plain table format)."""
+    labels = root / "labels.csv"
+    labels.write_text("image,patient,labels\n" + "".join(
+        f"{r['image']},{r['patient']},{'|'.join(r['labels'])}\n" for r in records))
+    boxes = root / "boxes.csv"
+    boxes.write_text("image,label,x,y,w,h\n" + "".join(
+        f"{r['image']},{','.join(map(str, r['box']))}\n" for r in records if r["box"]))
+    return labels, boxes
+
+
+def write_own_coco(root: Path, records: list[dict]) -> Path:
+    """A COCO file of :func:`write_own_dataset`'s records: category ids 30, 10, 20 (not in class order)."""
+    ids = {"Cavity": 10, "Miliary": 20, "Calcification": 30}
+    coco = {
+        "categories": [{"id": ids[c], "name": c} for c in ("Calcification", "Cavity", "Miliary")],
+        "images": [{"id": 100 + n, "file_name": r["image"], "width": r["width"], "height": r["height"]}
+                   for n, r in enumerate(records)],
+        "annotations": [{"id": n + 1, "image_id": 100 + n, "category_id": ids[r["box"][0]], "bbox": list(r["box"][1:]),
+                         "iscrowd": 0} for n, r in enumerate(records) if r["box"]],
+    }
+    path = root / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path

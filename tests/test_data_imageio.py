@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_dicom as _dicom
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxrloc.data.imageio import ImageReadError, read_image, read_image_u8, resize_square, to_uint8
 
@@ -23,27 +22,6 @@ ORIGINALS = DATA / "nih-originals" / "images"
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} not present (tests with real data need ../shared/data)")
-    return path
-
-
-def _dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int, **extra: object) -> Path:
-    """Write an uncompressed grey DICOM with the given stored pixels."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated = 8 if bits <= 8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 

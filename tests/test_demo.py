@@ -144,3 +144,44 @@ def test_demo_recipe_is_pinned_against_cpu_preset_changes() -> None:
     assert not cfg.head_coords and not cfg.position_bias and cfg.rho_hat_box_fraction == 0.0
     inherited = set(PRESETS["cpu"]) - set(overrides)
     assert inherited <= {"arch", "init"}, f"demo follows cpu preset fields {sorted(inherited)}: pin them"
+
+
+@pytest.mark.slow
+def test_quick_demo_as_coco_reads_the_same_data_through_the_coco_reader(
+    quick_demo: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from conftest import run_cli
+
+    from cxrloc.data.prepared import Prepared
+
+    out = tmp_path / "demo_coco"
+    code, text = run_cli("demo", "--out", out, "--quick", "--size", "64", "--format", "coco", "--threads", "1")
+    assert code == 0, text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["format"] == "coco"
+    coco = json.loads((out / "coco" / "annotations.json").read_text())
+    p = Prepared.open(out / "prepared")
+    assert p.data_format == "coco" and p.classes == CLASSES  # the categories, in id order
+    # Every annotation is a box of the prepared folder: bbox / (width, height) of its image.
+    images = {im["id"]: im for im in coco["images"]}
+    assert sum(len(p.boxes(i)) for i in p.ids) == len(coco["annotations"]) > 0
+    for a in coco["annotations"]:
+        im = images[a["image_id"]]
+        x, y, w, h = a["bbox"]
+        want = (x / im["width"], y / im["height"], (x + w) / im["width"], (y + h) / im["height"])
+        assert any(b[1:] == pytest.approx(want) for b in p.boxes(im["file_name"]))
+    # The same synthetic data as the NIH-format demo (same seed): the same images, labels and boxes.
+    nih = Prepared.open(Path(quick_demo[1]["outputs"]["prepared"]))
+    by_name = {i.rpartition("/")[2]: i for i in p.ids}
+    assert set(by_name) == set(nih.ids)
+    for name in nih.ids:
+        assert np.array_equal(p.labels(by_name[name]), nih.labels(name)), name
+        got, want_boxes = p.boxes(by_name[name]), nih.boxes(name)
+        assert [b[0] for b in got] == [b[0] for b in want_boxes]
+        for g, w in zip(got, want_boxes, strict=True):
+            assert g[1:] == pytest.approx(w[1:], abs=1e-3)
+    assert summary["boxes"] == quick_demo[1]["boxes"]
+    assert len(list((out / "overlays").glob("*.overlay.png"))) == len(summary["overlay_predictions"]) > 0
+
+    code, text = run_cli("demo", "--out", tmp_path / "bad", "--quick", "--format", "table")
+    assert code == 2 and "use nih or coco" in text

@@ -14,6 +14,7 @@ from cxrloc.inference.overlay import (
     NO_FINDING,
     class_color,
     gt_boxes_by_image,
+    gt_boxes_of,
     percent,
     render_overlay,
     save_overlay,
@@ -279,3 +280,44 @@ def test_predicted_overlay_shows_present_classes_only_or_all(tmp_path: Path) -> 
                         progress=False).records[0]
     assert rec["present"] == ["Cardiomegaly"]
     assert Image.open(tmp_path / "p.png").text["Description"] == "cxrloc overlay; Cardiomegaly  76%"
+
+
+def test_gt_boxes_of_tables_and_coco_by_path_below_the_data_folder(tmp_path: Path) -> None:
+    import json
+
+    from cxrloc.utils import CxrlocError
+
+    # A boxes table (pixels of each file): two images named scan0.png in two patient folders.
+    table = tmp_path / "boxes.csv"
+    table.write_text("image,label,x,y,w,h,reader\n"
+                     "p1/scan0.png,Cavity,10,20,30,40,a\n"
+                     "p2/scan0.png,Miliary,0,0,5,5,a\n"
+                     "p2/scan0.png,Miliary,90,50,20,20,b\n"  # past the right edge of a 100 x 60 image: clipped
+                     "p3/other.png,Cavity,1,x,2,2,a\n")  # non-numeric: not drawn
+    gt = gt_boxes_by_image(table)
+    got = gt_boxes_of(gt, tmp_path / "data" / "p1" / "scan0.png", (100, 60))
+    assert got == [("Cavity", pytest.approx(0.1), pytest.approx(20 / 60), pytest.approx(0.4), pytest.approx(1.0))]
+    got = gt_boxes_of(gt, "/elsewhere/p2/scan0.png", (100, 60))
+    assert [b[0] for b in got] == ["Miliary", "Miliary"]
+    assert got[1][1:] == pytest.approx((0.9, 50 / 60, 1.0, 1.0))
+    assert gt_boxes_of(gt, "/x/scan0.png", (100, 60)) == []  # two images end in scan0.png: neither is guessed
+    assert gt_boxes_of(gt, "/x/other.png", (100, 60)) == []
+
+    # COCO: width / height of the entry are the frame; an entry without them uses the file's size.
+    coco = tmp_path / "ann.json"
+    coco.write_text(json.dumps({
+        "categories": [{"id": 7, "name": "Cavity"}],
+        "images": [{"id": 1, "file_name": "p1/scan0.png", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "p2/scan0.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [20, 10, 40, 30]},
+                        {"id": 2, "image_id": 2, "category_id": 7, "bbox": [5, 5, 10, 10]}],
+    }))
+    gt = gt_boxes_by_image(coco)
+    assert gt_boxes_of(gt, "/d/p1/scan0.png", (50, 25)) == [("Cavity", 0.1, 0.1, 0.3, 0.4)]
+    assert gt_boxes_of(gt, "/d/p2/scan0.png", (50, 25)) == [("Cavity", 0.1, 0.2, 0.3, 0.6)]
+    assert gt_boxes_of(gt, "/d/p2/scan0.png") == []  # pixel boxes need the image's size
+
+    other = tmp_path / "other.csv"
+    other.write_text("file,finding\na.png,Cavity\n")
+    with pytest.raises(CxrlocError, match="neither NIH's box list"):
+        gt_boxes_by_image(other)

@@ -12,6 +12,8 @@ Example:
   cxrloc demo --out demo_out            # about 5-10 minutes on 2 CPU cores
 
   cxrloc demo --out /tmp/demo --quick   # a smoke run in well under a minute (accuracy not meaningful)
+
+  cxrloc demo --out demo_coco --format coco   # the same data written as COCO, read by the COCO reader
 """
 
 
@@ -20,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "demo",
-        help="Run the whole pipeline on a synthetic NIH-format dataset (generated, prepared, trained with "
+        help="Run the whole pipeline on a synthetic dataset (NIH or COCO format; generated, prepared, trained with "
         "the unary then the CRF stage, thresholds fitted, evaluated against the data-free prior, exported "
         "to ONNX, overlays drawn) and write DIR/summary.json.\n" + EXAMPLE,
     )
@@ -30,7 +32,11 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="Tiny data and network, 1-2 epochs: a smoke run."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data, folds and training."),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
+        data_format: str = typer.Option(
+            "nih", "--format", help="How the synthetic data is written and read: nih (NIH's CSVs) or coco (a COCO "
+            "file and a labels table)."
+        ),
     ) -> None:
         from cxrloc.demo import run_demo
 
-        run_demo(out, size=size, quick=quick, seed=seed, threads=threads or None)
+        run_demo(out, size=size, quick=quick, seed=seed, threads=threads or None, data_format=data_format)

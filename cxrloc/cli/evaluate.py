@@ -17,6 +17,8 @@ Example:
   cxrloc evaluate runs/paper --split val      # validation images: choose settings without test folds
 
   cxrloc evaluate runs/paper --tta 5          # average 5 shifted views per image
+
+  cxrloc evaluate runs/paper --data prepared/other_site   # an external test set -> runs/paper/eval_on_other_site/
 """
 
 
@@ -25,8 +27,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "evaluate",
-        help="Localization accuracy on each fold's test images beside the data-free prior and the paper's "
-        "Table 1; writes RUN_DIR/eval/ (results.csv/.json/.md, per_image.csv; eval_val/ for --split val).\n"
+        help="Localization accuracy on each fold's test images (or an external test set, --data) beside the "
+        "data-free prior and, on NIH data, the paper's Table 1; writes RUN_DIR/eval/ (results.csv/.json/.md, "
+        "per_image.csv; eval_val/ for --split val, eval_on_NAME/ for --data).\n"
         + EXAMPLE,
     )
     def evaluate(
@@ -40,6 +43,11 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="test (each fold's test images) or val (its validation "
                                   "images, carved out of the training patients)."),
         tta: int = typer.Option(1, "--tta", help="Test-time views averaged per image (1: none; up to 9)."),
+        data: Path | None = typer.Option(
+            None, "--data", help="An external test set: a PREPARED_DIR (same --size as the run's). Every fold's model "
+            "scores every boxed image of it (with --fold N: fold N's model on its fold N test images); classes are "
+            "matched by name. Writes RUN_DIR/eval_on_NAME/."
+        ),
     ) -> None:
         from cxrloc.evaluation.evaluate import evaluate as run_evaluate
         from cxrloc.evaluation.report import rich_tables
@@ -49,7 +57,7 @@ def register(app: typer.Typer) -> None:
             raise CxrlocError(f"--metric must be iou, ior or both, got {metric!r}.")
         result = run_evaluate(
             run_dir, metrics=choices[metric], ts=t, fold=fold, device=device, which=which, batch_size=batch_size,
-            split=split, tta=tta,
+            split=split, tta=tta, data=data,
         )
         for table in rich_tables(result, console.width):
             console.print(table)

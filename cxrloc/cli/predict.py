@@ -42,9 +42,13 @@ def register(app: typer.Typer) -> None:
             "validation), 'all' classes, or 'gt': the classes of the --boxes."
         ),
         boxes: Path | None = typer.Option(
-            None, "--boxes", help="NIH BBox_List_2017.csv: draw the ground-truth boxes of each image (by file name)."
+            None, "--boxes", help="NIH BBox_List_2017.csv, a COCO annotation file (.json) or a boxes table (columns "
+            "image, label, x, y, w, h in pixels): draw the ground-truth boxes of each image (found by its path's "
+            "trailing part, e.g. pat01/scan0.dcm)."
         ),
-        save_maps: bool = typer.Option(False, "--save-maps", help="Also save the raw (14, P, P) maps z as .npy."),
+        save_maps: bool = typer.Option(
+            False, "--save-maps", help="Also save the raw (K, P, P) maps z as .npy (K: the model's classes)."
+        ),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (falls back to cpu when unavailable)."),
         fold: int | None = typer.Option(None, "--fold", help="Fold of a multi-fold RUN_DIR."),
         threads: int = typer.Option(DEFAULT_THREADS, "--threads", help="onnxruntime CPU threads."),

@@ -1,4 +1,4 @@
-"""``cxrloc prepare``: NIH folder -> resized image cache, manifest, fingerprint and patient-grouped folds."""
+"""``cxrloc prepare``: a dataset's folder -> resized image cache, manifest, class list, fingerprint and folds."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ DICOM under their NIH names:
 
   cxrloc prepare ~/data/nih --images /mnt/nih_batch2 --images ~/more_jpeg --out prepared/nih --size 256
 
+Your own data, as a labels table and a boxes table (box x, y, w, h in pixels of each image file;
+images PNG, JPEG or DICOM, in any folders below IMAGES_DIR):
+
+  cxrloc prepare ~/data/hospital --format table --labels labels.csv --boxes boxes.csv --out prepared/hosp
+
+As COCO (categories = classes; images without annotations are negatives unless --labels says more):
+
+  cxrloc prepare ~/tbx11k/imgs --format coco --boxes ~/tbx11k/annotations/json/TBX11K_train.json --out prepared/tbx
+
 Running it again after an interruption finishes the cache without redoing finished images;
 an existing PREPARED_DIR/splits.json is reused (delete it to recompute the folds).
 """
@@ -28,20 +37,42 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "prepare",
-        help="Resize NIH images into a fast uint8 cache and write manifest.csv, fingerprint.json and "
-        "splits.json (patient-grouped folds).\n" + EXAMPLE,
+        help="Resize a dataset's images into a fast uint8 cache and write manifest.csv, classes.json, "
+        "fingerprint.json and splits.json (patient-grouped folds). Reads NIH ChestX-ray14 (default), a plain "
+        "labels + boxes table, or COCO; see docs/data.md.\n" + EXAMPLE,
     )
     def prepare_cmd(
-        nih_dir: Path = typer.Argument(..., help="NIH_DIR: the CSVs and the images anywhere below it."),
-        out: Path = typer.Option(..., "--out", "-o", help="PREPARED_DIR to write (resumed if present)."),
-        data_entry: Path | None = typer.Option(
-            None, "--data-entry", help="Data_Entry_2017.csv (or _v2020, .gz) if not in NIH_DIR."
+        data_dir: Path = typer.Argument(
+            ..., metavar="DATA_DIR", help="The images anywhere below it (and NIH's CSVs, for --format nih)."
         ),
-        bbox_list: Path | None = typer.Option(None, "--bbox-list", help="BBox_List_2017.csv if not in NIH_DIR."),
+        out: Path = typer.Option(..., "--out", "-o", help="PREPARED_DIR to write (resumed if present)."),
+        data_format: str = typer.Option(
+            "nih", "--format", help="nih (Data_Entry + BBox_List CSVs), table (--labels + --boxes tables) or coco "
+            "(--boxes COCO.json, optional --labels)."
+        ),
+        data_entry: Path | None = typer.Option(
+            None, "--data-entry", help="nih: Data_Entry_2017.csv (or _v2020, .gz) if not in DATA_DIR."
+        ),
+        bbox_list: Path | None = typer.Option(None, "--bbox-list", help="nih: BBox_List_2017.csv if not in DATA_DIR."),
+        labels: Path | None = typer.Option(
+            None, "--labels", help="table, coco: the labels table (image, patient, labels separated by '|')."
+        ),
+        boxes: Path | None = typer.Option(
+            None, "--boxes", help="table: the boxes table (image, label, x, y, w, h in pixels of the image file); "
+            "coco: the COCO annotation file."
+        ),
+        column: list[str] = typer.Option(
+            [], "--column", help="table, coco: a column name, KEY=NAME (repeatable); keys image, patient, labels, "
+            "label, x, y, w, h (each named as its key by default)."
+        ),
+        classes: str | None = typer.Option(
+            None, "--classes", help="table: the class list, comma-separated, in output order (default: every label "
+            "of the tables, sorted)."
+        ),
         images: list[Path] = typer.Option(
             [],
             "--images",
-            help="Another folder to search for images (repeatable), besides NIH_DIR. Images are matched by "
+            help="Another folder to search for images (repeatable), besides DATA_DIR. Images are matched by "
             "name stem, so 00000001_000.png may be stored as .jpg, .jpeg, .dcm or .dicom.",
         ),
         size: int = typer.Option(512, "--size", help="Side of the cached square images (area filter)."),
@@ -60,10 +91,15 @@ def register(app: typer.Typer) -> None:
 
         try:
             result = prepare(
-                nih_dir,
+                data_dir,
                 out,
+                data_format=data_format,
                 data_entry=data_entry,
                 bbox_list=bbox_list,
+                labels=labels,
+                boxes=boxes,
+                columns=column,
+                classes=[c.strip() for c in classes.split(",")] if classes else None,
                 images=images,
                 size=size,
                 folds=folds,
@@ -77,8 +113,12 @@ def register(app: typer.Typer) -> None:
             if table is not None:
                 console.print(table)
             raise
-        table = problems_table(read_json(result / "fingerprint.json", "fingerprint").get("problems", []))
+        fingerprint = read_json(result / "fingerprint.json", "fingerprint")
+        table = problems_table(fingerprint.get("problems", []))
         if table is not None:
             console.print(table)
+        for note in fingerprint.get("notes", []):
+            console.print(f"[yellow]Note:[/] {note}")
         console.print(summary_line(result))
-        console.print(f"Results saved to {result} (images.u8, manifest.csv, fingerprint.json, splits.json)")
+        console.print(f"Results saved to {result} (images.u8, manifest.csv, classes.json, fingerprint.json, "
+                      "splits.json)")

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from cxrloc.classes import NUM_CLASSES
 from cxrloc.config import Config
 from cxrloc.data.prepared import Prepared, to_network_range
 from cxrloc.geometry import union_patch_mask
@@ -163,8 +162,8 @@ def targets_from_boxes(
         ``(y (K,) float32, a (K,) bool, b (K, P, P) float32)``.
     """
     y = np.asarray(labels, dtype=np.float32).copy()
-    a = np.zeros(NUM_CLASSES, dtype=bool)
-    mask = np.zeros((NUM_CLASSES, patch_grid, patch_grid), dtype=np.float32)
+    a = np.zeros(y.shape[0], dtype=bool)
+    mask = np.zeros((y.shape[0], patch_grid, patch_grid), dtype=np.float32)
     by_class: dict[int, list[tuple[float, float, float, float]]] = {}
     for k, x0, y0, x1, y1 in boxes:
         by_class.setdefault(int(k), []).append((x0, y0, x1, y1))
@@ -178,8 +177,8 @@ def targets_from_boxes(
 class LocalizationDataset(Dataset):
     """Cached images of a prepared folder as training items.
 
-    An item is ``{"image": (1, S, S) float32 in [-1, 1], "labels": (14,) float32, "annotated":
-    (14,) bool, "box_mask": (14, P, P) float32, "index": int}`` where ``S = cfg.image_size`` and
+    An item is ``{"image": (1, S, S) float32 in [-1, 1], "labels": (K,) float32, "annotated":
+    (K,) bool, "box_mask": (K, P, P) float32, "index": int}`` where ``S = cfg.image_size`` and
     ``P = cfg.patch_grid``. With augmentation the item also holds ``"theta"`` ``(2, 3)``: the image
     is NOT warped yet (the training step warps whole batches on its device with :func:`warp_batch`,
     so loader workers only read the cache), while labels and box masks already describe the warped
@@ -211,7 +210,9 @@ class LocalizationDataset(Dataset):
                 "run `cxrloc prepare` again."
             )
         self.labels = (
-            np.stack([prepared.labels(i) for i in self.image_ids]) if self.image_ids else np.zeros((0, NUM_CLASSES))
+            np.stack([prepared.labels(i) for i in self.image_ids])
+            if self.image_ids
+            else np.zeros((0, len(prepared.classes)))
         )
         self.boxes: list[list[BoxRow]] = [prepared.boxes(i) for i in self.image_ids]
 
@@ -281,7 +282,7 @@ def repeat_factors(boxes: Sequence[Sequence[BoxRow]], threshold: float) -> np.nd
     n_ann = sum(1 for p in present if p)
     if threshold <= 0 or n_ann == 0:
         return out
-    freq = np.zeros(NUM_CLASSES)
+    freq = np.zeros(max(k for p in present for k in p) + 1)
     for p in present:
         freq[p] += 1
     freq /= n_ann

@@ -298,6 +298,36 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) ->
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
+def image_size(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a PNG, JPEG or DICOM file, read from its header only.
+
+    Boxes of a plain table are in the pixels of their image file; ``prepare`` needs each boxed
+    image's size to normalise them, long before (and without) decoding the pixels. The same
+    checks as :func:`read_image` apply to the size (``max_pixels``, the aspect ratio).
+
+    Raises:
+        ImageReadError: the file is missing, not an image, or its header is unreadable or refused.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    try:
+        if fmt == "dicom":
+            import pydicom
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a short file warns; its missing size is reported below
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        else:
+            with Image.open(path) as im:  # lazy: reads the header, not the pixels
+                (cols, rows), frames = im.size, 1
+    except Exception as exc:  # any header failure is this file's problem
+        raise ImageReadError(f"{path}: cannot read the {fmt.upper()} header ({type(exc).__name__}: {exc})") from exc
+    _check_size(path, rows, cols, frames, max_pixels)
+    return cols, rows
+
+
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Resize a 2-D image to ``(size, size)`` with an area (box) filter.
 

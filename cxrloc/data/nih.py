@@ -70,7 +70,27 @@ def validate_image_id(name: str, where: str = "") -> str:
     return name
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def validate_image_path(name: str, where: str = "") -> str:
+    """Return ``name`` if it is a relative path of plain names (``tb/tb0005.png``), else raise.
+
+    Tables of other datasets name an image by its path below the images folder. Each part
+    separated by ``/`` must pass :func:`validate_image_id` (no ``..``, ``\\``, ``:``, control
+    characters, empty parts), so the path cannot leave the folder; ``prepare`` still only compares
+    it with the paths it found there.
+    """
+    parts = name.split("/")
+    try:
+        for part in parts:
+            validate_image_id(part)
+    except CxrlocError:
+        raise CxrlocError(
+            f"{where}invalid image name {name!r}: must be a file name or a relative path below the images folder "
+            "(parts separated by '/', no '..', '\\' or ':'); fix the row"
+        ) from None
+    return name
+
+
+def open_text(path: Path) -> io.TextIOBase:
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if magic == b"\x1f\x8b":  # gzip by content, whatever the extension
@@ -103,7 +123,7 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise CxrlocError(f"{path}: Data_Entry file not found; pass --data-entry PATH")
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             # All columns as text; index_col=False because data rows have one field fewer than the
             # header's trailing comma announces.
             raw = pd.read_csv(fh, dtype=str, index_col=False, keep_default_na=False)
@@ -206,9 +226,69 @@ class BoxList:
     def num_boxes(self) -> int:
         return sum(len(b) for b in self.boxes.values())
 
-    def _problem(self, kind: str, line: int, image: str, detail: str) -> None:
+    def add_problem(self, kind: str, line: int, image: str, detail: str) -> None:
         self.problems.append(BoxProblem(kind, line, image, detail))
         (self.clipped if kind == "clipped" else self.skipped).append(detail)
+
+
+BoxKey = tuple[str, int, float, float, float, float]
+"""``(image, class index, x, y, w, h)``: what makes two box rows the same box."""
+
+
+def add_box(
+    result: BoxList,
+    seen: dict[BoxKey, int],
+    *,
+    line: int,
+    where: str,
+    image_id: str,
+    k: int,
+    label: str,
+    xywh: tuple[float, float, float, float],
+    frame: tuple[float, float],
+) -> None:
+    """Check one box row's geometry, then add it to ``result`` normalised by its pixel frame.
+
+    The one rule of every box reader (NIH's list, a plain box table, COCO): a box without area
+    (also a non-finite coordinate) is skipped, an exact repeat of an earlier row is dropped, a box
+    entirely outside the image is skipped, one reaching past an edge is clipped to it (kept); each
+    case is recorded in ``result.problems`` with its kind and line.
+
+    Args:
+        result: the box list being filled.
+        seen: earlier rows by :data:`BoxKey` (their line), to find exact repeats.
+        line: the row's line (or entry) number, for the report.
+        where: "FILE line N", the start of every message.
+        image_id, k, label: the row's image, class index and label as written.
+        xywh: the box as written: left, top, width and height in pixels of ``frame``.
+        frame: ``(width, height)`` of the pixel frame of the coordinates (NIH: 1024 x 1024 whatever
+            the file's size; a table: the image file's size; COCO: the entry's width and height);
+            x is divided by the width and y by the height.
+    """
+    x, y, w, h = xywh
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        result.add_problem("no_area", line, image_id,
+                           f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has no area")
+        return
+    key = (image_id, k, x, y, w, h)
+    if key in seen:
+        result.add_problem("duplicate", line, image_id,
+                        f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] repeats line {seen[key]}")
+        return
+    seen[key] = line
+    fw, fh = frame
+    x0, y0, x1, y1 = x / fw, y / fh, (x + w) / fw, (y + h) / fh
+    c0, c1 = min(max(x0, 0.0), 1.0), min(max(x1, 0.0), 1.0)
+    r0, r1 = min(max(y0, 0.0), 1.0), min(max(y1, 0.0), 1.0)
+    if c1 <= c0 or r1 <= r0:
+        result.add_problem("outside", line, image_id,
+                        f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] lies outside the image")
+        return
+    if (c0, r0, c1, r1) != (x0, y0, x1, y1):
+        result.add_problem("clipped", line, image_id,
+                        f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] clipped to the image")
+    result.boxes.setdefault(image_id, []).append((k, c0, r0, c1, r1))
+    result.lines.setdefault(image_id, []).append(line)
 
 
 def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> BoxList:
@@ -232,8 +312,8 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
     if not path.is_file():
         raise CxrlocError(f"{path}: box list not found; pass --bbox-list PATH")
     result = BoxList()
-    seen: dict[tuple[str, int, float, float, float, float], int] = {}
-    with _open_text(path) as fh:
+    seen: dict[BoxKey, int] = {}
+    with open_text(path) as fh:
         for lineno, row in enumerate(csv.reader(fh), start=1):
             if not row or all(not c.strip() for c in row):
                 continue
@@ -243,45 +323,26 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
             where = f"{path.name} line {lineno}"
             first = row[0].strip()
             if len(row) < 6:
-                result._problem("malformed", lineno, first, f"{where}: expected 6 fields (image, label, x, y, w, h), "
-                                f"got {len(row)}: {row!r}")
+                result.add_problem("malformed", lineno, first,
+                                   f"{where}: expected 6 fields (image, label, x, y, w, h), got {len(row)}: {row!r}")
                 continue
             if any(c.strip() for c in row[6:]):
-                result._problem("extra_columns", lineno, first, f"{where}: extra non-empty fields after x, y, w, h "
-                                f"(which field is which is unclear): {row!r}")
+                result.add_problem("extra_columns", lineno, first, f"{where}: extra non-empty fields after x, y, w, "
+                                   f"h (which field is which is unclear): {row!r}")
                 continue
             image_id = validate_image_id(first, f"{path} line {lineno}: ")
             label = row[1].strip()
             k = CLASS_INDEX.get(canonical_label(label) or "", -1)
             if k < 0:
-                result._problem("unknown_label", lineno, image_id,
+                result.add_problem("unknown_label", lineno, image_id,
                                 f"{where}: {image_id}: label {label!r} is not one of the 14 classes")
                 continue
             try:
                 x, y, w, h = (float(v) for v in row[2:6])
             except ValueError:
-                result._problem("non_numeric", lineno, image_id, f"{where}: {image_id}: non-numeric box {row[2:6]!r}")
+                result.add_problem("non_numeric", lineno, image_id,
+                                   f"{where}: {image_id}: non-numeric box {row[2:6]!r}")
                 continue
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-                result._problem("no_area", lineno, image_id,
-                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has no area")
-                continue
-            key = (image_id, k, x, y, w, h)
-            if key in seen:
-                result._problem("duplicate", lineno, image_id,
-                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] repeats line {seen[key]}")
-                continue
-            seen[key] = lineno
-            x0, y0, x1, y1 = x / side, y / side, (x + w) / side, (y + h) / side
-            c0, c1 = min(max(x0, 0.0), 1.0), min(max(x1, 0.0), 1.0)
-            r0, r1 = min(max(y0, 0.0), 1.0), min(max(y1, 0.0), 1.0)
-            if c1 <= c0 or r1 <= r0:
-                result._problem("outside", lineno, image_id,
-                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] lies outside the image")
-                continue
-            if (c0, r0, c1, r1) != (x0, y0, x1, y1):
-                result._problem("clipped", lineno, image_id,
-                                f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] clipped to the image")
-            result.boxes.setdefault(image_id, []).append((k, c0, r0, c1, r1))
-            result.lines.setdefault(image_id, []).append(lineno)
+            add_box(result, seen, line=lineno, where=where, image_id=image_id, k=k, label=label,
+                    xywh=(x, y, w, h), frame=(side, side))
     return result

@@ -1,10 +1,12 @@
-"""``cxrloc prepare``: NIH folder -> resized uint8 image cache, manifest, fingerprint and splits.
+"""``cxrloc prepare``: a dataset's folder -> resized uint8 image cache, manifest, fingerprint and splits.
 
 Steps:
-1. read ``Data_Entry_2017.csv`` and ``BBox_List_2017.csv``; find the listed images anywhere below
-   the NIH folder (the official download spreads them over ``images_001/images/`` ...). File names
-   from the CSVs are only ever looked up among the files found there, never joined to a path, so
-   they cannot point outside the folder;
+1. read the dataset's tables (:mod:`cxrloc.data.source`: NIH's ``Data_Entry_2017.csv`` and
+   ``BBox_List_2017.csv``, a plain labels and boxes table, or a COCO file); find the listed images
+   anywhere below the images folder (the official NIH download spreads them over
+   ``images_001/images/`` ...). Image names from the tables are only ever compared with the files
+   found there, never joined to a path, so they cannot point outside the folder; then place the
+   boxes in their images (a plain table's boxes need each image's size, read from its header);
 2. choose the images to cache: every annotated image plus a seed-sampled fraction of the
    unannotated ones (only images that appear in some split are decoded and cached; the others are
    listed in the manifest with ``cache_index = -1``);
@@ -12,7 +14,8 @@ Steps:
    ``images.u8`` (N, S, S). ``done.u8`` holds one flag per entry (0 = to do, 1 = written,
    2 = unreadable, skipped); a flag is set only after the entry's pixels have been flushed to disk,
    so an interrupted run resumes where it stopped and never trusts a half-written entry;
-4. write ``manifest.csv``, ``fingerprint.json`` and ``splits.json`` (reused when present).
+4. write ``manifest.csv``, ``classes.json``, ``fingerprint.json`` and ``splits.json`` (reused when
+   present).
 
 Same inputs and seed give byte-identical output files, whatever ``workers`` is.
 """
@@ -23,6 +26,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -38,18 +42,9 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
-from cxrloc.classes import CLASSES
 from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
-from cxrloc.data.nih import (
-    BBOX_LIST_NAMES,
-    DATA_ENTRY_NAMES,
-    Box,
-    BoxList,
-    find_table,
-    read_bbox_list,
-    read_data_entry,
-)
-from cxrloc.data.prepared import CACHE_VERSION, MANIFEST_COLUMNS
+from cxrloc.data.nih import Box, BoxList
+from cxrloc.data.prepared import CACHE_VERSION, CLASSES_FILE, ClassList, manifest_columns
 from cxrloc.data.splits import (
     SPLIT_KEYS,
     check_splits,
@@ -74,14 +69,6 @@ FLUSH_EVERY = 64
 """Entries written between two flushes (a flush also happens every 2 s and on exit)."""
 
 DONE_TODO, DONE_OK, DONE_FAILED = 0, 1, 2
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stem_key(name: str) -> str | None:
@@ -120,9 +107,11 @@ def find_images(
 
     A name listed as ``00000001_000.png`` is found as ``00000001_000.png``, ``.jpg``, ``.jpeg``,
     ``.dcm`` or ``.dicom`` (any case), in any folder below any root: users convert and compress
-    datasets, and the NIH download itself comes as twelve folders. Symbolic links are followed;
-    every folder is visited once. File names from the tables are only compared with names found
-    on disk, never joined to a path.
+    datasets, and the NIH download itself comes as twelve folders. A name with folders,
+    ``tb/tb0005.png`` (tables of other datasets, COCO's ``file_name``), is found at that path below
+    a root, again by stem (``tb/tb0005.dcm``): DICOM archives reuse file names in every folder.
+    Symbolic links are followed; every folder is visited once. Names from the tables are only
+    compared with names found on disk, never joined to a path.
 
     Returns:
         (wanted name -> path, number of image files matching no wanted name, wanted names found
@@ -131,9 +120,13 @@ def find_images(
     """
     roots = [roots] if isinstance(roots, Path | str) else list(roots)
     by_stem: dict[str, str] = {}
+    by_path: dict[str, str] = {}
     for name in wanted:
-        key = _stem_key(name) or name
-        by_stem.setdefault(key, name)
+        head, slash, tail = name.rpartition("/")
+        if slash:
+            by_path.setdefault(f"{head}/{_stem_key(tail) or tail}", name)
+        else:
+            by_stem.setdefault(_stem_key(name) or name, name)
     found: dict[str, Path] = {}
     exact: set[str] = set()
     unlisted = 0
@@ -141,23 +134,28 @@ def find_images(
     seen: set[tuple[int, int]] = set()
     for root in roots:
         for folder, filenames in _walk(Path(root), seen):
+            rel = folder.relative_to(root).as_posix() if by_path else "."
             for fname in filenames:
                 key = _stem_key(fname)
+                here = fname
                 target = by_stem.get(key) if key is not None else by_stem.get(fname)
                 if target is None and fname in wanted:
                     target = fname
+                if target is None and rel != ".":
+                    here = f"{rel}/{fname}"
+                    target = by_path.get(f"{rel}/{key if key is not None else fname}")
                 if target is None:
                     if key is not None:
                         unlisted += 1
                     continue
                 if target in found:
                     duplicates.add(target)
-                    if fname == target and target not in exact:
+                    if here == target and target not in exact:
                         found[target] = folder / fname  # the exact name beats a converted copy
                         exact.add(target)
                     continue
                 found[target] = folder / fname
-                if fname == target:
+                if here == target:
                     exact.add(target)
     return found, unlisted, sorted(duplicates)
 
@@ -330,19 +328,20 @@ PROBLEM_KINDS: dict[str, str] = {
     "annotated_unreadable": "annotated image unreadable (dropped)",
     "unreadable": "unannotated image unreadable (dropped)",
     "no_box_left": "every box row skipped (kept unannotated)",
-    "not_in_data_entry": "box: image not in Data_Entry (skipped)",
+    "not_in_data_entry": "box: image not in the image list (skipped)",
     "unknown_label": "box: unknown label (skipped)",
     "no_area": "box: no area, negative size (skipped)",
     "non_numeric": "box: non-numeric coordinate (skipped)",
     "extra_columns": "box: extra columns (skipped)",
-    "malformed": "box: fewer than 6 fields (skipped)",
+    "malformed": "box: missing fields (skipped)",
     "outside": "box: outside the image (skipped)",
     "duplicate": "box: exact duplicate row (dropped)",
     "clipped": "box: past the image edge (clipped)",
 }
-"""Every kind of input that ``prepare`` drops or changes, in the order of its report table.
-Images listed in Data_Entry without a file and without boxes are not here: a partial download
-is normal (they are counted as ``missing``)."""
+"""Every kind of input that ``prepare`` drops or changes, in the order of its report table, for every
+format (the image list is NIH's Data_Entry, a labels table or COCO's ``images``; a "line" of a COCO
+file is an annotation's position in its list). Images listed without a file and without boxes
+are not here: a partial download is normal (they are counted as ``missing``)."""
 
 
 @dataclass
@@ -444,11 +443,16 @@ def problems_table(problems: Sequence[Problem | dict[str, Any]]) -> Table | None
 
 
 def prepare(
-    nih_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
+    data_format: str = "nih",
     data_entry: str | os.PathLike[str] | None = None,
     bbox_list: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    boxes: str | os.PathLike[str] | None = None,
+    columns: Sequence[str] = (),
+    classes: Sequence[str] | None = None,
     images: Sequence[str | os.PathLike[str]] = (),
     size: int = 512,
     folds: int = 5,
@@ -458,17 +462,24 @@ def prepare(
     progress: bool = True,
     strict: bool = False,
 ) -> Path:
-    """Prepare an NIH-format folder for training; see the module docstring and docs/data.md.
+    """Prepare a dataset for training; see the module docstring and docs/data.md.
 
     Args:
-        nih_dir: folder holding the images anywhere below it (and the CSVs unless given).
+        data_dir: folder holding the images anywhere below it (and NIH's CSVs unless given).
         out_dir: the prepared folder to write (created; resumed when a previous run stopped).
-        data_entry: ``Data_Entry_2017.csv`` (default: looked up in ``nih_dir``).
-        bbox_list: ``BBox_List_2017.csv`` (default: looked up in ``nih_dir``).
-        images: more folders to search for images, besides ``nih_dir`` (e.g. the twelve folders of
+        data_format: ``nih`` (NIH ChestX-ray14's CSVs), ``table`` (a labels and a boxes table,
+            :mod:`cxrloc.data.table`) or ``coco`` (a COCO file, :mod:`cxrloc.data.coco`).
+        data_entry: ``Data_Entry_2017.csv`` (``nih``; default: looked up in ``data_dir``).
+        bbox_list: ``BBox_List_2017.csv`` (``nih``; default: looked up in ``data_dir``).
+        labels: the labels table (``table``: required; ``coco``: optional).
+        boxes: the boxes table (``table``) or the COCO annotation file (``coco``).
+        columns: ``KEY=NAME`` column names of the plain tables (:data:`cxrloc.data.source.COLUMN_KEYS`).
+        classes: the class list of a ``table`` dataset (default: every label the tables use, sorted).
+        images: more folders to search for images, besides ``data_dir`` (e.g. the twelve folders of
             the NIH download kept apart, or a folder of extra unannotated images). Images are
             matched by stem, whatever their extension (PNG, JPEG or DICOM).
-        size: side of the cached square images.
+        size: side of the cached square images (a non-square image is stretched; boxes follow
+            through their normalised coordinates).
         folds: number of patient-grouped folds.
         unannotated_fraction: fraction of the usable unannotated images put in the training pool.
         seed: seed of the fold assignment and of the unannotated sampling.
@@ -480,25 +491,27 @@ def prepare(
             did not exist before is removed again).
 
     Everything dropped or changed is listed in ``fingerprint.json`` under ``problems``
-    (:func:`problems_table` shows it).
+    (:func:`problems_table` shows it); the class list goes to ``classes.json``.
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        CxrlocError: missing CSV, bad option, no usable image, an inconsistent ``splits.json``,
+        CxrlocError: missing table, bad option, no usable image, an inconsistent ``splits.json``,
             or an output that cannot be written (checked before decoding, with the cache's size).
         StrictError: ``strict`` and an input would be dropped or changed.
     """
-    nih_dir, out = Path(nih_dir), Path(out_dir)
-    if not nih_dir.is_dir():
-        raise CxrlocError(f"{nih_dir}: NIH folder not found")
-    image_roots = [nih_dir]
+    from cxrloc.data.source import Columns, open_source
+
+    data_dir, out = Path(data_dir), Path(out_dir)
+    if not data_dir.is_dir():
+        raise CxrlocError(f"{data_dir}: {'NIH' if data_format == 'nih' else 'images'} folder not found")
+    image_roots = [data_dir]
     for extra in images:
         if not Path(extra).is_dir():
             raise CxrlocError(f"--images {extra}: folder not found")
         image_roots.append(Path(extra))
-    where = nih_dir if len(image_roots) == 1 else ", ".join(str(r) for r in image_roots)
+    where = data_dir if len(image_roots) == 1 else ", ".join(str(r) for r in image_roots)
     if not 8 <= size <= 4096:
         raise CxrlocError(f"--size must be between 8 and 4096, got {size}")
     if workers < 1:
@@ -507,44 +520,47 @@ def prepare(
         raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
     if folds < 2:
         raise CxrlocError(f"--folds must be at least 2, got {folds}")
+    column_names = Columns.parse(columns)
     check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
-    entry_path = Path(data_entry) if data_entry else find_table(nih_dir, DATA_ENTRY_NAMES)
-    if entry_path is None:
-        raise CxrlocError(f"{nih_dir}: no {DATA_ENTRY_NAMES[0]} (or _v2020 / .gz) found; pass --data-entry PATH")
-    box_path = Path(bbox_list) if bbox_list else find_table(nih_dir, BBOX_LIST_NAMES)
-    if box_path is None:
-        raise CxrlocError(f"{nih_dir}: no {BBOX_LIST_NAMES[0]} found; pass --bbox-list PATH")
+    source = open_source(data_format, data_dir, data_entry=data_entry, bbox_list=bbox_list, labels=labels,
+                         boxes=boxes, columns=column_names, classes=classes)
+    command = _command(data_dir, data_format, data_entry, bbox_list, labels, boxes, column_names, classes, images,
+                       folds, unannotated_fraction, seed)
 
-    entries = read_data_entry(entry_path)
-    box_list = read_bbox_list(box_path)
+    entries = source.entries
+    class_names = list(source.classes)
     listed = set(entries["image_id"])
-    box_skipped = list(box_list.skipped)
-    boxes: dict[str, list[Box]] = {}
-    for image_id, bs in box_list.boxes.items():
-        if image_id in listed:
-            boxes[image_id] = bs
-        else:
-            box_skipped.extend(f"{image_id}: box for an image not listed in {entry_path.name}" for _ in bs)
-
     found, unlisted, duplicates = find_images(image_roots, listed)
     if not found:
         raise CxrlocError(
-            f"{where}: none of the {len(entries):,} images listed in {entry_path.name} was found below it; "
+            f"{where}: none of the {len(entries):,} images listed in {source.entry_name} was found below it; "
             "check the folder (images may sit in subfolders such as images_001/images/)"
         )
-    problems = table_problems(box_list, box_path, entry_path.name, listed, found)
+    box_list, no_size = source.box_list(found)
+    box_skipped = list(box_list.skipped)
+    boxes_of: dict[str, list[Box]] = {}
+    for image_id, bs in box_list.boxes.items():
+        if image_id in listed:
+            boxes_of[image_id] = bs
+        else:
+            box_skipped.extend(f"{image_id}: box for an image not listed in {source.entry_name}" for _ in bs)
+    problems = table_problems(box_list, Path(source.box_name), source.entry_name, listed, found)
+    problems += [Problem("annotated_unreadable", i, 0, f"{reason} (its boxes need its size)")
+                 for i, reason in sorted(no_size.items())]
     if strict and problems:
         raise _strict_error(problems, "nothing was written")
+    for image_id in no_size:
+        del found[image_id]  # unusable: its boxes cannot be placed
     ids = entries["image_id"].to_numpy(dtype=object)
     patients = entries["patient_id"].to_numpy()
     present = np.array([i in found for i in ids], dtype=bool)
-    missing_ids = [str(i) for i in ids[~present]]
+    missing_ids = [str(i) for i in ids[~present] if i not in no_size]
     patient_of = {str(i): int(p) for i, p in zip(ids[present], patients[present], strict=True)}
-    annotated_ids = {i for i in patient_of if i in boxes}
-    unannotated_ids = [i for i in patient_of if i not in boxes]
+    annotated_ids = {i for i in patient_of if i in boxes_of}
+    unannotated_ids = [i for i in patient_of if i not in boxes_of]
     if not annotated_ids:
         raise CxrlocError(
-            f"{where}: no image with a box in {box_path.name} was found on disk; "
+            f"{where}: no image with a box in {source.box_name} was found on disk; "
             "folds are built over annotated images, so nothing usable can be prepared"
         )
 
@@ -565,7 +581,7 @@ def prepare(
         pool = sample_unannotated(unannotated_ids, unannotated_fraction, seed)
         wanted = annotated_ids | set(pool)
 
-    cache_ids = [str(i) for i in ids[present] if i in wanted]  # Data_Entry order
+    cache_ids = [str(i) for i in ids[present] if i in wanted]  # table order
     paths = [found[i] for i in cache_ids]
     check_writable_dir(out, "--out", need_bytes=_cache_bytes_needed(out, len(cache_ids), size))
     try:
@@ -592,7 +608,7 @@ def prepare(
     usable_unannotated = {i: patient_of[i] for i in unannotated_ids if i not in failed_ids}
     if not usable_annotated:
         raise CxrlocError(
-            f"{nih_dir}: none of the {len(annotated_ids)} annotated images could be read "
+            f"{data_dir}: none of the {len(annotated_ids)} annotated images could be read "
             f"(first problem: {next(iter(failed_ids.values()), 'unknown')}); nothing usable to prepare"
         )
     if reused:
@@ -609,33 +625,46 @@ def prepare(
             usable_annotated, pool_ok, folds=folds, seed=seed, unannotated_fraction=unannotated_fraction
         )
 
-    # Labels: Data_Entry's, plus the class of every box (a box is a positive finding).
-    label_matrix = entries.loc[present, list(CLASSES)].to_numpy(dtype=np.uint8).copy()
+    # Labels: the tables', plus the class of every box (a box is a positive finding).
+    label_matrix = entries.loc[present, class_names].to_numpy(dtype=np.uint8).copy()
     row_of = {i: n for n, i in enumerate(ids[present])}
     added = 0
-    for image_id, bs in boxes.items():
+    for image_id, bs in boxes_of.items():
         if image_id in row_of:
             for k, *_ in bs:
                 if label_matrix[row_of[image_id], k] == 0:
                     label_matrix[row_of[image_id], k] = 1
                     added += 1
     manifest = entries.loc[present, ["image_id", "patient_id", "follow_up", "view_position"]].copy()
-    manifest[list(CLASSES)] = label_matrix
-    manifest["annotated"] = [int(i in boxes) for i in manifest["image_id"]]
+    manifest[class_names] = label_matrix
+    manifest["annotated"] = [int(i in boxes_of) for i in manifest["image_id"]]
     manifest["cache_index"] = [ok_cached.get(i, -1) for i in manifest["image_id"]]
-    manifest["boxes"] = [_boxes_json(boxes.get(i, [])) for i in manifest["image_id"]]
+    manifest["boxes"] = [_boxes_json(boxes_of.get(i, [])) for i in manifest["image_id"]]
+    extra = ["patient"] if "patient" in entries.columns else []
+    for column in extra:
+        manifest[column] = entries.loc[present, column].to_numpy()
     manifest = manifest[~manifest["image_id"].isin(failed_ids)]
-    manifest = manifest.loc[:, list(MANIFEST_COLUMNS)]
+    manifest = manifest.loc[:, [*manifest_columns(class_names), *extra]]
+    boxed_counts = np.zeros(len(class_names), dtype=np.int64)
+    for image_id in usable_annotated:
+        for k, *_ in boxes_of[image_id]:
+            boxed_counts[k] += 1
+    class_list = ClassList(
+        source.data_format,
+        tuple(class_names),
+        source.fixed_boxed or tuple(c for c, n in zip(class_names, boxed_counts, strict=True) if n > 0),
+    )
 
     with atomic_path(out / "manifest.csv") as tmp:
         manifest.to_csv(tmp, index=False, lineterminator="\n")
+    write_json_atomic(out / CLASSES_FILE, class_list.to_json())
     if not reused:
         write_splits(splits_path, splits)
     fingerprint = {
         "version": 1,
         "inputs": {
-            "data_entry": {"name": entry_path.name, "sha256": _sha256(entry_path), "rows": len(entries)},
-            "bbox_list": {"name": box_path.name, "sha256": _sha256(box_path), "rows": box_list.rows},
+            "format": source.data_format,
+            **source.inputs,
             "image_folders": [str(r) for r in image_roots],
         },
         "parameters": {
@@ -644,10 +673,14 @@ def prepare(
             "unannotated_fraction": splits["unannotated_fraction"],
             "seed": splits["seed"],
             "splits_reused": reused,
+            "command": command,
         },
+        "classes": {"names": class_names, "boxed": list(class_list.boxed),
+                    "boxes": dict(zip(class_names, [int(n) for n in boxed_counts], strict=True))},
+        "notes": source.notes,
         "counts": {
             "listed": len(entries),
-            "found": len(found),
+            "found": len(found) + len(no_size),
             "missing": len(missing_ids),
             "unlisted_image_files": unlisted,
             "duplicate_file_names": len(duplicates),
@@ -656,21 +689,74 @@ def prepare(
             "unannotated": len(usable_unannotated),
             "unannotated_pool": len(split_image_ids(splits) - set(usable_annotated)),
             "cached": len(ok_cached),
-            "skipped": len(failed_ids),
-            "boxes": sum(len(boxes[i]) for i in usable_annotated),
+            "skipped": len(failed_ids) + len(no_size),
+            "boxes": sum(len(boxes_of[i]) for i in usable_annotated),
             "boxes_clipped": len(box_list.clipped),
             "box_rows_skipped": len(box_skipped),
             "labels_added_from_boxes": added,
             "problems": {k: n for k in PROBLEM_KINDS if (n := sum(p.kind == k for p in problems))},
         },
-        "skipped": [{"image_id": i, "reason": failed_ids[i]} for i in sorted(failed_ids)],
+        "skipped": [{"image_id": i, "reason": reason} for i, reason in sorted({**failed_ids, **no_size}.items())],
         "box_problems": {"clipped": box_list.clipped, "skipped": box_skipped},
         "duplicate_file_names": duplicates,
         "problems": [p.to_json() for p in problems],
-        "missing": {"reason": f"listed in {entry_path.name} but not found below the NIH folder", "images": missing_ids},
+        "missing": {"reason": f"listed in {source.entry_name} but not found below the images folder",
+                    "images": missing_ids},
     }
     write_json_atomic(out / "fingerprint.json", fingerprint)
     return out
+
+
+def _command(
+    data_dir: Path,
+    data_format: str,
+    data_entry: str | os.PathLike[str] | None,
+    bbox_list: str | os.PathLike[str] | None,
+    labels: str | os.PathLike[str] | None,
+    boxes: str | os.PathLike[str] | None,
+    columns: Any,
+    classes: Sequence[str] | None,
+    images: Sequence[str | os.PathLike[str]],
+    folds: int,
+    fraction: float,
+    seed: int,
+) -> list[str]:
+    """The ``cxrloc prepare`` arguments that read the same data (paths as given, without --out,
+    --size and --workers): :func:`prepare_command` makes a copy at another size from them."""
+    args = ["cxrloc", "prepare", str(data_dir)]
+    if data_format != "nih":
+        args += ["--format", data_format]
+    for option, value in (("--data-entry", data_entry), ("--bbox-list", bbox_list), ("--labels", labels),
+                          ("--boxes", boxes)):
+        if value is not None:
+            args += [option, str(value)]
+    args += columns.options()
+    if classes:
+        args += ["--classes", ",".join(classes)]
+    for folder in images:
+        args += ["--images", str(folder)]
+    return args + ["--folds", str(folds), "--unannotated-fraction", f"{fraction:g}", "--seed", str(seed)]
+
+
+def prepare_command(prepared: str | os.PathLike[str], *, size: int, out: str | os.PathLike[str]) -> str:
+    """The shell command that prepares the data of the folder ``prepared`` again at ``size`` into ``out``.
+
+    Made from the arguments recorded in its ``fingerprint.json`` (paths as they were given when it
+    was prepared); a folder prepared before they were recorded gets its image folders and NIH's
+    default tables.
+    """
+    try:
+        fp = read_json(Path(prepared) / "fingerprint.json", "fingerprint")
+    except CxrlocError:
+        fp = {}
+    params = fp.get("parameters") if isinstance(fp, dict) else None
+    args = params.get("command") if isinstance(params, dict) else None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        inputs = fp.get("inputs") if isinstance(fp, dict) else None
+        folders = inputs.get("image_folders") if isinstance(inputs, dict) else None
+        folders = [str(f) for f in folders] if isinstance(folders, list) and folders else ["DATA_DIR"]
+        args = ["cxrloc", "prepare", folders[0], *[a for f in folders[1:] for a in ("--images", f)]]
+    return shlex.join([*args, "--size", str(size), "--out", str(out)])
 
 
 def _cache_bytes_needed(out: Path, count: int, size: int) -> int:
@@ -702,8 +788,12 @@ def summary_line(out: Path) -> str:
     """One line describing a prepared folder (for the CLI's closing message)."""
     fp = read_json(out / "fingerprint.json", "fingerprint")
     c = fp["counts"]
+    classes = fp.get("classes") or {}
+    names, boxed = classes.get("names", []), classes.get("boxed", [])
+    shown = ", ".join(names) if len(names) <= 20 else ", ".join(names[:20]) + ", ..."
     return (
         f"{c['cached']} images cached ({c['annotated']} annotated, {c['unannotated_pool']} unannotated in the pool), "
         f"{c['missing']} missing, {c['skipped']} skipped"
         + (f"; {sum(c['problems'].values())} input(s) dropped or changed" if c.get("problems") else "")
+        + (f"; {len(names)} classes ({len(boxed)} with boxes): {shown}" if names else "")
     )

@@ -7,6 +7,8 @@ Layout (see docs/data.md)::
       done.u8           (N,) uint8: 0 = not yet written, 1 = written, 2 = unreadable (skipped, never
                         referenced by the manifest; see fingerprint.json)
       cache.json        {"version": 1, "size": S, "count": N, "file": "images.u8", "dtype": "uint8"}
+      classes.json      {"version": 1, "format": "nih" | "table" | "coco", "classes": [...], "boxed": [...]}
+                        (absent in folders made before class lists: NIH's 14 classes, its 8 boxed ones)
       manifest.csv      one row per usable image (labels, annotated, cache_index, boxes as JSON)
       fingerprint.json  what prepare saw (CSV hashes, counts, parameters, skipped/missing images)
       splits.json       patient-grouped folds
@@ -27,41 +29,94 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrloc.classes import CLASSES
+from cxrloc.classes import BOXED_CLASSES, CLASSES, check_class_names
 from cxrloc.data.nih import Box
 from cxrloc.utils import CxrlocError, read_json
 
 CACHE_VERSION = 1
 
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "image_id",
-    "patient_id",
-    "follow_up",
-    "view_position",
-    *CLASSES,
-    "annotated",
-    "cache_index",
-    "boxes",
-)
+CLASSES_FILE = "classes.json"
+"""The class list of a prepared folder (written by ``prepare``; NIH's when absent)."""
+
+FORMATS: tuple[str, ...] = ("nih", "table", "coco")
+"""The datasets ``prepare`` reads: NIH ChestX-ray14's CSVs, a plain labels + boxes table, COCO JSON."""
+
+
+def manifest_columns(classes: Sequence[str] = CLASSES) -> tuple[str, ...]:
+    """The columns of ``manifest.csv`` for a class list, in order (one 0/1 column per class)."""
+    return ("image_id", "patient_id", "follow_up", "view_position", *classes, "annotated", "cache_index", "boxes")
+
+
+MANIFEST_COLUMNS: tuple[str, ...] = manifest_columns(CLASSES)
+"""The columns of an NIH folder's ``manifest.csv``. Other datasets have their own class columns and a
+``patient`` column (the patient id as their tables give it: text)."""
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """``classes.json``: the class list of a prepared folder and which of its classes carry boxes.
+
+    Attributes:
+        data_format: the format ``prepare`` read (``nih``, ``table`` or ``coco``).
+        classes: every class, in the order of the manifest's columns and of the network's outputs.
+        boxed: the classes whose boxes are scored and averaged in the reports' "mean" column:
+            NIH's 8 for NIH data (the paper's), else the classes with at least one box.
+    """
+
+    data_format: str
+    classes: tuple[str, ...]
+    boxed: tuple[str, ...]
+
+    @classmethod
+    def nih(cls) -> ClassList:
+        return cls("nih", CLASSES, BOXED_CLASSES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "format": self.data_format, "classes": list(self.classes), "boxed": list(self.boxed)}
+
+    @classmethod
+    def read(cls, root: Path) -> ClassList:
+        """The folder's ``classes.json``; NIH's list for a folder made before class lists existed."""
+        path = root / CLASSES_FILE
+        if not path.is_file():
+            return cls.nih()
+        data = _read_json(path, CLASSES_FILE)
+        try:
+            classes = check_class_names(data["classes"], str(path))
+            boxed = [str(c) for c in data.get("boxed", classes)]
+            fmt = str(data.get("format", "table"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CxrlocError(f"{path}: malformed class list ({exc!r}); run `cxrloc prepare` again") from None
+        unknown = [c for c in boxed if c not in classes]
+        if unknown or fmt not in FORMATS:
+            raise CxrlocError(
+                f"{path}: 'boxed' names {unknown} or 'format' {fmt!r} is unknown; run `cxrloc prepare` again"
+            )
+        return cls(fmt, tuple(classes), tuple(boxed))
 
 
 def _read_json(path: Path, what: str) -> Any:
     return read_json(path, what, hint=f"is {path.parent} a folder written by `cxrloc prepare`?")
 
 
-def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read ``manifest.csv`` with its types; index = ``image_id``; ``boxes`` stays a JSON string."""
+def read_manifest(path: str | os.PathLike[str], classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """Read ``manifest.csv`` with its types; index = ``image_id``; ``boxes`` stays a JSON string.
+
+    Args:
+        path: the file.
+        classes: the folder's class list (its ``classes.json``): one 0/1 column each.
+    """
     path = Path(path)
     if not path.is_file():
         raise CxrlocError(f"{path}: manifest.csv missing; run `cxrloc prepare` first")
-    dtypes: dict[str, Any] = {"image_id": str, "view_position": str, "boxes": str}
+    dtypes: dict[str, Any] = {"image_id": str, "view_position": str, "boxes": str, "patient": str}
     dtypes.update({c: np.int64 for c in ("patient_id", "follow_up", "annotated", "cache_index")})
-    dtypes.update({c: np.uint8 for c in CLASSES})
+    dtypes.update({c: np.uint8 for c in classes})
     try:
         df = pd.read_csv(path, dtype=dtypes, keep_default_na=False)
     except (ValueError, pd.errors.ParserError) as exc:
         raise CxrlocError(f"{path}: malformed manifest ({exc}); run `cxrloc prepare` again") from exc
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    missing = [c for c in manifest_columns(classes) if c not in df.columns]
     if missing:
         raise CxrlocError(f"{path}: manifest lacks columns {missing}; run `cxrloc prepare` again")
     return df.set_index("image_id", drop=False)
@@ -91,6 +146,7 @@ class Prepared:
         images: ``np.memmap`` (N, S, S) uint8, read-only.
         manifest: one row per usable image, indexed by ``image_id``.
         splits: parsed ``splits.json``.
+        class_list: ``classes.json`` (NIH's list for a folder without one).
     """
 
     root: Path
@@ -98,6 +154,17 @@ class Prepared:
     images: np.memmap
     manifest: pd.DataFrame
     splits: dict[str, Any]
+    class_list: ClassList = ClassList.nih()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class list, in label-column and network-output order."""
+        return self.class_list.classes
+
+    @property
+    def data_format(self) -> str:
+        """``nih``, ``table`` or ``coco``: what ``prepare`` read."""
+        return self.class_list.data_format
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Prepared:
@@ -108,7 +175,7 @@ class Prepared:
         """
         root = Path(path)
         if not root.is_dir():
-            raise CxrlocError(f"{root}: prepared folder not found; run `cxrloc prepare NIH_DIR --out {root}`")
+            raise CxrlocError(f"{root}: prepared folder not found; run `cxrloc prepare DATA_DIR --out {root}`")
         meta = _read_json(root / "cache.json", "cache.json")
         if meta.get("version") != CACHE_VERSION or meta.get("dtype") != "uint8":
             raise CxrlocError(f"{root / 'cache.json'}: unsupported cache version/dtype {meta}; run prepare again")
@@ -130,19 +197,20 @@ class Prepared:
             if count
             else np.zeros((0, size, size), np.uint8).view(np.memmap)
         )
-        manifest = read_manifest(root / "manifest.csv")
+        class_list = ClassList.read(root)
+        manifest = read_manifest(root / "manifest.csv", class_list.classes)
         ci = manifest["cache_index"].to_numpy()
         if len(ci) and (ci.max() >= count or ci.min() < -1):
             raise CxrlocError(f"{root / 'manifest.csv'}: cache_index outside 0..{count - 1}; run prepare again")
         splits = _read_json(root / "splits.json", "splits.json")
-        obj = cls(root=root, size=size, images=images, manifest=manifest, splits=splits)
+        obj = cls(root=root, size=size, images=images, manifest=manifest, splits=splits, class_list=class_list)
         obj._index()
         return obj
 
     def _index(self) -> None:
         m = self.manifest
         self._row = {image_id: i for i, image_id in enumerate(m.index)}
-        self._labels = m.loc[:, list(CLASSES)].to_numpy(dtype=np.float32)
+        self._labels = m.loc[:, list(self.classes)].to_numpy(dtype=np.float32)
         self._cache_index = m["cache_index"].to_numpy(dtype=np.int64)
         self._boxes_json = m["boxes"].tolist()
         self._boxes: dict[int, list[Box]] = {}
@@ -177,7 +245,7 @@ class Prepared:
         return np.array(self.images[i])
 
     def labels(self, image_id: str) -> np.ndarray:
-        """The 14 image-level labels as ``float32`` 0/1, in ``CLASSES`` order."""
+        """The image-level labels as ``float32`` 0/1, in :attr:`classes` order."""
         return self._labels[self._pos(image_id)].copy()
 
     def label_matrix(self, image_ids: Sequence[str]) -> np.ndarray:

@@ -18,7 +18,6 @@ import numpy as np
 
 from cxrloc.calibration import MIN_POSITIVES, Calibration, fit_calibration
 from cxrloc.checkpoint import model_fingerprint
-from cxrloc.classes import CLASSES
 from cxrloc.evaluation.metrics import image_scores
 from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.utils import CxrlocError, console
@@ -60,7 +59,7 @@ def calibrate_fold(
     check_options(sensitivity, min_positives)
     rule = "youden" if sensitivity is None else "sensitivity"
     tf = TrainedFold.open(fold_dir, device=device, which=which)
-    classes = list(tf.meta.get("classes") or CLASSES)
+    classes = list(tf.cfg.classes)
     val_ids, train_ids = tf.ids("val_ids"), tf.ids("train_ids")
     if not val_ids and not train_ids:
         raise CxrlocError(f"{tf.fold_dir.run_json} lists no validation or training image to calibrate on.")

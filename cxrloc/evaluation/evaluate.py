@@ -9,6 +9,16 @@ per-class sensitivity and specificity and the number of classes called present p
 the number of labelled findings. Then mean and standard deviation over folds. The reports
 (``results.{json,csv,md}``, ``per_image.csv``, ``per_image_classes.csv`` and the terminal tables) are
 made by :mod:`cxrloc.evaluation.report` from the ``results.json`` content built here.
+
+**An external test set** (``data=PREPARED_DIR``): each fold's model scores every boxed image of
+another prepared folder (or that folder's fold-k test images when one fold k is asked for), with
+the same metrics; the priors are still fitted on the run's own training boxes. Classes are matched
+by name: the report's classes are the run's, then the test data's classes the run does not know;
+a class the run does not know, or that has no box (no label) in the test data, is n/a.
+
+The "mean" column averages the *boxed classes*: NIH's 8 (the paper's) for NIH data, else the
+classes that carry boxes in the run's or the test data (``classes.json``); the paper's Table 1
+is added beside NIH results only.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrloc.classes import BOXED_CLASSES, CLASSES
+from cxrloc.classes import BOXED_CLASSES, NUM_CLASSES, is_nih
+from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.metrics import (
     METRICS,
     auroc_per_class,
@@ -34,7 +45,6 @@ from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.utils import CxrlocError, check_writable_dir
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
-BOXED: tuple[int, ...] = tuple(range(len(BOXED_CLASSES)))
 SPLITS: tuple[str, ...] = ("test", "val")
 """Images an evaluation reads: the fold's test images, or its validation images (carved out of the
 training patients, for choosing settings without reading test folds)."""
@@ -51,9 +61,10 @@ def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def _boxed_mean(acc: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Mean over the boxed classes that have at least one test box: ``(K, T) -> (T,)``."""
-    idx = [k for k in BOXED if count[k] > 0]
+def _boxed_mean(acc: np.ndarray, count: np.ndarray, boxed: Sequence[int]) -> np.ndarray:
+    """Mean over the boxed classes ``boxed`` that have at least one test box and an accuracy (a class
+    the run does not know has boxes but no accuracy): ``(K, T) -> (T,)``."""
+    idx = [k for k in boxed if count[k] > 0 and not np.all(np.isnan(acc[k]))]
     return acc[idx].mean(axis=0) if idx else np.full(acc.shape[1], np.nan)
 
 
@@ -76,7 +87,7 @@ def decisions(meta: dict[str, Any], scores: np.ndarray) -> tuple[np.ndarray | No
             "rule": cal.rule, "target_sensitivity": cal.target_sensitivity, "calibrated": True,
             "description": cal.describe(), "source": meta.get("calibration_source", ""),
         }
-    tau_hat = Thresholds.from_json(meta["thresholds"]).tau_hat
+    tau_hat = Thresholds.from_json(meta["thresholds"], classes=meta.get("classes")).tau_hat
     note = meta.get("calibration_note") or "no calibration.json: run 'cxrloc calibrate RUN_DIR'"
     return None, scores >= tau_hat, {
         "rule": "tau_hat", "target_sensitivity": None, "calibrated": False,
@@ -85,21 +96,49 @@ def decisions(meta: dict[str, Any], scores: np.ndarray) -> tuple[np.ndarray | No
 
 
 def classification(
-    scores: np.ndarray, labels: np.ndarray, present: np.ndarray
+    scores: np.ndarray, labels: np.ndarray, present: np.ndarray, known: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Per-class AUROC of ``1'z``, sensitivity and specificity of ``present``, and calls per image."""
+    """Per-class AUROC of ``1'z``, sensitivity and specificity of ``present``, and calls per image.
+
+    ``known`` (K,) bool: the classes the test data labels (default all); the others are NaN and
+    are left out of the calls and findings per image.
+    """
+    known = np.ones(np.asarray(labels).shape[1], bool) if known is None else np.asarray(known, bool)
+    labels = np.where(known, np.nan_to_num(np.asarray(labels, dtype=np.float64)), 0.0)
     sens, spec = sensitivity_specificity(present, labels)
-    y = np.asarray(labels) > 0.5
+    y = labels > 0.5
+    auroc = auroc_per_class(scores, labels)
+    for arr in (auroc, sens, spec):
+        arr[~known] = np.nan
     return {
-        "auroc": auroc_per_class(scores, labels),
+        "auroc": auroc,
         "sensitivity": sens,
         "specificity": spec,
         "positives": y.sum(axis=0).astype(np.int64),
-        "negatives": (~y).sum(axis=0).astype(np.int64),
-        "present_total": int(np.asarray(present).sum()),
+        "negatives": np.where(known, (~y).sum(axis=0), 0).astype(np.int64),
+        "present_total": int(np.asarray(present)[:, known].sum()),
         "labels_total": int(y.sum()),
         "images": int(y.shape[0]),
     }
+
+
+def boxed_class_names(
+    classes: Sequence[str], data_format: str, boxed: Sequence[str]
+) -> list[str]:
+    """The classes of the reports' columns and "mean", in ``classes`` order: NIH's 8 for NIH data
+    (:data:`BOXED_CLASSES`), else those in ``boxed`` (classes with boxes, in ``classes.json``)."""
+    if data_format == "nih" and is_nih(classes):
+        return list(BOXED_CLASSES)
+    return [c for c in classes if c in set(boxed)]
+
+
+def _extend(arr: np.ndarray, extra: int, fill: float = np.nan) -> np.ndarray:
+    """``arr`` (K, ...) with ``extra`` rows of ``fill`` appended (classes the run does not know)."""
+    arr = np.asarray(arr)
+    if extra == 0:
+        return arr
+    pad = np.full((extra, *arr.shape[1:]), fill, dtype=np.result_type(arr.dtype, np.asarray(fill).dtype))
+    return np.concatenate([arr.astype(pad.dtype), pad])
 
 
 def evaluate_fold(
@@ -112,19 +151,28 @@ def evaluate_fold(
     batch_size: int = 16,
     split: str = "test",
     tta: int = 1,
+    data: Prepared | None = None,
+    data_fold: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model and both priors on one fold's test (or validation) images.
 
     The priors are fitted on the fold's training boxes: ``train_ids`` + ``val_ids`` for the test
     split, ``train_ids`` alone for the validation split (never a box of the images scored).
 
+    Args:
+        data: an external test set (another prepared folder): every boxed image of it, or its fold
+            ``data_fold``'s test images. Its cache must have the image size of the run's. The
+            priors stay those of the run's own training boxes.
+
     Returns:
-        dict with ``fold``, ``checkpoint``, ``test_images``, ``count`` (K,), ``model``, ``prior`` and
-        ``prior_t`` (each ``{"iou": (K, T), "ior": (K, T)}`` accuracy), ``auroc`` (K,), ``rows``
-        (per-box dicts with ``image_id``, ``fold``, and the ``score``, ``probability`` and
-        ``present`` of the box's class), ``prior_info``, ``prior_t_q``, ``classification``
-        (:func:`classification`), ``operating_point`` and ``class_rows`` (one dict per image and
-        class: ``label``, ``score``, ``probability``, ``present``).
+        dict with ``fold``, ``checkpoint``, ``test_images``, ``classes`` (the K classes of every array:
+        the run's, then the test data's classes the run does not know), ``not_in_run`` and
+        ``not_in_data`` (class names), ``count`` (K,), ``model``, ``prior`` and ``prior_t`` (each
+        ``{"iou": (K, T), "ior": (K, T)}`` accuracy, NaN for a class without boxes or unknown to the
+        run), ``auroc`` (K,), ``rows`` (per-box dicts with ``image_id``, ``fold``, and the ``score``,
+        ``probability`` and ``present`` of the box's class), ``prior_info``, ``prior_t_q``,
+        ``classification`` (:func:`classification`), ``operating_point`` and ``class_rows`` (one dict
+        per image and class: ``label``, ``score``, ``probability``, ``present``).
     """
     from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import predict_prepared
@@ -133,16 +181,45 @@ def evaluate_fold(
         raise CxrlocError(f"Unknown split {split!r}: use {' or '.join(SPLITS)}.")
     tf = TrainedFold.open(fold_dir if isinstance(fold_dir, FoldDir) else FoldDir(Path(fold_dir)), device=device,
                           which=which)
-    prepared = tf.prepared
-    ids = tf.ids("test_ids" if split == "test" else "val_ids")
-    if split == "val":
-        ids = [i for i in ids if prepared.boxes(i)]
-    if not ids:
-        raise CxrlocError(f"{tf.fold_dir.run_json} lists no {'test' if split == 'test' else 'annotated validation'} "
-                          "image.")
+    run_classes = list(tf.cfg.classes)
+    if data is None:
+        test = tf.prepared
+        ids = tf.ids("test_ids" if split == "test" else "val_ids")
+        if split == "val":
+            ids = [i for i in ids if test.boxes(i)]
+        if not ids:
+            what = "test" if split == "test" else "annotated validation"
+            raise CxrlocError(f"{tf.fold_dir.run_json} lists no {what} image.")
+    else:
+        test = data
+        check_external(tf.prepared, data, tf.fold_dir.path.parent)
+        pool = data.ids if data_fold is None else data.fold(data_fold)["test"]
+        ids = [i for i in pool if data.is_annotated(i)]
+        if not ids:
+            where = "" if data_fold is None else f" in fold {data_fold}'s test set"
+            raise CxrlocError(f"{data.root} holds no image with a box{where}; nothing to evaluate.")
+    # Classes by name: the run's (model outputs), then the test data's the run does not know.
+    data_classes = list(test.classes)
+    not_in_run = [c for c in data_classes if c not in run_classes]
+    not_in_data = [c for c in run_classes if c not in data_classes]
+    classes = run_classes + not_in_run
+    to_run = {k: run_classes.index(c) for k, c in enumerate(data_classes) if c in run_classes}
+    data_boxes = [test.boxes(i) for i in ids]
+    boxes = [[(to_run[b[0]], *b[1:]) for b in bs if b[0] in to_run] for bs in data_boxes]
+    extra_count = np.zeros(len(not_in_run), dtype=np.int64)
+    for bs in data_boxes:
+        for b in bs:
+            if b[0] not in to_run:
+                extra_count[not_in_run.index(data_classes[b[0]])] += 1
+    data_labels = test.label_matrix(ids)
+    known = np.array([c in data_classes for c in run_classes])
+    labels = np.zeros((len(ids), len(run_classes)))
+    for k, kr in to_run.items():
+        labels[:, kr] = data_labels[:, k]
+
     z = predict_prepared(
         tf.model,
-        prepared,
+        test,
         ids,
         image_size=tf.cfg.image_size,
         device=device,
@@ -151,16 +228,14 @@ def evaluate_fold(
         description=f"Evaluating {tf.fold_dir.name}",
         tta=tta,
     )
-    boxes = [prepared.boxes(i) for i in ids]
-    labels = prepared.label_matrix(ids)
-    table = localization_table(z, boxes, ts)
+    table = localization_table(z, boxes, ts, classes=run_classes)
 
     # The priors see the same fold's training boxes (never a box of the images scored).
     train_ids = tf.ids("train_ids") + (tf.ids("val_ids") if split == "test" else [])
-    train_boxes = boxes_by_class(prepared.boxes(i) for i in train_ids)
-    prior = fit_prior(train_boxes, z.shape[-1])
-    prior_table = localization_table(prior.predict(len(ids)), boxes, ts)
-    prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, ts)
+    train_boxes = boxes_by_class(tf.prepared.boxes(i) for i in train_ids)
+    prior = fit_prior(train_boxes, z.shape[-1], num_classes=len(run_classes))
+    prior_table = localization_table(prior.predict(len(ids)), boxes, ts, classes=run_classes)
+    prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, ts, num_classes=len(run_classes))
 
     scores = image_scores(z)
     probs, present, operating_point = decisions(tf.meta, scores)
@@ -175,26 +250,39 @@ def evaluate_fold(
         row["probability"] = None if probs is None else float(probs[i, k])
         row["present"] = bool(present[i, k])
         rows.append(row)
-    names = list(tf.meta.get("classes") or CLASSES)
     class_rows = [
-        {"fold": tf.fold, "image_id": image_id, "class": name, "label": int(labels[i, k] > 0.5),
+        {"fold": tf.fold, "image_id": image_id, "class": name,
+         "label": int(labels[i, k] > 0.5) if known[k] else None,
          "score": float(scores[i, k]), "probability": None if probs is None else float(probs[i, k]),
          "present": int(present[i, k])}
-        for i, image_id in enumerate(ids) for k, name in enumerate(names)
+        for i, image_id in enumerate(ids) for k, name in enumerate(run_classes)
     ]
-    cls = classification(scores, labels, present)
+    cls = classification(scores, labels, present, known)
+    extra = len(not_in_run)
+    extra_positives = [int((data_labels[:, data_classes.index(c)] > 0.5).sum()) for c in not_in_run]
+    cls = {
+        **cls,
+        **{key: _extend(cls[key], extra) for key in ("auroc", "sensitivity", "specificity")},
+        "positives": np.concatenate([cls["positives"], np.asarray(extra_positives, dtype=np.int64)]),
+        "negatives": _extend(cls["negatives"], extra, 0).astype(np.int64),
+    }
     return {
         "fold": tf.fold,
         "fold_dir": str(tf.fold_dir.path),
         "checkpoint": str(tf.checkpoint),
         "test_images": len(ids),
-        "count": table["count"],
-        "model": table["accuracy"],
-        "prior": prior_table["accuracy"],
-        "prior_t": prior_t["accuracy"],
+        "classes": classes,
+        "data_format": test.data_format,
+        "boxed_classes": sorted({*tf.prepared.class_list.boxed, *test.class_list.boxed}),
+        "not_in_run": not_in_run,
+        "not_in_data": not_in_data,
+        "count": np.concatenate([table["count"], extra_count]),
+        "model": {m: _extend(v, extra) for m, v in table["accuracy"].items()},
+        "prior": {m: _extend(v, extra) for m, v in prior_table["accuracy"].items()},
+        "prior_t": {m: _extend(v, extra) for m, v in prior_t["accuracy"].items()},
         "auroc": cls["auroc"],
         "rows": rows,
-        "prior_info": prior.to_json(),
+        "prior_info": prior.to_json(run_classes),
         "prior_t_q": prior_t["q"],
         "classification": cls,
         "operating_point": operating_point,
@@ -202,11 +290,33 @@ def evaluate_fold(
     }
 
 
+def check_external(own: Prepared, data: Prepared, run_dir: Path) -> None:
+    """Refuse an external test set whose cache differs in image size from the run's own.
+
+    The run's images went through ``prepare`` at the size of its own cache (then to the network's
+    input size): a test cache of another size would be resized once more, a different picture.
+
+    Raises:
+        CxrlocError: the sizes differ; the message gives the ``prepare`` command that makes a
+            matching cache.
+    """
+    if data.size == own.size:
+        return
+    from cxrloc.data.prepare import prepare_command
+
+    target = data.root.parent / f"{data.root.name}_{own.size}px"
+    raise CxrlocError(
+        f"{data.root} caches its images at {data.size} px, but {run_dir} was trained on a {own.size} px cache "
+        f"({own.root}); prepare the test data at that size: {prepare_command(data.root, size=own.size, out=target)}"
+    )
+
+
 def per_t_prior_accuracy(
     train_boxes: dict[int, list[tuple[float, ...]]],
     patch_grid: int,
     boxes: Sequence[Sequence[tuple[int, float, float, float, float]]],
     ts: Sequence[float],
+    num_classes: int = NUM_CLASSES,
 ) -> dict[str, Any]:
     """Accuracy of the per-T prior (q chosen on the training boxes for each T) on ``boxes``.
 
@@ -214,8 +324,8 @@ def per_t_prior_accuracy(
         ``{"accuracy": {"iou": (K, T), "ior": (K, T)}, "q": {T: [q_k or None]}}``: column j of each
         array is the prior fitted for ``ts[j]``, scored at ``ts[j]``.
     """
-    priors = fit_prior_per_t(train_boxes, patch_grid, ts)
-    acc = {m: np.full((len(CLASSES), len(ts)), np.nan) for m in METRICS}
+    priors = fit_prior_per_t(train_boxes, patch_grid, ts, num_classes=num_classes)
+    acc = {m: np.full((num_classes, len(ts)), np.nan) for m in METRICS}
     for j, t in enumerate(ts):
         table = localization_table(priors[float(t)].predict(len(boxes)), boxes, [t])
         for m in METRICS:
@@ -224,16 +334,16 @@ def per_t_prior_accuracy(
     return {"accuracy": acc, "q": q}
 
 
-def summarise(folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any]:
-    """Mean and std over folds of per-class accuracies, of the boxed-class means, of the AUROC and of the
-    sensitivity and specificity at the operating point; classes called present and labelled findings per
-    image pooled over every fold's images."""
+def summarise(folds: list[dict[str, Any]], ts: Sequence[float], boxed: Sequence[int]) -> dict[str, Any]:
+    """Mean and std over folds of per-class accuracies, of the boxed-class means (``boxed``: class
+    indices), of the AUROC and of the sensitivity and specificity at the operating point; classes called
+    present and labelled findings per image pooled over every fold's images."""
     out: dict[str, Any] = {}
     for method in METHODS:
         out[method] = {}
         for m in METRICS:
             per = np.stack([f[method][m] for f in folds])  # (F, K, T)
-            means = np.stack([_boxed_mean(f[method][m], f["count"]) for f in folds])  # (F, T)
+            means = np.stack([_boxed_mean(f[method][m], f["count"], boxed) for f in folds])  # (F, T)
             pc_mean, pc_std = _mean_std(per)
             b_mean, b_std = _mean_std(means)
             out[method][m] = {
@@ -256,12 +366,29 @@ def summarise(folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any
     return out
 
 
-def results_json(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Sequence[float]) -> dict[str, Any]:
+def results_json(
+    summary: dict[str, Any],
+    folds: list[dict[str, Any]],
+    ts: Sequence[float],
+    classes: Sequence[str],
+    boxed: Sequence[int],
+    paper: bool,
+) -> dict[str, Any]:
+    """The ``results.json`` content: per class (``classes``) and boxed-class mean (``boxed``), with the
+    paper's Table 1 when ``paper`` (NIH results)."""
+    names = list(classes)
+
     def per_class(arr: np.ndarray) -> dict[str, list[float | None]]:
-        return {CLASSES[k]: [nan_to_none(float(v)) for v in arr[k]] for k in range(arr.shape[0])}
+        return {names[k]: [nan_to_none(float(v)) for v in arr[k]] for k in range(arr.shape[0])}
 
     def vec(arr: np.ndarray) -> list[float | None]:
         return [nan_to_none(float(v)) for v in arr]
+
+    def by_class(arr: np.ndarray) -> dict[str, Any]:
+        return dict(zip(names, vec(arr), strict=True))
+
+    def counts(arr: np.ndarray) -> dict[str, int]:
+        return dict(zip(names, [int(c) for c in arr], strict=True))
 
     summ: dict[str, Any] = {}
     for method in METHODS:
@@ -274,42 +401,34 @@ def results_json(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Seque
             }
             for m in summary[method]
         }
-    summ["auroc"] = {
-        "mean": dict(zip(CLASSES, vec(summary["auroc"]["mean"]), strict=True)),
-        "std": dict(zip(CLASSES, vec(summary["auroc"]["std"]), strict=True)),
-    }
+    summ["auroc"] = {"mean": by_class(summary["auroc"]["mean"]), "std": by_class(summary["auroc"]["std"])}
     summ["classification"] = {
         "operating_points": [f["operating_point"]["description"] for f in folds],
-        **{
-            key: {
-                "mean": dict(zip(CLASSES, vec(summary[key]["mean"]), strict=True)),
-                "std": dict(zip(CLASSES, vec(summary[key]["std"]), strict=True)),
-            }
-            for key in ("sensitivity", "specificity")
-        },
-        "positives": dict(zip(CLASSES, [int(c) for c in summary["positives"]], strict=True)),
+        **{key: {"mean": by_class(summary[key]["mean"]), "std": by_class(summary[key]["std"])}
+           for key in ("sensitivity", "specificity")},
+        "positives": counts(summary["positives"]),
         "present_per_image": float(summary["present_per_image"]),
         "labels_per_image": float(summary["labels_per_image"]),
     }
-    summ["boxes"] = dict(zip(CLASSES, [int(c) for c in summary["count"]], strict=True))
+    summ["boxes"] = counts(summary["count"])
     per_fold = [
         {
             "fold": f["fold"],
             "checkpoint": f["checkpoint"],
             "test_images": f["test_images"],
-            "boxes": dict(zip(CLASSES, [int(c) for c in f["count"]], strict=True)),
+            "boxes": counts(f["count"]),
             "model": {m: per_class(f["model"][m]) for m in METRICS},
             "prior": {m: per_class(f["prior"][m]) for m in METRICS},
             "prior_t": {m: per_class(f["prior_t"][m]) for m in METRICS},
-            "model_boxed_mean": {m: vec(_boxed_mean(f["model"][m], f["count"])) for m in METRICS},
-            "prior_boxed_mean": {m: vec(_boxed_mean(f["prior"][m], f["count"])) for m in METRICS},
-            "prior_t_boxed_mean": {m: vec(_boxed_mean(f["prior_t"][m], f["count"])) for m in METRICS},
-            "auroc": dict(zip(CLASSES, vec(f["auroc"]), strict=True)),
+            "model_boxed_mean": {m: vec(_boxed_mean(f["model"][m], f["count"], boxed)) for m in METRICS},
+            "prior_boxed_mean": {m: vec(_boxed_mean(f["prior"][m], f["count"], boxed)) for m in METRICS},
+            "prior_t_boxed_mean": {m: vec(_boxed_mean(f["prior_t"][m], f["count"], boxed)) for m in METRICS},
+            "auroc": by_class(f["auroc"]),
             "classification": {
                 "operating_point": f["operating_point"],
-                "sensitivity": dict(zip(CLASSES, vec(f["classification"]["sensitivity"]), strict=True)),
-                "specificity": dict(zip(CLASSES, vec(f["classification"]["specificity"]), strict=True)),
-                "positives": dict(zip(CLASSES, [int(c) for c in f["classification"]["positives"]], strict=True)),
+                "sensitivity": by_class(f["classification"]["sensitivity"]),
+                "specificity": by_class(f["classification"]["specificity"]),
+                "positives": counts(f["classification"]["positives"]),
                 "present_per_image": f["classification"]["present_total"] / max(f["classification"]["images"], 1),
                 "labels_per_image": f["classification"]["labels_total"] / max(f["classification"]["images"], 1),
             },
@@ -318,18 +437,22 @@ def results_json(summary: dict[str, Any], folds: list[dict[str, Any]], ts: Seque
         }
         for f in folds
     ]
-    return {
+    out: dict[str, Any] = {
+        "classes": names,
+        "boxed_classes": [names[k] for k in boxed],
         "summary": summ,
         "per_fold": per_fold,
-        "paper_table1": {
+    }
+    if paper:
+        out["paper_table1"] = {
             "T": PAPER_T,
             "unannotated": 0.0,
             **{
                 m: {label: dict(zip(BOXED_CLASSES, v, strict=True)) for label, v in rows.items()}
                 for m, rows in PAPER_TABLE1.items()
             },
-        },
-    }
+        }
+    return out
 
 
 def evaluate(
@@ -345,6 +468,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     split: str = "test",
     tta: int = 1,
+    data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run (one or every fold) and write its reports.
 
@@ -358,9 +482,12 @@ def evaluate(
         progress: progress bars.
         batch_size: images per forward pass.
         out_dir: where to write (default ``RUN_DIR/eval``, ``RUN_DIR/eval_val`` for ``split="val"``,
-            with ``_ttaN`` appended for test-time augmentation).
+            ``RUN_DIR/eval_on_NAME`` for an external test set ``data`` named NAME; with ``_ttaN``
+            appended for test-time augmentation).
         split: ``test`` (the fold's test images) or ``val`` (its validation images).
         tta: test-time views averaged (1 = none; :func:`cxrloc.inference.batch.forward_tta`).
+        data: an external test set, a prepared folder: each fold's model on every boxed image of
+            it, or, with one ``fold`` k, on its fold k's test images (see the module docstring).
 
     Returns:
         The content of ``results.json`` plus ``"out_dir"`` and ``"rows"`` (per-box results).
@@ -372,27 +499,49 @@ def evaluate(
     ts = tuple(float(t) for t in ts)
     if not ts or any(not 0.0 < t <= 1.0 for t in ts):
         raise CxrlocError(f"Every --t must be in (0, 1], got {list(ts)}.")
+    if data is not None and split != "test":
+        raise CxrlocError("--data scores the boxed images of another prepared folder; --split val is for the run's "
+                          "own validation images: use one or the other.")
     run = RunDir(Path(run_dir))
     fold_dirs = run.folds(fold)
+    test_data = Prepared.open(data) if data is not None else None
+    data_fold = None if test_data is None or fold in (None, "all") else fold_dirs[0].read_run().get("fold")
     if out_dir is None:
-        out = run.path / ("eval" if split == "test" else "eval_val")
-        out = out.with_name(out.name + (f"_tta{tta}" if tta > 1 else ""))
+        name = "eval" if split == "test" else "eval_val"
+        if test_data is not None:
+            name = f"eval_on_{_safe_name(test_data.root)}"
+        out = run.path / (name + (f"_tta{tta}" if tta > 1 else ""))
     else:
         out = Path(out_dir)
     check_writable_dir(out, "evaluation folder")
     folds = [
         evaluate_fold(d, ts=ts, device=device, which=which, progress=progress, batch_size=batch_size, split=split,
-                      tta=tta)
+                      tta=tta, data=test_data, data_fold=None if data_fold is None else int(data_fold))
         for d in fold_dirs
     ]
-    summary = summarise(folds, ts)
+    classes = folds[0]["classes"]
+    boxed_names = boxed_class_names(classes, folds[0]["data_format"], folds[0]["boxed_classes"])
+    boxed = [classes.index(c) for c in boxed_names]
+    paper = folds[0]["data_format"] == "nih" and is_nih(classes)
+    summary = summarise(folds, ts, boxed)
+    if test_data is not None and data_fold is None and len(folds) > 1:
+        # Every fold's model scored the same images: their boxes and positives are counted once.
+        summary["count"] = np.asarray(folds[0]["count"])
+        summary["positives"] = np.asarray(folds[0]["classification"]["positives"])
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    info = (f"Run `{run.path}`, checkpoint `{which}`, {split} images, folds {[f['fold'] for f in folds]}, "
+    images = f"{split} images" if test_data is None else (
+        f"external test set `{test_data.root}` ("
+        + ("every boxed image" if data_fold is None else f"fold {data_fold}'s test images") + ")")
+    info = (f"Run `{run.path}`, checkpoint `{which}`, {images}, folds {[f['fold'] for f in folds]}, "
             f"T = {list(ts)}{f', {tta} test-time views' if tta > 1 else ''}, {date}.")
     result = {
         "run_dir": str(run.path),
         "which": which,
         "split": split,
+        "data": None if test_data is None else str(test_data.root),
+        "data_fold": data_fold,
+        "not_in_run": folds[0]["not_in_run"],
+        "not_in_data": folds[0]["not_in_data"],
         "tta": tta,
         "folds": [f["fold"] for f in folds],
         "ts": list(ts),
@@ -400,9 +549,15 @@ def evaluate(
         "date": date,
         "region_rule": "z >= 0.5",
         "std": "sample standard deviation over folds (ddof=1); null with one fold",
-        **results_json(summary, folds, ts),
+        **results_json(summary, folds, ts, classes, boxed, paper),
     }
     rows = [r for f in folds for r in f["rows"]]
     class_rows = [r for f in folds for r in f["class_rows"]]
     write_reports(result, rows, out, info, class_rows=class_rows)
     return {**result, "out_dir": str(out), "rows": rows}
+
+
+def _safe_name(root: Path) -> str:
+    """A folder name for ``eval_on_NAME`` from a prepared folder's name (letters, digits, ``._-``)."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in root.resolve().name)
+    return name.strip(".") or "data"

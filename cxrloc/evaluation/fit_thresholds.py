@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.classes import NUM_CLASSES
 from cxrloc.evaluation.metrics import roc_points
 from cxrloc.geometry import union_patch_mask
 from cxrloc.rundir import RunDir
@@ -147,7 +147,7 @@ def thresholds_from_stats(
     tau_hat, rho_hat = current.tau_hat.copy(), current.rho_hat.copy()
     per_class: dict[str, Any] = {}
     for k in range(k_all):
-        name = CLASSES[k] if k_all == NUM_CLASSES else str(k)
+        name = current.classes[k]
         entry: dict[str, Any] = {
             "annotated_images": len(stats.inside.get(k, [])),
             "positives": int((labels[:, k] > 0.5).sum()),
@@ -169,7 +169,9 @@ def thresholds_from_stats(
         else:
             entry["tau_hat_from"] = "kept (no positive/negative pair or no separating cut)"
         per_class[name] = entry
-    fitted = Thresholds(tau=tau, rho=rho, tau_hat=tau_hat, rho_hat=rho_hat, patch_grid=current.patch_grid).clipped()
+    fitted = Thresholds(
+        tau=tau, rho=rho, tau_hat=tau_hat, rho_hat=rho_hat, patch_grid=current.patch_grid, classes=current.classes
+    ).clipped()
     # Clipping tau_hat (up to P^2/2) and rho_hat (up to P^2/4) separately could invert them.
     fitted.rho_hat = np.minimum(fitted.rho_hat, fitted.tau_hat)
     fitted.info = {
@@ -231,7 +233,7 @@ def fit_thresholds(
     ids = tf.ids("train_ids")
     if not ids:
         raise CxrlocError(f"{tf.fold_dir.run_json} lists no training image; nothing to fit thresholds on.")
-    stats = ThresholdStats()
+    stats = ThresholdStats(num_classes=len(current.classes))
     for chunk, z in iter_predictions(
         model,
         prepared,

@@ -43,12 +43,15 @@ def image_scores(z: np.ndarray) -> np.ndarray:
     return z.reshape(z.shape[0], z.shape[1], -1).sum(axis=-1)
 
 
-def box_rows(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]]) -> list[dict[str, Any]]:
+def box_rows(
+    z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], classes: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """IoU and IoR of every ground-truth box against the detected region of its class.
 
     Args:
         z: ``(N, K, P, P)`` probabilities.
         boxes: for each of the N images, its boxes ``(class_index, x0, y0, x1, y1)``.
+        classes: the K class names (default: NIH's for K = 14, else the index as text).
 
     Returns:
         One dict per box: ``image_index``, ``box_index`` (within the image), ``class_index``,
@@ -60,6 +63,7 @@ def box_rows(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]]) -> list[dict[str,
     if len(boxes) != z.shape[0]:
         raise ValueError(f"{len(boxes)} box lists for {z.shape[0]} images")
     regions = detected_regions(z)
+    names = _names(classes, z.shape[1])
     rows: list[dict[str, Any]] = []
     for i, image_boxes in enumerate(boxes):
         for b, (k, x0, y0, x1, y1) in enumerate(image_boxes):
@@ -72,7 +76,7 @@ def box_rows(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]]) -> list[dict[str,
                     "image_index": i,
                     "box_index": b,
                     "class_index": k,
-                    "class": CLASSES[k] if z.shape[1] == NUM_CLASSES else str(k),
+                    "class": names[k],
                     "x0": float(x0),
                     "y0": float(y0),
                     "x1": float(x1),
@@ -83,6 +87,14 @@ def box_rows(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]]) -> list[dict[str,
                 }
             )
     return rows
+
+
+def _names(classes: Sequence[str] | None, k_all: int) -> list[str]:
+    if classes is not None:
+        if len(classes) != k_all:
+            raise ValueError(f"{len(classes)} class names for {k_all} classes")
+        return list(classes)
+    return list(CLASSES) if k_all == NUM_CLASSES else [str(k) for k in range(k_all)]
 
 
 def is_correct(value: float | np.ndarray, t: float) -> bool | np.ndarray:
@@ -113,20 +125,23 @@ def accuracy_from_rows(
     return {"ts": ts, "count": count, "correct": correct, "accuracy": accuracy}
 
 
-def localization_table(z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], ts: Sequence[float]) -> dict[str, Any]:
+def localization_table(
+    z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], ts: Sequence[float], classes: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Localization accuracy of predictions ``z`` against ground-truth boxes.
 
     Args:
         z: ``(N, K, P, P)`` probabilities (CRF output).
         boxes: for each image, its list of ``(class_index, x0, y0, x1, y1)`` (normalised).
         ts: thresholds T.
+        classes: the K class names of the rows (see :func:`box_rows`).
 
     Returns:
         dict with ``ts``; ``count`` ``(K,)`` boxes per class; ``correct`` and ``accuracy``:
         ``{"iou": (K, len(ts)), "ior": (K, len(ts))}`` (accuracy NaN for a class with no box);
         ``rows``: per-box dicts from :func:`box_rows`.
     """
-    rows = box_rows(z, boxes)
+    rows = box_rows(z, boxes, classes)
     table = accuracy_from_rows(rows, ts, num_classes=np.asarray(z).shape[1])
     table["rows"] = rows
     return table

@@ -70,24 +70,28 @@ class PriorModel:
         z = self.masks.astype(np.float32)
         return np.broadcast_to(z, (n_images, *z.shape)).copy()
 
-    def to_json(self) -> dict[str, Any]:
-        """Per-class summary (q, region size, training accuracy, boxes) for reports."""
+    def to_json(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
+        """Per-class summary (q, region size, training accuracy, boxes) for reports, keyed by the
+        class names ``classes`` (default: NIH's for 14 classes, else the index as text)."""
 
         def num(v: float) -> float | None:
             return None if np.isnan(v) else float(v)
 
+        k_all = self.masks.shape[0]
+        if classes is None:
+            classes = CLASSES if k_all == NUM_CLASSES else [str(k) for k in range(k_all)]
         return {
             "coverage_mode": self.coverage_mode,
             "selection": f"max mean training IoU accuracy over T in {list(self.ts)}; ties -> largest q",
             "patch_grid": self.patch_grid,
             "classes": {
-                CLASSES[k] if self.masks.shape[0] == NUM_CLASSES else str(k): {
+                classes[k]: {
                     "q": num(self.q[k]),
                     "region_patches": int(self.masks[k].sum()),
                     "train_boxes": int(self.num_boxes[k]),
                     "train_mean_iou_accuracy": num(self.train_accuracy[k]),
                 }
-                for k in range(self.masks.shape[0])
+                for k in range(k_all)
             },
         }
 

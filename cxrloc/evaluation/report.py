@@ -50,6 +50,29 @@ SHORT: dict[str, str] = {
     "Pleural_Thickening": "PlTh",
     "Consolidation": "Cons",
 }
+"""Column headers of NIH's classes."""
+
+SHORT_LENGTH: int = 6
+"""Other class names longer than this are cut to it in column headers (the full names are listed
+under the tables), unless two would then look alike."""
+
+
+def short_names(classes: Sequence[str]) -> dict[str, str]:
+    """Column headers of ``classes``: NIH's abbreviations, else names cut to :data:`SHORT_LENGTH`
+    characters; a cut that two classes would share keeps both names whole."""
+    cut = {c: SHORT.get(c, c[:SHORT_LENGTH]) for c in classes}
+    taken = [v for v in cut.values()]
+    return {c: v if taken.count(v) == 1 else c for c, v in cut.items()}
+
+
+def _classes(result: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(every class, the boxed classes of the columns) of a result (NIH's for older results)."""
+    return list(result.get("classes", CLASSES)), list(result.get("boxed_classes", BOXED_CLASSES))
+
+
+def _paper(result: dict[str, Any], metric: str) -> dict[str, list[float]]:
+    """The paper's Table 1 rows of ``metric`` when the result is on NIH data, else none."""
+    return PAPER_TABLE1[metric] if result.get("paper_table1") else {}
 
 WIDE_TERMINAL: int = 150
 """Terminal width from which the tables show "mean±std" cells (about 150 columns); narrower: means."""
@@ -71,32 +94,58 @@ def _fmt(v: float | None, std: float | None = None) -> str:
 
 
 def accuracy_rows(result: dict[str, Any], metric: str, with_std: bool = True) -> list[tuple[str, str, list[str]]]:
-    """``(method, T, cells for the 8 boxed classes + mean)`` for one metric; the paper's rows at T = 0.1."""
+    """``(method, T, cells for the boxed classes + mean)`` for one metric; on NIH data, the paper's rows
+    at T = 0.1."""
     summary = result["summary"]
+    _, boxed = _classes(result)
     rows: list[tuple[str, str, list[str]]] = []
     for j, t in enumerate(result["ts"]):
         for method in METHODS:
             s = summary[method][metric]
-            cells = [
-                _fmt(s["per_class_mean"][c][j], s["per_class_std"][c][j] if with_std else None) for c in BOXED_CLASSES
-            ]
+            cells = [_fmt(s["per_class_mean"][c][j], s["per_class_std"][c][j] if with_std else None) for c in boxed]
             cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
             rows.append((LABELS[method], f"{t:g}", cells))
         if abs(t - PAPER_T) < 1e-9:
-            for label, values in PAPER_TABLE1[metric].items():
+            for label, values in _paper(result, metric).items():
                 rows.append((label, f"{t:g}", [f"{v:.3f}" for v in values] + [f"{np.mean(values):.3f}"]))
     return rows
+
+
+def columns_note(result: dict[str, Any]) -> str:
+    """What the "mean" column averages, the abbreviated class names, and the classes matched by name."""
+    _, boxed = _classes(result)
+    short = short_names(boxed)
+    parts = [f"'mean' = mean over the {len(boxed)} boxed classes that have a test box"
+             + (" (NIH's 8)" if result.get("paper_table1") else "") + "."]
+    unknown = set(result.get("not_in_run") or ())
+    if unknown:  # an external test set: say which columns the mean can use
+        boxes = result["summary"].get("boxes", {})
+        used = [c for c in boxed if boxes.get(c, 0) > 0 and c not in unknown]
+        parts[0] = (f"'mean' = mean over the boxed classes that have a test box and are known to the run: "
+                    f"{', '.join(used) or 'none'}.")
+    cut = [f"{v} = {c}" for c, v in short.items() if v != c and c not in SHORT]
+    if cut:
+        parts.append("Columns: " + ", ".join(cut) + ".")
+    if result.get("not_in_run"):
+        parts.append(f"Not known to the run (n/a): {', '.join(result['not_in_run'])}.")
+    if result.get("not_in_data"):
+        parts.append(f"Not in the test data (n/a): {', '.join(result['not_in_data'])}.")
+    return " ".join(parts)
 
 
 def markdown(result: dict[str, Any], info: str) -> str:
     """``results.md``: one table per metric, then the AUROC of every class."""
     n_folds = len(result["folds"])
+    _, boxed = _classes(result)
+    short = short_names(boxed)
     buf = io.StringIO()
-    buf.write(f"# Evaluation\n\n{info}\n\nMean ± sample std over {n_folds} fold(s); 'mean' = mean over the ")
-    buf.write("8 boxed classes. 'prior' chooses one coverage level q for all T, 'prior per-T' the best q for each ")
-    buf.write("T (both on the training boxes). Paper rows: Rozenberg et al. 2019 Table 1 (T = 0.1, ")
-    buf.write("0% unannotated).\n\n")
-    head = ["method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"]
+    buf.write(f"# Evaluation\n\n{info}\n\nMean ± sample std over {n_folds} fold(s); {columns_note(result)} ")
+    buf.write("'prior' chooses one coverage level q for all T, 'prior per-T' the best q for each ")
+    buf.write("T (both on the training boxes).")
+    if result.get("paper_table1"):
+        buf.write(" Paper rows: Rozenberg et al. 2019 Table 1 (T = 0.1, 0% unannotated).")
+    buf.write("\n\n")
+    head = ["method", "T", *[short[c] for c in boxed], "mean"]
     for m in result["metrics"]:
         buf.write(f"## {m.upper()} accuracy\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         for method, t, cells in accuracy_rows(result, m):
@@ -115,6 +164,7 @@ def classification_rows(result: dict[str, Any], with_std: bool = True) -> list[t
     """``(class, test positives, [AUROC, sensitivity, specificity])`` cells of every class."""
     summary = result["summary"]
     cls = summary["classification"]
+    unlabelled = set(result.get("not_in_data", []))
     rows = []
     for c in summary["auroc"]["mean"]:
         cells = [
@@ -122,7 +172,7 @@ def classification_rows(result: dict[str, Any], with_std: bool = True) -> list[t
             _fmt(cls["sensitivity"]["mean"][c], cls["sensitivity"]["std"][c] if with_std else None),
             _fmt(cls["specificity"]["mean"][c], cls["specificity"]["std"][c] if with_std else None),
         ]
-        rows.append((c, str(cls["positives"][c]), cells))
+        rows.append((c, "n/a" if c in unlabelled else str(cls["positives"][c]), cells))
     return rows
 
 
@@ -161,7 +211,9 @@ def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
             show_edge=False,  # without the edge columns an 80-column terminal keeps method labels on one line
             pad_edge=False,
         )
-        for col in ("method", "T", *[SHORT[c] for c in BOXED_CLASSES], "mean"):
+        _, boxed = _classes(result)
+        short = short_names(boxed)
+        for col in ("method", "T", *[short[c] for c in boxed], "mean"):
             if col == "method":
                 t.add_column(col, justify="left", no_wrap=True)
             else:  # numbers are never cut: an 80-column terminal fits them
@@ -177,7 +229,7 @@ def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
     for c, positives, cells in classification_rows(result, with_std):
         a.add_row(c, positives, *cells)
     tables.append(a)
-    tables.append(Text(classification_note(result)))
+    tables.append(Text(columns_note(result) + " " + classification_note(result)))
     return tables
 
 
@@ -188,32 +240,33 @@ def _nan(v: float | None) -> float:
 def csv_text(result: dict[str, Any]) -> str:
     """``results.csv``: one row per (method, metric, T, class), long format."""
     summary, ts, n_folds = result["summary"], result["ts"], len(result["folds"])
+    classes, boxed = _classes(result)
     boxes = summary["boxes"]
     records = []
     for method in METHODS:
         for m in result["metrics"]:
             s = summary[method][m]
             for j, t in enumerate(ts):
-                for c in BOXED_CLASSES:
+                for c in boxed:
                     records.append(
                         (method, m, t, c, _nan(s["per_class_mean"][c][j]), _nan(s["per_class_std"][c][j]),
                          n_folds, int(boxes[c]))
                     )
                 records.append(
                     (method, m, t, "mean", _nan(s["boxed_mean"][j]), _nan(s["boxed_mean_std"][j]), n_folds,
-                     int(sum(boxes[c] for c in BOXED_CLASSES)))
+                     int(sum(boxes[c] for c in boxed)))
                 )
     for m in result["metrics"]:
-        for label, values in PAPER_TABLE1[m].items():
+        for label, values in _paper(result, m).items():
             for c, v in zip(BOXED_CLASSES, values, strict=True):
                 records.append((label, m, PAPER_T, c, v, np.nan, np.nan, np.nan))
             records.append((label, m, PAPER_T, "mean", float(np.mean(values)), np.nan, np.nan, np.nan))
     auroc = summary["auroc"]
-    for c in CLASSES:
+    for c in classes:
         records.append(("model", "auroc", np.nan, c, _nan(auroc["mean"][c]), _nan(auroc["std"][c]), n_folds, np.nan))
     cls = summary["classification"]
     for key in ("sensitivity", "specificity"):
-        for c in CLASSES:
+        for c in classes:
             records.append(("model", key, np.nan, c, _nan(cls[key]["mean"][c]), _nan(cls[key]["std"][c]), n_folds,
                             np.nan))
     records.append(("model", "present_per_image", np.nan, "all", cls["present_per_image"], np.nan, n_folds, np.nan))

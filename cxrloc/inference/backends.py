@@ -104,7 +104,7 @@ def check_graph(session: Any, meta: dict[str, Any], source: str | os.PathLike[st
     """Check the graph's input and outputs against the metadata before anything runs.
 
     The input must be ``image`` of shape (batch, 1, S, S) and the outputs ``z`` and
-    ``unary_logits`` of shape (batch, K, P, P), with S and P as the metadata says (a dimension
+    ``unary_logits`` of shape (batch, K, P, P), with S, K and P as the metadata says (a dimension
     the graph leaves symbolic is not checked). A file whose metadata was edited, or copied from
     another export, would otherwise fail inside onnxruntime with a long traceback.
 
@@ -115,10 +115,14 @@ def check_graph(session: Any, meta: dict[str, Any], source: str | os.PathLike[st
     if not isinstance(size, int) or not isinstance(grid, int) or size < 1 or grid < 1:
         raise CxrlocError(f"{source}: cxrloc metadata image_size={size!r}, patch_grid={grid!r} are not sizes; "
                           "re-export with 'cxrloc export'.")
+    classes = meta.get("classes") or CLASSES
+    if not isinstance(classes, list | tuple) or not classes:
+        raise CxrlocError(f"{source}: cxrloc metadata classes={classes!r} is not a class list; re-export with "
+                          "'cxrloc export'.")
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
     wanted = [(INPUT_NAME, inputs, (1, size, size), "input")] + [
-        (name, outputs, (len(CLASSES), grid, grid), "output") for name in OUTPUT_NAMES
+        (name, outputs, (len(classes), grid, grid), "output") for name in OUTPUT_NAMES
     ]
     for name, table, dims, kind in wanted:
         if name not in table:
@@ -132,8 +136,8 @@ def check_graph(session: Any, meta: dict[str, Any], source: str | os.PathLike[st
             if isinstance(got, int) and got != want:
                 raise CxrlocError(
                     f"{source}: graph {kind} {name!r} has shape {shape} but the metadata (image_size={size}, "
-                    f"patch_grid={grid}) implies (batch, {', '.join(map(str, dims))}); the metadata was edited or "
-                    "belongs to another model: re-export with 'cxrloc export'."
+                    f"patch_grid={grid}, {len(classes)} classes) implies (batch, {', '.join(map(str, dims))}); the "
+                    "metadata was edited or belongs to another model: re-export with 'cxrloc export'."
                 )
 
 
@@ -161,10 +165,8 @@ class Predictor:
         self.meta = meta
         self.image_size = int(meta["image_size"])
         self.patch_grid = int(meta["patch_grid"])
-        self.classes: list[str] = list(meta.get("classes") or CLASSES)
-        if self.classes != list(CLASSES):
-            raise CxrlocError(f"{source} was made for classes {self.classes}, not cxrloc's {list(CLASSES)}.")
-        th = Thresholds.from_json(thresholds_json)
+        self.classes: list[str] = list(meta.get("classes") or CLASSES)  # files made before class lists: NIH's
+        th = Thresholds.from_json(thresholds_json, classes=self.classes)
         if th.patch_grid != self.patch_grid:
             raise CxrlocError(f"Thresholds are for P={th.patch_grid} but {source} has P={self.patch_grid}.")
         self.thresholds_json = thresholds_json

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrloc.classes import NUM_CLASSES
+from cxrloc.classes import CLASSES
 from cxrloc.data.prepared import to_network_range
 from cxrloc.utils import CxrlocError, progress_bar
 
@@ -175,5 +175,5 @@ def predict_prepared(
     if not outputs:
         # No image to run: an empty array with the model's grid, so callers can still index it.
         p = int(getattr(getattr(model, "thresholds", None), "patch_grid", 0))
-        return np.zeros((0, NUM_CLASSES, p, p), dtype=np.float32)
+        return np.zeros((0, len(getattr(model, "classes", CLASSES)), p, p), dtype=np.float32)
     return np.concatenate(outputs, axis=0).astype(np.float32, copy=False)

@@ -36,7 +36,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 120, 135),  # Pleural_Thickening: salmon
     (180, 45, 30),  # Hernia: brick
 )
-"""One colour per class, in ``CLASSES`` order (repeated for longer class lists).
+"""The colours of the first 14 classes (NIH's, in ``CLASSES`` order; the first 14 of any other
+class list); :func:`class_color` makes more for longer lists.
 
 Chosen for a grey radiograph: a greedy max-min search over sRGB (steps of 15) of CIEDE2000
 distances, between the colours themselves and between their blends at :data:`BLOB_ALPHA` over dark,
@@ -65,21 +66,120 @@ GtBox = tuple[str, float, float, float, float]
 """``(class name, x0, y0, x1, y1)`` with coordinates as fractions of the image side."""
 
 
-def gt_boxes_by_image(path: str | os.PathLike[str]) -> dict[str, list[GtBox]]:
-    """Ground-truth boxes per image file name from NIH's ``BBox_List_2017.csv``, for drawing.
+class GtBoxes(dict[str, list[GtBox]]):
+    """Ground-truth boxes per image name (a path below the data folder, or a file name), normalised.
 
-    Read by :func:`cxrloc.data.nih.read_bbox_list` (its quirks, label spellings, 1024-pixel frame
-    and clipping), with each class index turned into its name. Rows that cannot be used are left
-    out with one note naming the first of them.
+    ``pixels`` holds the boxes whose frame is the image file itself (a plain boxes table, a COCO
+    entry without width and height): ``(class name, x, y, w, h)`` in pixels, normalised by
+    :func:`gt_boxes_of` once the image's size is known.
     """
-    from cxrloc.data.nih import read_bbox_list
-    from cxrloc.utils import console
 
-    parsed = read_bbox_list(path)
+    def __init__(self, boxes: dict[str, list[GtBox]] | None = None,
+                 pixels: dict[str, list[tuple[str, float, float, float, float]]] | None = None) -> None:
+        super().__init__(boxes or {})
+        self.pixels = dict(pixels or {})
+
+
+BOX_TABLE_COLUMNS: tuple[str, ...] = ("image", "label", "x", "y", "w", "h")
+"""The columns of a plain boxes table (``prepare --format table``'s default names) that ``predict
+--boxes`` reads."""
+
+
+def gt_boxes_by_image(path: str | os.PathLike[str]) -> GtBoxes:
+    """Ground-truth boxes per image, for drawing; find an image's with :func:`gt_boxes_of`.
+
+    Three kinds of file: NIH's ``BBox_List_2017.csv`` (its header starts with ``Image Index``), read
+    by :func:`cxrloc.data.nih.read_bbox_list` (its quirks, label spellings, 1024-pixel frame and
+    clipping); a COCO annotation file (``.json``), read by :mod:`cxrloc.data.coco` (its categories'
+    names, each image's width and height as the frame, else the file's own size; images named by
+    their ``file_name``, a path below the data folder); a plain boxes table with the columns
+    ``image, label, x, y, w, h`` (``prepare --format table``'s default names), in pixels of each
+    image file. Rows that cannot be used are left out with one note naming the first of them.
+
+    Raises:
+        CxrlocError: the file cannot be read, or is none of the three.
+    """
+    from cxrloc.data.nih import BoxKey, add_box, open_text, read_bbox_list
+    from cxrloc.utils import CxrlocError, console
+
+    path = Path(path)
+    pixels: dict[str, list[tuple[str, float, float, float, float]]] = {}
+    classes: list[str] = list(CLASSES)
+    if path.suffix.lower() == ".json":
+        from cxrloc.data.coco import read_coco_boxes
+
+        classes, rows, frames, parsed = read_coco_boxes(path)
+        seen: dict[BoxKey, int] = {}
+        for raw in rows:
+            if raw.image_id in frames:
+                add_box(parsed, seen, line=raw.line, where=raw.where, image_id=raw.image_id, k=raw.k,
+                        label=raw.label, xywh=raw.xywh, frame=frames[raw.image_id])
+            else:
+                pixels.setdefault(raw.image_id, []).append((raw.label, *raw.xywh))
+    else:
+        if not path.is_file():
+            raise CxrlocError(f"--boxes {path}: file not found")
+        try:
+            with open_text(path) as fh:
+                header = [c.strip() for c in fh.readline().split(",")]
+        except (OSError, UnicodeDecodeError, EOFError) as exc:
+            raise CxrlocError(f"--boxes {path}: cannot read it ({exc})") from None
+        if header[:1] == ["Image Index"]:
+            parsed = read_bbox_list(path)
+        elif all(c in header for c in BOX_TABLE_COLUMNS):
+            from cxrloc.data.source import Columns
+            from cxrloc.data.table import read_box_table
+
+            rows, parsed = read_box_table(path, Columns())
+            for raw in rows:
+                pixels.setdefault(raw.image_id, []).append((raw.label, *raw.xywh))
+        else:
+            raise CxrlocError(
+                f"--boxes {path}: neither NIH's box list (header 'Image Index,Finding Label,...'), a COCO file "
+                f"(.json) nor a boxes table with the columns {', '.join(BOX_TABLE_COLUMNS)} (found {header[:8]})"
+            )
     if parsed.skipped:
         console.print(f"[yellow]Note:[/] {len(parsed.skipped)} row(s) of {path} not drawn; first: {parsed.skipped[0]}")
-    boxes = parsed.boxes
-    return {name: [(CLASSES[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in rows] for name, rows in boxes.items()}
+    out: dict[str, list[GtBox]] = {}
+    for name, boxes in parsed.boxes.items():
+        out.setdefault(name, []).extend((classes[k], x0, y0, x1, y1) for k, x0, y0, x1, y1 in boxes)
+    return GtBoxes(out, pixels)
+
+
+def gt_boxes_of(
+    gt_boxes: dict[str, list[GtBox]], path: str | os.PathLike[str], size: tuple[int, int] | None = None
+) -> list[GtBox]:
+    """The ground-truth boxes of the image file ``path`` in :func:`gt_boxes_by_image`'s table.
+
+    A box list names an image by its path below the data folder (COCO's ``file_name`` or a boxes
+    table's ``image``, e.g. ``pat01/scan0.dcm``) or by its file name (NIH). The longest trailing
+    part of ``path`` that the list names wins, so ``/data/pat01/scan0.dcm`` gets the boxes of
+    ``pat01/scan0.dcm``, never those of ``pat02/scan0.dcm``; a bare file name is used only when one
+    entry of the list ends in it. Boxes in the file's own pixels are divided by ``size`` (width,
+    height of the image read) and clipped to it; without ``size`` they are left out.
+    """
+    pixels = getattr(gt_boxes, "pixels", {})
+    names = set(gt_boxes) | set(pixels)
+    parts = Path(path).parts
+    key = None
+    for n in range(len(parts), 0, -1):
+        if "/".join(parts[-n:]) in names:
+            key = "/".join(parts[-n:])
+            break
+    if key is None:
+        matches = [k for k in names if parts and k.rpartition("/")[2] == parts[-1]]
+        if len(matches) != 1:
+            return []
+        key = matches[0]
+    out = list(gt_boxes.get(key, []))
+    if size is not None:
+        width, height = float(size[0]), float(size[1])
+        for name, x, y, w, h in pixels.get(key, []):
+            x0, y0 = max(x / width, 0.0), max(y / height, 0.0)
+            x1, y1 = min((x + w) / width, 1.0), min((y + h) / height, 1.0)
+            if x1 > x0 and y1 > y0:
+                out.append((name, x0, y0, x1, y1))
+    return out
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -89,9 +189,30 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+EXTRA_SATURATION: float = 0.9
+EXTRA_LIGHTNESS: tuple[float, float] = (0.36, 0.62)
+"""Saturation and lightness range of the colours beyond :data:`PALETTE`: saturated, never near
+black, white or the grey of a radiograph."""
+
+_R2 = (0.7548776662466927, 0.5698402909980532)
+"""The R2 low-discrepancy sequence (Roberts 2018, from the plastic number): successive points spread
+evenly over (hue, lightness), so any number of extra colours stay apart and distinct."""
+
+
 def class_color(k: int) -> tuple[int, int, int]:
-    """The overlay colour of class index ``k``."""
-    return PALETTE[k % len(PALETTE)]
+    """The overlay colour of class index ``k``: :data:`PALETTE` for the first 14, then saturated
+    colours spread over hue and lightness by the R2 sequence (distinct for up to
+    :data:`cxrloc.classes.MAX_CLASSES` classes, tested), for a class list of any length."""
+    import colorsys
+
+    if k < len(PALETTE):
+        return PALETTE[k]
+    j = k - len(PALETTE) + 1
+    hue = (0.5 + _R2[0] * j) % 1.0
+    lo, hi = EXTRA_LIGHTNESS
+    light = lo + (hi - lo) * ((0.5 + _R2[1] * j) % 1.0)
+    r, g, b = colorsys.hls_to_rgb(hue, light, EXTRA_SATURATION)
+    return round(r * 255), round(g * 255), round(b * 255)
 
 
 def percent(p: float) -> str:

@@ -245,9 +245,9 @@ def _finish_one(
         record["maps"] = str(maps_path)
         summary.outputs.append(maps_path)
     if overlay is not None:
-        from cxrloc.inference.overlay import NO_FINDING, render_overlay, save_overlay
+        from cxrloc.inference.overlay import NO_FINDING, gt_boxes_of, render_overlay, save_overlay
 
-        gts = gt_boxes.get(path.name, []) if gt_boxes is not None else None
+        gts = gt_boxes_of(gt_boxes, path, (img.shape[1], img.shape[0])) if gt_boxes is not None else None
         if overlay_classes == "gt":
             names = {label for label, *_ in gts or []}
             shown = [k for k, c in enumerate(predictor.classes) if c in names]

@@ -2,7 +2,7 @@
 
 ``z`` (and the unary logits) of the members are averaged; the region rule ``z >= 0.5`` and every
 score then apply to the mean, as to a single network. The members must share the input size and
-the patch grid; they usually differ only in their training seed (``cxrloc ensemble``).
+the patch grid and the class list; they usually differ only in their training seed (``cxrloc ensemble``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ class EnsembleNet(nn.Module):
         grids = {m.patch_grid for m in members}
         if len(grids) != 1:
             raise ValueError(f"ensemble members have different patch grids {sorted(grids)}")
+        if len({m.classes for m in members}) != 1:
+            raise ValueError("ensemble members have different class lists")
         self.members = nn.ModuleList(members)
         self.patch_grid = members[0].patch_grid
-        self.thresholds = ThresholdBuffers(self.patch_grid)
+        self.classes = members[0].classes
+        self.thresholds = ThresholdBuffers(self.patch_grid, self.classes)
         self.thresholds.set(members[0].thresholds.get())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

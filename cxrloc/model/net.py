@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from cxrloc.classes import NUM_CLASSES
+from cxrloc.classes import CLASSES
 from cxrloc.config import Config
 from cxrloc.model.backbone import create_backbone
 from cxrloc.model.head import PatchHead
@@ -38,14 +38,18 @@ class CXRLocNet(nn.Module):
         unary: backbone + patch head (the base model of Li et al.).
         crf: the PAC-CRF, or ``None``.
         thresholds: :class:`~cxrloc.thresholds.ThresholdBuffers` (tau, rho, tau_hat, rho_hat).
+        classes: the K class names, in output order.
     """
 
-    def __init__(self, unary: UnaryModel, crf: PacCrf | None, patch_grid: int) -> None:
+    def __init__(
+        self, unary: UnaryModel, crf: PacCrf | None, patch_grid: int, classes: Sequence[str] = CLASSES
+    ) -> None:
         super().__init__()
         self.unary = unary
         self.crf = crf
         self.patch_grid = patch_grid
-        self.thresholds = ThresholdBuffers(patch_grid)
+        self.classes: tuple[str, ...] = tuple(classes)
+        self.thresholds = ThresholdBuffers(patch_grid, self.classes)
         self.use_crf = True
         """When False, ``forward`` skips the CRF (``z = sigmoid(unary_logits)``): the unary
         training stage sets it, since its loss never reads the CRF's output."""
@@ -68,7 +72,7 @@ class CXRLocNet(nn.Module):
 
 
 def build_model(cfg: Config) -> CXRLocNet:
-    """Build the network described by ``cfg`` (arch, width, antialias, blur_size, init, head, CRF).
+    """Build the network described by ``cfg`` (classes, arch, width, antialias, blur_size, init, head, CRF).
 
     Example:
         >>> from cxrloc.config import make_config
@@ -78,14 +82,15 @@ def build_model(cfg: Config) -> CXRLocNet:
         (2, 14, 8, 8)
     """
     backbone, channels = create_backbone(cfg.arch, cfg.width, cfg.antialias, cfg.blur_size, cfg.init, cfg.output_stride)
+    num_classes = len(cfg.classes)
     head = PatchHead(
-        channels, cfg.patch_grid, cfg.head_channels, NUM_CLASSES, init_prob=cfg.init_prob, coords=cfg.head_coords,
+        channels, cfg.patch_grid, cfg.head_channels, num_classes, init_prob=cfg.init_prob, coords=cfg.head_coords,
         position_bias=cfg.position_bias,
     )
     crf = None
     if cfg.crf:
         crf = PacCrf(
-            NUM_CLASSES,
+            num_classes,
             cfg.image_size,
             cfg.patch_grid,
             window=cfg.crf_window,
@@ -93,4 +98,4 @@ def build_model(cfg: Config) -> CXRLocNet:
             feature_dim=cfg.crf_feature_dim,
             branch_channels=cfg.crf_branch_channels,
         )
-    return CXRLocNet(UnaryModel(backbone, head), crf, cfg.patch_grid)
+    return CXRLocNet(UnaryModel(backbone, head), crf, cfg.patch_grid, cfg.classes)

@@ -23,8 +23,8 @@ from cxrloc.utils import CxrlocError
 SHARED_RUN_KEYS: tuple[str, ...] = ("prepared_dir", "fold", "train_ids", "val_ids", "test_ids")
 """``run.json`` entries every member of a fold must share."""
 
-SHARED_CONFIG_KEYS: tuple[str, ...] = ("image_size", "patch_grid")
-"""Config fields every member must share (the input and the output grid)."""
+SHARED_CONFIG_KEYS: tuple[str, ...] = ("classes", "image_size", "patch_grid")
+"""Config fields every member must share (the class list, the input and the output grid)."""
 
 
 def make_ensemble(

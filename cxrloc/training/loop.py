@@ -96,7 +96,9 @@ def initial_thresholds(
     if path is not None:
         return Thresholds.load(path), str(path)
     counts = box_patch_counts(class_box_masks((prepared.boxes(i) for i in train_ids), cfg.patch_grid))
-    return Thresholds.initial(cfg.patch_grid, counts, rho_hat_box_fraction=cfg.rho_hat_box_fraction), "initial"
+    return Thresholds.initial(
+        cfg.patch_grid, counts, rho_hat_box_fraction=cfg.rho_hat_box_fraction, classes=cfg.classes
+    ), "initial"
 
 
 def load_start_weights(model: nn.Module, init_from: Path, fold: int) -> Path:
@@ -367,6 +369,7 @@ def train(
     if stage == "crf" and not cfg.crf:
         raise CxrlocError("--stage crf needs a model with a CRF; remove --set crf=false.")
     prepared = Prepared.open(prepared_dir)
+    cfg = dataclasses.replace(cfg, classes=list(prepared.classes))  # the class list comes from the data
     fold_dir = FoldDir.of(out_dir, fold)
     check_writable_dir(fold_dir.path, "run folder")
     if resume and not fold_dir.checkpoint("last").is_file() and not fold_dir.config_json.is_file():
