@@ -34,6 +34,8 @@ ep30() {  # seed 0's unary runs continued to 30 epochs (the same learning-rate s
     [ -d "$OUT/ep30_s0/fold_$f" ] || { mkdir -p "$OUT/ep30_s0"; cp -r "$OUT/base_s0/fold_$f" "$OUT/ep30_s0/"; }
     cxrloc train "$P" --out "$OUT/ep30_s0" --fold "$f" --resume --epochs 30 --quiet
   done
+  cxrloc train "$P" --out "$OUT/ep30crf_s0" $T --set seed=0 --stage crf --from "$OUT/ep30_s0" --epochs 5
+  cxrloc train "$P" --out "$OUT/ep30joint_s0" $T --set seed=0 --stage joint --from "$OUT/ep30crf_s0" --epochs 5
 }
 (full 0; ep30) > "$OUT/queue_a.log" 2>&1 &
 (full 1) > "$OUT/queue_b.log" 2>&1 &
@@ -41,22 +43,23 @@ ep30() {  # seed 0's unary runs continued to 30 epochs (the same learning-rate s
 wait
 
 cxrloc ensemble "$OUT/joint_s0" "$OUT/joint_s1" --out "$OUT/ens_joint"
-cxrloc ensemble "$OUT/base_s0" "$OUT/base_s1" --out "$OUT/ens_unary"
 
 # Choices, on validation images only.
-python experiments/val_scores.py "$OUT"/base_s0 "$OUT"/crf_s0 "$OUT"/joint_s0 "$OUT"/ep30_s0 "$OUT"/li_s0 \
-  --json "$OUT/val_single.json" | tee "$OUT/val_single.txt"
+python experiments/val_scores.py "$OUT"/base_s0 "$OUT"/base_s1 "$OUT"/crf_s0 "$OUT"/crf_s1 "$OUT"/joint_s0 \
+  "$OUT"/ep30_s0 "$OUT"/li_s0 "$OUT"/li_s1 --json "$OUT/val_single.json" | tee "$OUT/val_single.txt"
+python experiments/val_scores.py "$OUT"/joint_s1 | tee "$OUT/val_joint_s1.txt"
 python experiments/val_scores.py "$OUT"/base_s0 --tta 3 | tee "$OUT/val_tta3.txt"
 python experiments/val_scores.py "$OUT"/base_s0 --tta 5 | tee "$OUT/val_tta5.txt"
 python experiments/val_scores.py "$OUT"/joint_s0 "$OUT"/joint_s1 --ensemble | tee "$OUT/val_ens.txt"
+python experiments/val_scores.py "$OUT"/base_s0 "$OUT"/base_s1 --ensemble | tee "$OUT/val_ens_unary.txt"
+python experiments/val_scores.py "$OUT"/ep30joint_s0 | tee "$OUT/val_ep30joint.txt"
 
 # The test folds, once.
-for run in base_s0 base_s1 crf_s0 crf_s1 joint_s0 joint_s1 li_s0 li_s1 ens_joint ens_unary ep30_s0; do
+for run in base_s0 base_s1 crf_s0 crf_s1 joint_s0 joint_s1 li_s0 li_s1 ens_joint; do
   cxrloc calibrate "$OUT/$run" --fold all
   cxrloc evaluate "$OUT/$run" --metric both --fold all
 done
-python experiments/compile_results.py "$OUT" --out docs/results_issue9_tables.md \
-  --method "full, seed 0=joint_s0" --method "full, seed 1=joint_s1" \
-  --method "full, 2-seed ensemble=ens_joint" --method "unary, seed 0=base_s0" --method "unary, seed 1=base_s1" \
-  --method "Li et al. 2018, seed 0=li_s0" --method "Li et al. 2018, seed 1=li_s1" \
-  --compare "full, 2-seed ensemble"
+python experiments/seed_table.py "$OUT" --group "full, 2-seed ensemble=ens_joint" \
+  --group "full (mean of 2 seeds)=joint_s0,joint_s1" --group "full, no joint fine-tune=crf_s0,crf_s1" \
+  --group "unary only=base_s0,base_s1" --group "Li et al. 2018=li_s0,li_s1" \
+  --ref "full, 2-seed ensemble" --out docs/results_issue9_tables.md
