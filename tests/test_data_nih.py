@@ -138,8 +138,9 @@ def test_v2020_gzip_and_errors(tmp_path: Path) -> None:
     assert df["follow_up"].tolist() == [0, 3] and df["view_position"].tolist() == ["AP", "PA"]
     assert df.loc[0, "Infiltration"] == 1 and df.loc[0, "Mass"] == 1 and df.loc[1, list(CLASSES)].sum() == 0
     bad = tmp_path / "bad.csv"
-    bad.write_text(text.replace("Infiltration|Mass", "Infiltration|Tumour"))
-    with pytest.raises(CxrlocError, match="Tumour"):
+    bad.write_text(text.replace("No Finding,3", "Tumour,3"))
+    want = r"'Tumour'\] on 1 row\(s\), first at row 3 \(00000007_003.png\).*--format table"
+    with pytest.raises(CxrlocError, match=want):
         read_data_entry(bad)
     dup = tmp_path / "dup.csv"
     dup.write_text(text.replace("00000007_003.png", "00000007_000.png"))

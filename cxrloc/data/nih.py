@@ -180,7 +180,14 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
             continue
         onehot[:, CLASS_INDEX[canon]] |= labels[name].to_numpy().astype(np.uint8)
     if unknown:
-        raise CxrlocError(f"{path}: unknown finding label(s) {sorted(unknown)[:5]}; expected {list(CLASSES)}")
+        cols = [c for c in labels.columns if c.strip() in unknown]
+        rows = np.flatnonzero(labels[cols].to_numpy().any(axis=1))
+        raise CxrlocError(
+            f"{path}: unknown finding label(s) {sorted(unknown)[:5]} on {len(rows)} row(s), first at row "
+            f"{int(rows[0]) + 2} ({ids.iloc[int(rows[0])]}); NIH's labels are {list(CLASSES)} and 'No Finding'. "
+            "Fix or remove those rows (dropping only the label would make those images false negatives), or "
+            "prepare the data with its own class list: --format table (docs/data.md)."
+        )
     for k, name in enumerate(CLASSES):
         out[name] = onehot[:, k]
     return out
