@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, what: str = "o
     with atomic_path(path, what) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_texts_atomic(texts: Mapping[str | os.PathLike[str], str], *, what: str = "output") -> list[Path]:
+    """Write several text files as a set: every file goes to a temporary name first, and only when
+    all are written are they renamed onto their names. A failure while writing any of them (disk
+    full, a folder in the way) leaves every one of the files as it was; returns the paths."""
+    paths = [Path(p) for p in texts]
+    with contextlib.ExitStack() as stack:
+        for path, text in zip(paths, texts.values(), strict=True):
+            stack.enter_context(atomic_path(path, what)).write_text(text, encoding="utf-8")
+    return paths
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2, what: str = "output") -> Path:

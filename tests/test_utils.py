@@ -17,6 +17,7 @@ from cxrloc.utils import (
     remove_stale_temporaries,
     write_json_atomic,
     write_text_atomic,
+    write_texts_atomic,
 )
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -133,3 +134,25 @@ def test_remove_stale_temporaries_only_removes_atomic_leftovers(tmp_path: Path) 
     removed = remove_stale_temporaries(tmp_path, ["last.pt", "best.pt"])
     assert sorted(p.name for p in removed) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_set_of_files_is_replaced_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ["results.json", "results.csv", "per_image.csv"]
+    for n in names:
+        (tmp_path / n).write_text(f"old {n}\n")
+    real_write = Path.write_text
+
+    def disk_fills_on_the_third(self: Path, text: str, *a, **k) -> int:
+        if self.name.startswith(".per_image.csv."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", disk_fills_on_the_third)
+    with pytest.raises(OutputError, match="disk full"):
+        write_texts_atomic({tmp_path / n: f"new {n}\n" for n in names}, what="evaluation report")
+    monkeypatch.undo()
+    assert [(tmp_path / n).read_text() for n in names] == [f"old {n}\n" for n in names]  # none replaced
+    _no_temporaries(tmp_path)
+    out = write_texts_atomic({tmp_path / n: f"new {n}\n" for n in names})
+    assert out == [tmp_path / n for n in names] and all((tmp_path / n).read_text() == f"new {n}\n" for n in names)
+    _no_temporaries(tmp_path)

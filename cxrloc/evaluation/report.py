@@ -8,6 +8,7 @@ Every report is made from the ``results.json`` content that
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.text import Text
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.evaluation.metrics import METRICS, is_correct
-from cxrloc.utils import write_json_atomic, write_text_atomic
+from cxrloc.utils import write_texts_atomic
 
 METHODS: tuple[str, ...] = ("model", "prior", "prior_t")
 """Rows of every report: the model, the prior (one q for all T) and the per-T prior (q chosen per T)."""
@@ -312,12 +313,15 @@ def write_reports(
     info: str,
     class_rows: Sequence[dict[str, Any]] = (),
 ) -> list[Path]:
-    """Write the report files into ``out`` (atomically) and return their paths."""
-    paths = [
-        write_json_atomic(out / "results.json", result),
-        write_text_atomic(out / "results.csv", csv_text(result)),
-        write_text_atomic(out / "results.md", markdown(result, info)),
-        write_text_atomic(out / "per_image.csv", per_image_csv(rows, result["ts"])),
-        write_text_atomic(out / "per_image_classes.csv", per_image_classes_csv(class_rows)),
-    ]
-    return paths
+    """Write the report files into ``out`` as one set (none replaced unless all are written) and
+    return their paths."""
+    return write_texts_atomic(
+        {
+            out / "results.json": json.dumps(result, indent=2) + "\n",
+            out / "results.csv": csv_text(result),
+            out / "results.md": markdown(result, info),
+            out / "per_image.csv": per_image_csv(rows, result["ts"]),
+            out / "per_image_classes.csv": per_image_classes_csv(class_rows),
+        },
+        what="evaluation report",
+    )
