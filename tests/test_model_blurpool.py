@@ -79,7 +79,7 @@ def test_antialiasing_makes_features_more_shift_stable(arch: str) -> None:
 
 def _padded_reference(x: torch.Tensor, size: int, stride: int, pad_mode: str) -> torch.Tensor:
     """Zhang's / timm's formulation, written out: F.pad, then the strided depthwise binomial convolution."""
-    a = binomial_filter(size).to(x.dtype)
+    a = binomial_filter(size).to(device=x.device, dtype=x.dtype)
     filt = torch.outer(a, a)[None, None].repeat(x.shape[1], 1, 1, 1)
     lo, hi = (size - 1) // 2, size // 2
     padded = F.pad(x, (lo, hi, lo, hi), mode="reflect" if pad_mode == "reflect" else "constant")

@@ -112,16 +112,19 @@ def test_export_layout_computes_the_same_messages() -> None:
 
 
 def test_crf_under_cpu_autocast_stays_close_to_float32() -> None:
-    """Under autocast the messages run in bf16 (the GEMM did before too); z stays within bf16 rounding."""
-    crf, image, unary = _crf(14, 8, 5, 2, seed=3)
-    crf.eval()
-    with torch.no_grad():
-        ref = reference_forward(crf, image, unary)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = crf(image, unary)
-    assert z.dtype == torch.float32
-    assert (z - ref).abs().max() < 3e-2
-    assert (z - ref).abs().mean() < 3e-3
+    """Under autocast only the guidance branch runs in bf16 (the mean field in float32): z stays close."""
+    for size, seed in (((14, 8, 5, 2), 3), ((14, 20, 19, 5), 5)):  # small, and the paper's 19 x 19 x 5
+        crf, image, unary = _crf(*size, seed=seed)
+        crf.eval()
+        with torch.no_grad():
+            ref = reference_forward(crf, image, unary)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                z = crf(image, unary)
+        assert z.dtype == torch.float32
+        # bf16 messages gave up to 3e-2 here and 0.12 on a GPU; with the mean field in float32 only
+        # the bf16 guidance features differ (measured: 0.003 and 0.007 max, 1e-4 and 1.6e-4 mean).
+        assert (z - ref).abs().max() < 1.5e-2
+        assert (z - ref).abs().mean() < 5e-4
 
 
 @pytest.mark.cuda
@@ -134,5 +137,7 @@ def test_crf_on_cuda_bf16_matches_float32_reference() -> None:
         z32 = crf(image, unary)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             z16 = crf(image, unary)
-    torch.testing.assert_close(z32, ref, rtol=0, atol=1e-5)
-    assert (z16 - ref).abs().max() < 3e-2
+    # float32 on the GPU: the matmul formulation and the unfold reference sum 361 window terms x 5
+    # iterations in different orders (on an H200 the largest difference was 1.5e-5 at z ~ 0.4).
+    torch.testing.assert_close(z32, ref, rtol=0, atol=5e-5)
+    assert (z16 - ref).abs().max() < 3e-2 and (z16 - ref).abs().mean() < 1e-3
