@@ -20,9 +20,7 @@ import statistics
 from pathlib import Path
 
 from cxrloc.classes import BOXED_CLASSES
-
-SHORT = {"Atelectasis": "Atel", "Cardiomegaly": "Card", "Effusion": "Effu", "Infiltration": "Infi",
-         "Mass": "Mass", "Nodule": "Nodu", "Pneumonia": "Pnia", "Pneumothorax": "Pnth"}
+from cxrloc.evaluation.report import SHORT
 
 
 def load(runs_dir: Path, run: str, split: str) -> dict:

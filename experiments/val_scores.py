@@ -22,17 +22,12 @@ from cxrloc.checkpoint import load_model
 from cxrloc.classes import BOXED_CLASSES
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.evaluate import per_t_prior_accuracy
-from cxrloc.evaluation.metrics import localization_table
+from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior
 from cxrloc.inference.batch import predict_prepared
 
 TS = (0.1, 0.3, 0.5)
 BOXED = list(range(len(BOXED_CLASSES)))
-
-
-def _boxed_mean(acc: np.ndarray, count: np.ndarray) -> np.ndarray:
-    idx = [k for k in BOXED if count[k] > 0]
-    return acc[idx].mean(axis=0)
 
 
 def fold_z(fold_dir: Path, ids: list[str], prepared: Prepared, tta: int, which: str) -> np.ndarray:
@@ -77,10 +72,9 @@ def main() -> None:
             train_boxes = boxes_by_class(prepared.boxes(str(i)) for i in runs[0]["train_ids"])
             prior = localization_table(fit_prior(train_boxes, z.shape[-1]).predict(len(ids)), boxes, TS)
             prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, TS)
-            count = table["count"]
-            per_fold["model"].append(_boxed_mean(table["accuracy"]["iou"], count))
-            per_fold["prior"].append(_boxed_mean(prior["accuracy"]["iou"], count))
-            per_fold["prior_t"].append(_boxed_mean(prior_t["accuracy"]["iou"], count))
+            count = table["count"]  # the same boxes for the model and both priors
+            for key, t in (("model", table), ("prior", prior), ("prior_t", {**prior_t, "count": count})):
+                per_fold[key].append(mean_localization_accuracy(t, "iou", BOXED))
             per_fold.setdefault("per_class", []).append(table["accuracy"]["iou"][BOXED].tolist())
             per_fold.setdefault("prior_t_per_class", []).append(prior_t["accuracy"]["iou"][BOXED].tolist())
         means = {k: np.mean(v, axis=0) for k, v in per_fold.items() if not k.endswith("per_class")}

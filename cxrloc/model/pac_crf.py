@@ -186,7 +186,7 @@ class PacCrf(nn.Module):
 
     @torch.compiler.disable
     def _mean_field(self, feats: torch.Tensor, unary_logits: torch.Tensor, export: bool) -> torch.Tensor:
-        """G and the mean-field steps in float32 with autocast off: ``(B, K, P, P)`` logits.
+        """G and the mean-field steps (``iterations`` >= 1) in float32 with autocast off: ``(B, K, P, P)`` logits.
 
         Kept out of ``torch.compile`` (it runs eagerly in a compiled model): torch 2.11's Inductor
         failed on this float32 graph at the paper's size (``CantSplit``, on an H200).
@@ -198,7 +198,6 @@ class PacCrf(nn.Module):
             u = unary_logits.float()
             flat_u = u.reshape(b, k, p * p)
             q = torch.sigmoid(u)
-            logits = flat_u
             for _ in range(self.iterations):
                 logits = flat_u + message(q, g)
                 q = torch.sigmoid(logits).reshape(b, k, p, p)

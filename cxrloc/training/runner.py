@@ -40,6 +40,13 @@ def _resume_config(out_dir: Path, fold: int) -> Config:
     return load_config(others[0])
 
 
+def _fold_config(out: Path, fold: int, *, resume: bool, preset: str | None, extra: Sequence[str]) -> Config:
+    """The config a fold trains with: the run's saved one on ``--resume`` without ``--preset``, else
+    the preset (``paper`` by default); ``extra`` (``--set`` items and ``epochs=``) on top."""
+    base = _resume_config(out, fold) if resume and preset is None else None
+    return apply_overrides(base, list(extra)) if base is not None else make_config(preset or "paper", list(extra))
+
+
 def run_training(
     prepared_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -75,10 +82,11 @@ def run_training(
     """
     out = Path(out_dir)
     fold_list = list(range(Prepared.open(prepared_dir).num_folds)) if folds == "all" else [parse_fold(folds)]
+    extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
     if stage == "all":
         return _run_all_stages(
-            prepared_dir, out, fold_list, preset=preset, overrides=overrides, epochs=epochs, resume=resume,
-            init_from=init_from, progress=progress, alternate=alternate,
+            prepared_dir, out, fold_list, preset=preset, extra=extra, resume=resume, init_from=init_from,
+            progress=progress, alternate=alternate,
         )
     if alternate < 0:
         raise CxrlocError(f"--alternate must be >= 0, got {alternate}.")
@@ -87,7 +95,6 @@ def run_training(
             "--alternate runs threshold fitting between rounds in one process; under torchrun, alternate by "
             "hand: train, 'cxrloc fit-thresholds RUN_DIR', then train --resume with more --epochs."
         )
-    extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
     results = []
     if resume and not any(_has_run(out, f) for f in fold_list):
         where = FoldDir.of(out, fold_list[0]).path if len(fold_list) == 1 else out
@@ -96,8 +103,7 @@ def run_training(
             "--resume to start a new run there, or check --out and --fold."
         )
     for fold in fold_list:
-        base = _resume_config(out, fold) if resume and preset is None else None
-        cfg = apply_overrides(base, extra) if base is not None else make_config(preset or "paper", extra)
+        cfg = _fold_config(out, fold, resume=resume, preset=preset, extra=extra)
         # With --fold all, the folds an interrupted run had not reached yet start now.
         resume_fold = resume and _has_run(out, fold)
         if alternate == 0:
@@ -135,8 +141,7 @@ def _run_all_stages(
     fold_list: list[int],
     *,
     preset: str | None,
-    overrides: Sequence[str],
-    epochs: int | None,
+    extra: Sequence[str],
     resume: bool,
     init_from: str | os.PathLike[str] | None,
     progress: bool,
@@ -154,11 +159,9 @@ def _run_all_stages(
                           "the stages one by one with --stage crf / joint --from RUN.")
     if alternate:
         raise CxrlocError("--alternate trains one stage; use it with --stage unary, crf or joint.")
-    extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
     results: list[Path] = []
     for fold in fold_list:
-        base = _resume_config(out / "unary", fold) if resume and preset is None else None
-        cfg = apply_overrides(base, extra) if base is not None else make_config(preset or "paper", extra)
+        cfg = _fold_config(out / "unary", fold, resume=resume, preset=preset, extra=extra)
         prev: Path | None = None
         for stage in ALL_STAGES:
             stage_epochs = {"unary": cfg.epochs, "crf": cfg.crf_epochs, "joint": cfg.joint_epochs}[stage]
