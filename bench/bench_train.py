@@ -22,6 +22,7 @@ Example:
     OMP_NUM_THREADS=2 python bench/bench_train.py --steps 3 --batch 4
     OMP_NUM_THREADS=1 python bench/bench_train.py --variants --size 256 --batch 2 --steps 2 --rounds 5 --clock process
     python bench/bench_train.py --device cuda --amp bf16 --batch 32 --steps 15 --warmup 3 --variants
+    python bench/bench_train.py --device cuda --amp bf16 --batch 32 --steps 3 --profile 3   # top kernels
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the cxrloc networks (as compile=true)")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="wall time, or this process's CPU time (CPU only; see above)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile STEPS steps of the full cxrloc network with torch.profiler "
+                         "and print its top operators and kernels by self time (device time on CUDA)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -189,6 +193,8 @@ def main() -> None:
         print(f"{rows['ours'].label}: {ips['ours']:8.2f} images/s")
         print(f"ratio cxrloc / resnet50 throughput: {ips['ours'] / ips['base']:.3f} "
               f"(overhead x{ips['base'] / ips['ours']:.2f})")
+        if args.profile > 0:
+            _profile(rows["ours"].step, args.profile, device)
         return
     memory = device.type == "cuda"
     print(f"| network | images/s | vs bare ResNet-50 |{' peak MiB |' if memory else ''}")
@@ -199,6 +205,23 @@ def main() -> None:
     print(f"CRF cost (no anti-aliasing): {1 - ips['crf'] / ips['plain']:.1%}; "
           f"blur-pool cost (no CRF): {1 - ips['aa'] / ips['plain']:.1%}; "
           f"full vs bare ResNet-50: {ips['full'] / ips['base']:.3f}")
+    if args.profile > 0:
+        _profile(rows["full"].step, args.profile, device)
+
+
+def _profile(step: Callable[[], None], steps: int, device: torch.device) -> None:
+    """Print the top 25 operators/kernels of ``steps`` training steps by self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\ntorch.profiler, {steps} steps of the full network, sorted by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,36 @@ def test_crf_matches_the_unfold_formulation_forward_and_backward(k: int, p: int,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize(("scale", "offset"), [(1.0, 0.0), (0.8, 50.0), (0.3, -1000.0)])
+def test_gram_kernel_against_float64_differences(scale: float, offset: float) -> None:
+    """G from the Gram matrix equals exp(-|f_j - f_l|^2 / 2) computed from differences in float64,
+    also for features far from 0 (where an uncentred float32 Gram loses digits) and at the border."""
+    crf = PacCrf(3, image_size=40, patch_grid=10, window=7, iterations=1, feature_dim=5)
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    feats = (offset + scale * torch.randn(2, 5, 10, 10, generator=gen)).requires_grad_()
+    g = crf.kernel(feats)
+    f64 = feats.detach().double()
+    ref = torch.zeros(2, 100, 49, dtype=torch.float64)
+    for j in range(100):
+        r, c = divmod(j, 10)
+        for o in range(49):
+            rr, cc = r + o // 7 - 3, c + o % 7 - 3
+            if 0 <= rr < 10 and 0 <= cc < 10:
+                ref[:, j, o] = torch.exp(-0.5 * (f64[:, :, r, c] - f64[:, :, rr, cc]).square().sum(1))
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g.double(), ref, rtol=0, atol=2e-7)
+    assert 0.05 < (ref > 0.01).double().mean() < 0.95  # neither all near 0 nor all near 1
+    # gradients against the difference formulation (float64, autograd)
+    upstream = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(g, feats, upstream.float())
+    f_ref = feats.detach().double().requires_grad_()
+    nb = F.unfold(f_ref, kernel_size=7, padding=3).view(2, 5, 49, 100)
+    g_ref = torch.exp(-0.5 * (nb - f_ref.reshape(2, 5, 1, 100)).square().sum(1))
+    g_ref = (g_ref * F.unfold(torch.ones(1, 1, 10, 10, dtype=torch.float64), kernel_size=7, padding=3)).transpose(1, 2)
+    (grad_ref,) = torch.autograd.grad(g_ref, f_ref, upstream)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-5 * grad_ref.abs().max().item())
+
+
 def test_window_view_by_hand() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 6, 6, generator=gen)
