@@ -219,7 +219,7 @@ def _profile(step: Callable[[], None], steps: int, device: torch.device) -> None
         for _ in range(steps):
             step()
         _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\ntorch.profiler, {steps} steps of the full network, sorted by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
 
