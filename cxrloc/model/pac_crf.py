@@ -144,7 +144,7 @@ class PacCrf(nn.Module):
         ``|f_j|^2 + |f_l|^2 - 2 f_j . f_l``, in float64 on features centred per image (distances do
         not change; the cancellation stays far below float32 rounding, and TF32 matmul settings do
         not apply to float64); the window entries are then picked with a fixed index. This replaces
-        the ``(B, P, P, window, window, d)`` difference tensor (4.8-6.8x less time on a CPU, see
+        the ``(B, P, P, window, window, d)`` difference tensor (about 5x less time on a CPU, see
         ``docs/results.md``).
         """
         b, d, p, _ = feats.shape
