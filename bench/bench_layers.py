@@ -66,7 +66,7 @@ def main() -> None:
         crf.branch(image).sum().backward()
 
     def kernel_step() -> None:
-        torch.autograd.backward(crf.kernel(feats.float()), kernel_up)
+        torch.autograd.backward(crf.kernel(feats), kernel_up)
 
     def mean_field_step() -> None:  # kernel + messages only: the part the implementation changed
         if hasattr(crf, "_mean_field"):  # what the network runs (float32 also under autocast)

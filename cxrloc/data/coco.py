@@ -145,12 +145,6 @@ def read_coco(path: Path) -> tuple[list[str], list[str], dict[str, tuple[float, 
     return classes, names, frames, rows, parsed
 
 
-def read_coco_boxes(path: Path) -> tuple[list[str], list[RawBox], dict[str, tuple[float, float]], BoxList]:
-    """A COCO file's classes, box rows, image frames and the rows it could not use (for drawing)."""
-    classes, _, frames, rows, parsed = read_coco(path)
-    return classes, rows, frames, parsed
-
-
 def coco_source(annotations: Path, labels: Path | None, columns: Columns) -> Source:
     """A COCO file (and an optional labels table) as a :class:`~cxrloc.data.source.Source`."""
     from cxrloc.data.table import read_labels_table

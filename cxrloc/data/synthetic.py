@@ -625,7 +625,10 @@ def bbox_list_text(images: list[SyntheticImage]) -> str:
     return "\n".join([BBOX_HEADER] + [r[2] for r in rows]) + "\n"
 
 
-def _check_args(n_patients: int, images_per_patient: int, size: int, box_fraction: float) -> None:
+def _checked_plan(
+    n_patients: int, images_per_patient: int, size: int, box_fraction: float, seed: int
+) -> list[SyntheticImage]:
+    """:func:`plan_dataset` after checking the generators' arguments (one clear error per bad value)."""
     if not 1 <= n_patients <= 99_999_999:
         raise CxrlocError(f"n_patients={n_patients}: use 1 to 99,999,999 (8-digit NIH patient ids).")
     if not 1 <= images_per_patient <= 1000:
@@ -634,6 +637,9 @@ def _check_args(n_patients: int, images_per_patient: int, size: int, box_fractio
         raise CxrlocError(f"size={size}: use an image side of 32 to 4096 pixels.")
     if not 0.0 <= box_fraction <= 1.0:
         raise CxrlocError(f"box_fraction={box_fraction}: use a fraction in [0, 1].")
+    return plan_dataset(
+        n_patients=n_patients, images_per_patient=images_per_patient, box_fraction=box_fraction, seed=seed
+    )
 
 
 def generate_synthetic_nih(
@@ -663,11 +669,8 @@ def generate_synthetic_nih(
     Example:
         >>> generate_synthetic_nih("synthetic_nih", n_patients=10, size=128)  # doctest: +SKIP
     """
-    _check_args(n_patients, images_per_patient, size, box_fraction)
+    images = _checked_plan(n_patients, images_per_patient, size, box_fraction, seed)
     out = Path(out_dir)
-    images = plan_dataset(
-        n_patients=n_patients, images_per_patient=images_per_patient, box_fraction=box_fraction, seed=seed
-    )
     first_half = (len(images) + 1) // 2
     folders = [out / IMAGE_FOLDERS[int(i >= first_half)] / "images" for i in range(len(images))]
     _draw(images, [folder / im.image_index for folder, im in zip(folders, images, strict=True)], size, progress)
@@ -742,11 +745,8 @@ def generate_synthetic_coco(
     """
     import json
 
-    _check_args(n_patients, images_per_patient, size, box_fraction)
+    images = _checked_plan(n_patients, images_per_patient, size, box_fraction, seed)
     out = Path(out_dir)
-    images = plan_dataset(
-        n_patients=n_patients, images_per_patient=images_per_patient, box_fraction=box_fraction, seed=seed
-    )
     _draw(images, [out / COCO_IMAGES / im.image_index for im in images], size, progress)
     with atomic_path(out / "labels.csv") as tmp:
         tmp.write_text(labels_table_text(images), encoding="ascii")

@@ -106,9 +106,9 @@ def gt_boxes_by_image(path: str | os.PathLike[str]) -> GtBoxes:
     pixels: dict[str, list[tuple[str, float, float, float, float]]] = {}
     classes: list[str] = list(CLASSES)
     if path.suffix.lower() == ".json":
-        from cxrloc.data.coco import read_coco_boxes
+        from cxrloc.data.coco import read_coco
 
-        classes, rows, frames, parsed = read_coco_boxes(path)
+        classes, _, frames, rows, parsed = read_coco(path)
         seen: dict[BoxKey, int] = {}
         for raw in rows:
             if raw.image_id in frames:

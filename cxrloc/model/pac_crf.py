@@ -47,6 +47,22 @@ def _windows_last(x: torch.Tensor, window: int) -> torch.Tensor:
     return padded.unfold(1, window, 1).unfold(2, window, 1).permute(0, 1, 2, 4, 5, 3)
 
 
+def _window_index(p: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the window entries of :meth:`PacCrf.kernel` sit in the flattened ``(P*P, P*P)`` matrix.
+
+    Returns a ``(P*P * window^2,)`` index (``j * P*P + l`` for offset ``o`` of patch ``j``, clamped
+    into the grid) and a ``(P*P, window^2)`` bool mask, False where ``l`` falls outside the grid.
+    """
+    r = window // 2
+    rows, cols = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    dy, dx = torch.meshgrid(torch.arange(window) - r, torch.arange(window) - r, indexing="ij")
+    ny = rows.reshape(-1, 1) + dy.reshape(1, -1)
+    nx = cols.reshape(-1, 1) + dx.reshape(1, -1)
+    inside = (ny >= 0) & (ny < p) & (nx >= 0) & (nx < p)
+    flat = ny.clamp(0, p - 1) * p + nx.clamp(0, p - 1)
+    return (torch.arange(p * p).reshape(-1, 1) * (p * p) + flat).reshape(-1), inside
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``; no op (and no ONNX ``Cast`` node) when it already is."""
     return x if x.dtype == dtype else x.to(dtype)
@@ -123,7 +139,9 @@ class PacCrf(nn.Module):
         centre = torch.ones(window * window)
         centre[(window * window) // 2] = 0.0
         self.register_buffer("offset_mask", centre, persistent=False)
-        self._index_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        index, inside = _window_index(patch_grid, window)
+        self.register_buffer("window_index", index, persistent=False)
+        self.register_buffer("window_inside", inside, persistent=False)
         self.refine = nn.Sequential(
             nn.Conv2d(num_classes, num_classes, kernel_size=3, padding=1),
             nn.ReLU(),
@@ -149,36 +167,12 @@ class PacCrf(nn.Module):
         """
         b, d, p, _ = feats.shape
         w = self.window
-        index, inside = self._window_index(p, feats.device)
         f = feats.double().reshape(b, d, p * p)
         f = f - f.mean(dim=2, keepdim=True)
         sq = f.square().sum(dim=1)
         d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(f.transpose(1, 2), f)
         g = torch.exp(-0.5 * d2.clamp_min(0.0).float())  # (B, P*P, P*P), symmetric
-        return g.flatten(1).index_select(1, index).view(b, p * p, w * w) * inside
-
-    def _window_index(self, p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where the window entries of :meth:`kernel` sit in the flattened ``(P*P, P*P)`` matrix.
-
-        Returns a ``(P*P * window^2,)`` index (``j * P*P + l`` for offset ``o`` of patch ``j``,
-        clamped into the grid) and a ``(P*P, window^2)`` float mask that is 0 where ``l`` falls
-        outside the grid. Built once per grid size and device.
-        """
-        cached = self._index_cache.get((p, str(device)))
-        if cached is not None:
-            return cached
-        w = self.window
-        r = w // 2
-        rows, cols = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
-        dy, dx = torch.meshgrid(torch.arange(w) - r, torch.arange(w) - r, indexing="ij")
-        ny = rows.reshape(-1, 1) + dy.reshape(1, -1)
-        nx = cols.reshape(-1, 1) + dx.reshape(1, -1)
-        inside = ((ny >= 0) & (ny < p) & (nx >= 0) & (nx < p)).float()
-        flat = ny.clamp(0, p - 1) * p + nx.clamp(0, p - 1)
-        index = (torch.arange(p * p).reshape(-1, 1) * (p * p) + flat).reshape(-1)
-        cached = (index.to(device), inside.to(device))
-        self._index_cache[(p, str(device))] = cached
-        return cached
+        return g.flatten(1).index_select(1, self.window_index).view(b, p * p, w * w) * self.window_inside
 
     def message(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Sum over neighbours l and classes k' of ``G(j,l) W[k,k',offset] q(k',l)``: ``(B, K, P*P)``.

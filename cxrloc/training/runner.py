@@ -12,7 +12,7 @@ from cxrloc.config import Config, apply_overrides, load_config, make_config
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.fit_thresholds import fit_thresholds
 from cxrloc.rundir import FoldDir, parse_fold
-from cxrloc.training.loop import train
+from cxrloc.training.loop import STAGES, train
 from cxrloc.training.runtime import resolve_device
 from cxrloc.utils import CxrlocError, console
 
@@ -131,10 +131,6 @@ def run_training(
     return results
 
 
-ALL_STAGES: tuple[str, ...] = ("unary", "crf", "joint")
-"""The sub-folders of a ``--stage all`` run, in training order."""
-
-
 def _run_all_stages(
     prepared_dir: str | os.PathLike[str],
     out: Path,
@@ -163,7 +159,7 @@ def _run_all_stages(
     for fold in fold_list:
         cfg = _fold_config(out / "unary", fold, resume=resume, preset=preset, extra=extra)
         prev: Path | None = None
-        for stage in ALL_STAGES:
+        for stage in STAGES:  # also the sub-folders of the run, in training order
             stage_epochs = {"unary": cfg.epochs, "crf": cfg.crf_epochs, "joint": cfg.joint_epochs}[stage]
             if stage_epochs == 0 or (stage == "crf" and not cfg.crf):
                 continue
