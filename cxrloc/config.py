@@ -84,6 +84,10 @@ class Config:
     rho_hat_box_fraction: float = 0.0
     """When > 0, the initial rho_hat of each class is this share of its median box size (patches);
     0 keeps the default of 1 patch (see cxrloc.thresholds.Thresholds.initial)."""
+    image_bce: float = 0.0
+    """Weight of a BCE on the image score ``1'z`` of every class without a box in the image (logit
+    ``(1'z - m) / s`` from tau_hat and rho_hat; ``cxrloc.training.losses.image_score_bce_terms``).
+    0: off (the paper's losses only); not in the paper."""
     thresholds_file: str = ""
     """A ``thresholds.json`` to start from (empty: initial values from the training boxes)."""
 
@@ -383,6 +387,8 @@ def validate(cfg: Config) -> None:
         raise CxrlocError(f"Invalid repeat_threshold={cfg.repeat_threshold}: use 0 (off) to 1.")
     if not 0 <= cfg.annotated_per_batch <= cfg.batch_size:
         raise CxrlocError(f"Invalid annotated_per_batch={cfg.annotated_per_batch}: use 0..batch_size.")
+    if cfg.image_bce < 0:
+        raise CxrlocError(f"Invalid image_bce={cfg.image_bce}: use 0 (off) or a positive weight.")
     if cfg.lr <= 0 or not 0 < cfg.lr_decay <= 1 or cfg.weight_decay < 0 or cfg.joint_lr_factor <= 0:
         raise CxrlocError("lr and joint_lr_factor must be > 0, lr_decay in (0, 1], weight_decay >= 0.")
     if cfg.aug_scale < 0 or cfg.aug_scale >= 1 or cfg.aug_translate < 0 or cfg.aug_translate >= 0.5:

@@ -130,6 +130,32 @@ def test_annotated_class_ignores_unannotated_terms() -> None:
     assert loss.item() == pytest.approx(3.0)
 
 
+def test_image_bce_by_hand() -> None:
+    # tau_hat = 2, rho_hat = 6 -> logit (1'z - 4) / 2; K classes, one image.
+    z, labels, ann, mask = _batch(1, 3)
+    z[0, 0, 0, :] = 1.0  # class 0 positive, 1'z = 3 (>= tau_hat: eq. 12 gives 0) -> softplus(0.5)
+    labels[0, 0] = 1
+    z[0, 1, :2, :] = 1.0  # class 1 negative, 1'z = 6 (<= rho_hat: eq. 12 gives 0) -> gamma softplus(1)
+    z[0, 2] = 1.0  # class 2 boxed (a = 1): no image-level term
+    labels[0, 2] = 1
+    ann[0, 2] = True
+    mask[0, 2] = 1.0
+    gamma = torch.full((K,), 0.5)
+    tb = _thresholds(3, tau=0.7, rho=0.05, tau_hat=2.0, rho_hat=6.0)
+    plain = make_config("tiny", ["loss=threshold", "patch_grid=3"])
+    _, t0 = compute_loss(plain, z, z, labels, ann, mask, tb, gamma)
+    assert t0["un_pos"].item() == 0.0 and t0["un_neg"].item() == 0.0  # the dead zone of eq. 12
+    cfg = make_config("tiny", ["loss=threshold", "patch_grid=3", "image_bce=2"])
+    _, t1 = compute_loss(cfg, z, z, labels, ann, mask, tb, gamma)
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    # class 0: softplus(-(3 - 4) / 2); the other 11 negatives (classes 3..13) have 1'z = 0: softplus(-2)
+    assert t1["un_pos"].item() == pytest.approx(2 * softplus(0.5), rel=1e-6)
+    expected_neg = 2 * 0.5 * (softplus(1.0) + 11 * softplus(-2.0))
+    assert t1["un_neg"].item() == pytest.approx(expected_neg, rel=1e-6)
+    with pytest.raises(CxrlocError, match="image_bce"):
+        make_config("tiny", ["image_bce=-1"])
+
+
 # ---------------------------------------------------------------- threshold-sigmoid (eqs. 5 and 8)
 
 

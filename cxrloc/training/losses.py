@@ -142,6 +142,33 @@ def threshold_terms(
     return l_ann, l_pos, l_neg
 
 
+IMAGE_BCE_MIN_SCALE: float = 1.0
+"""Smallest scale ``s_k`` (patches) of the image-score BCE's logit (:func:`image_score_bce_terms`)."""
+
+
+def image_score_bce_terms(
+    z: torch.Tensor, labels: torch.Tensor, thresholds: ThresholdBuffers, gamma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-class BCE on the image score ``1'z`` (``image_bce``; not in the paper).
+
+    The logit of class k is ``(1'z - m_k) / s_k`` with ``m_k = (tau_hat_k + rho_hat_k) / 2`` and
+    ``s_k = max(|rho_hat_k - tau_hat_k| / 2, 1)`` patches: a fixed monotone map of the score the
+    method already decides with, so no parameter is added. Unlike the ReLU terms of eq. 12, which are
+    flat between ``tau_hat`` and ``rho_hat`` (with ``rho_hat >= tau_hat``, as in the ``cpu`` preset,
+    positives and negatives can show the same region at no cost), the log-loss never goes flat on
+    the wrong side: every positive is pushed above every negative.
+
+    Returns:
+        ``(pos, neg)``, each ``(B, K)``: ``y softplus(-l)`` and ``gamma (1 - y) softplus(l)``.
+    """
+    tau_hat, rho_hat = thresholds.tau_hat.float(), thresholds.rho_hat.float()
+    mid = (tau_hat + rho_hat) / 2.0
+    scale = ((rho_hat - tau_hat).abs() / 2.0).clamp(min=IMAGE_BCE_MIN_SCALE)
+    logit = (z.sum(dim=(-2, -1)) - mid) / scale
+    gamma = gamma.to(z.device, torch.float32)
+    return labels * F.softplus(-logit), gamma * (1.0 - labels) * F.softplus(logit)
+
+
 def compute_loss(
     cfg: Config,
     z: torch.Tensor,
@@ -155,7 +182,8 @@ def compute_loss(
     """The training loss selected by ``cfg.loss``.
 
     Args:
-        cfg: uses ``loss``, ``lambda_ann``, ``crf``, ``sigmoid_temperature``, ``li2018_rescale``.
+        cfg: uses ``loss``, ``lambda_ann``, ``crf``, ``sigmoid_temperature``, ``li2018_rescale``,
+            ``image_bce`` (its terms are added to ``un_pos`` and ``un_neg``).
         z: CRF output probabilities ``(B, K, P, P)``.
         unary_logits: base model logits ``(B, K, P, P)``.
         labels: image labels ``(B, K)`` in {0, 1}.
@@ -185,6 +213,10 @@ def compute_loss(
         l_ann, l_pos, l_neg = threshold_terms(z.float(), labels, mask, thresholds, gamma, temp)
     else:
         raise CxrlocError(f"Unknown loss '{cfg.loss}': use threshold, threshold-sigmoid or li2018.")
+    if cfg.image_bce > 0:
+        b_pos, b_neg = image_score_bce_terms(z.float(), labels, thresholds, gamma)
+        l_pos = l_pos + cfg.image_bce * b_pos
+        l_neg = l_neg + cfg.image_bce * b_neg
     ann = (cfg.lambda_ann * a * l_ann).sum(dim=1).mean()
     un_pos = ((1.0 - a) * l_pos).sum(dim=1).mean()
     un_neg = ((1.0 - a) * l_neg).sum(dim=1).mean()
