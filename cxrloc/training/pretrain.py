@@ -268,18 +268,9 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
         for step in range(steps):
             idx = np.sort(order[step * b : (step + 1) * b])
             batch = torch.from_numpy(np.asarray(run.cache.images[idx]))
-            views = torch.cat([make_views(batch, opts.views, g), make_views(batch, opts.views, g)])
-            views = views.to(run.device, non_blocking=True).contiguous(memory_format=memory)
             lr = learning_rate(opts, epoch * steps + step, steps)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(run.device.type, dtype=run.dtype or torch.bfloat16, enabled=run.dtype is not None):
-                z = model(views)
-            loss = nt_xent(z[:b], z[b:], opts.temperature)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
-            loss_sum += loss.detach().double().cpu()
+            loss = train_step(model, run.optimizer, batch, g, opts, lr, run.device, run.dtype, memory)
+            loss_sum += loss.double().cpu()
             if step % 5 == 4 or step == steps - 1:
                 done = (step + 1) * b
                 mean = float(loss_sum) / (step + 1)
@@ -297,6 +288,32 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
         "images_per_s": steps * b / elapsed,
         "time_s": round(elapsed, 3),
     }
+
+
+def train_step(
+    model: SimCLRNet,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    g: torch.Generator,
+    opts: PretrainOptions,
+    lr: float,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    memory: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """One SimCLR step on ``(B, S, S)`` uint8 images: two views each, NT-Xent, AdamW at ``lr``; returns the loss."""
+    b = batch.shape[0]
+    views = torch.cat([make_views(batch, opts.views, g), make_views(batch, opts.views, g)])
+    views = views.to(device, non_blocking=True).contiguous(memory_format=memory)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        z = model(views)
+    loss = nt_xent(z[:b], z[b:], opts.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def _is_terminal() -> bool:
