@@ -211,3 +211,18 @@ def test_unreadable_images_are_skipped_with_a_warning(real_dirs: list[Path], tmp
     assert "Traceback" not in text
     code, text = run_cli("pretrain", real_dirs[0], "--out", tmp_path / "w3.pt", *TINY[:2], "--batch-size", "64")
     assert code == 2 and "only 8 readable images for --batch-size 64" in one_line(text)
+
+
+def test_help_and_bad_options(tmp_path: Path) -> None:
+    code, text = run_cli("pretrain", "--help", env={"COLUMNS": "200"})
+    assert code == 0 and "cxrloc pretrain ~/xrays/hospital_a" in text and "--set init=runs/backbone.pt" in text
+    (tmp_path / "imgs").mkdir()
+    code, text = run_cli("pretrain", tmp_path / "imgs", "--out", tmp_path / "w.pt", "--resume")
+    assert code == 2 and "--resume: " in one_line(text) and "last.pt not found" in one_line(text)
+    code, text = run_cli("pretrain", tmp_path / "imgs", "--out", tmp_path / "w.pt")
+    assert code == 2 and "no image file found" in one_line(text)
+    code, text = run_cli("pretrain", tmp_path / "nowhere", "--out", tmp_path / "w.pt")
+    assert code == 2 and "image folder not found" in one_line(text)
+    code, text = run_cli("pretrain", tmp_path / "imgs", "--out", tmp_path / "w.pt", "--crop", "4")
+    assert code == 2 and "--crop must be between 8 and 4096" in one_line(text)
+    assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w-pretrain").exists()
