@@ -43,7 +43,15 @@ from cxrloc.data.pretrain_images import ImageCache, build_cache, find_pretrain_i
 from cxrloc.model.backbone import create_backbone
 from cxrloc.training.loop import LOADER_SEED_STRIDE
 from cxrloc.training.runtime import deterministic, isolated_rng, resolve_device
-from cxrloc.utils import CxrlocError, atomic_path, check_writable_file, console, progress_bar, write_text_atomic
+from cxrloc.utils import (
+    CxrlocError,
+    atomic_path,
+    check_writable_dir,
+    check_writable_file,
+    console,
+    progress_bar,
+    write_text_atomic,
+)
 
 FORMAT = "cxrloc-pretrain-checkpoint"
 BACKBONE_FIELDS: tuple[str, ...] = ("arch", "width", "antialias", "blur_size", "output_stride", "init", "image_size")
@@ -140,7 +148,11 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else None
 
 
 def build_simclr(cfg: Config, opts: PretrainOptions) -> SimCLRNet:
@@ -198,6 +210,7 @@ def pretrain(
     work = Path(work_dir) if work_dir is not None else default_work_dir(out)
     cfg = make_config(preset, list(overrides))
     check_writable_file(out, "--out")
+    check_writable_dir(work, "--work-dir")
     state = _resume_state(work, cfg, opts, resume)
     paths = find_pretrain_images(roots, max_images, cfg.seed)
     cache = build_cache(paths, Path(cache_dir) if cache_dir is not None else work / "cache", cfg.image_size,
