@@ -12,7 +12,18 @@ import typer
 from rich.markup import escape
 
 from cxrloc import __version__
-from cxrloc.cli import calibrate, demo, ensemble, evaluate, export, fit_thresholds, predict, prepare, train
+from cxrloc.cli import (
+    calibrate,
+    demo,
+    ensemble,
+    evaluate,
+    export,
+    fit_thresholds,
+    predict,
+    prepare,
+    pretrain,
+    train,
+)
 from cxrloc.utils import CxrlocError, console, os_error_message
 
 app = typer.Typer(
@@ -38,7 +49,7 @@ def _root(
 
 
 # The commands, in the order of the pipeline (each module only parses options and calls the library).
-for _module in (prepare, train, ensemble, predict, export, fit_thresholds, calibrate, evaluate, demo):
+for _module in (prepare, pretrain, train, ensemble, predict, export, fit_thresholds, calibrate, evaluate, demo):
     _module.register(app)
 
 
