@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxrloc.classes import CLASSES
-from cxrloc.evaluation.metrics import REGION_THRESHOLD
+from cxrloc.decision import REGION_THRESHOLD, detected_regions
 from cxrloc.utils import atomic_path
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -227,7 +227,7 @@ def percent(p: float) -> str:
 
 def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = REGION_THRESHOLD) -> np.ndarray:
     """Opacity (H, W) in [0, BLOB_ALPHA] of one class's blob: the positive-patch mask, upsampled bilinearly."""
-    mask = Image.fromarray(((zk >= threshold) * 255).astype(np.uint8), mode="L")
+    mask = Image.fromarray((detected_regions(zk, threshold) * 255).astype(np.uint8), mode="L")
     up = mask.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(up, dtype=np.float32) * np.float32(BLOB_ALPHA / 255.0)
 
@@ -309,7 +309,7 @@ def render_overlay(
         else:
             text = f"{classes[k]}  1'z {(scores[k] if scores else float(z[k].sum())):.1f}"
         # Called present without a patch at the region threshold: say why no blob is drawn.
-        return text if bool((np.asarray(z[k]) >= threshold).any()) else f"{text}  (no region)"
+        return text if bool(detected_regions(z[k], threshold).any()) else f"{text}  (no region)"
 
     entries = [(k, label(k)) for k in present]
     if not entries:
