@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.data.boxes import Box
 from cxrloc.decision import detected_regions
 from cxrloc.geometry import region_box_iou_ior
 
@@ -28,11 +29,10 @@ METRICS: tuple[str, ...] = ("iou", "ior")
 _EPS: float = 1e-9
 """Slack in ``value >= T`` so a ratio that equals T exactly is not lost to rounding."""
 
-BoxRow = tuple[int, float, float, float, float]
 
 
 def box_rows(
-    z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], classes: Sequence[str] | None = None
+    z: np.ndarray, boxes: Sequence[Sequence[Box]], classes: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """IoU and IoR of every ground-truth box against the detected region of its class.
 
@@ -114,7 +114,7 @@ def accuracy_from_rows(
 
 
 def localization_table(
-    z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], ts: Sequence[float], classes: Sequence[str] | None = None
+    z: np.ndarray, boxes: Sequence[Sequence[Box]], ts: Sequence[float], classes: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Localization accuracy of predictions ``z`` against ground-truth boxes.
 
