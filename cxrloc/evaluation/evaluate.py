@@ -501,10 +501,8 @@ def evaluate(
     test_data = Prepared.open(data) if data is not None else None
     data_fold = None if test_data is None or fold in (None, "all") else fold_dirs[0].read_run().get("fold")
     if out_dir is None:
-        name = "eval" if split == "test" else "eval_val"
-        if test_data is not None:
-            name = f"eval_on_{_safe_name(test_data.root)}"
-        out = run.path / (name + (f"_tta{tta}" if tta > 1 else ""))
+        data_name = None if test_data is None else _safe_name(test_data.root)
+        out = run.eval_dir(split, data_name=data_name, tta=tta)
     else:
         out = Path(out_dir)
     check_writable_dir(out, "evaluation folder")
