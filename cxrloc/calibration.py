@@ -17,8 +17,9 @@ Fitting (pure numpy, no dependency):
   Platt's (1999) regularised targets ``(N+ + 1) / (N+ + 2)`` for positives and ``1 / (N- + 2)`` for
   negatives, which keep the slope finite on separable data. A slope that comes out <= 0 (the score
   does not rise with the label) is replaced by a constant probability.
-- :func:`operating_cut`: the cut on the feature ``x = log(1 + s)`` between two neighbouring
-  distinct values (their midpoint; any cut inside one gap classifies alike).
+- the operating point: :func:`cxrloc.decision.best_cut` (criterion ``youden`` or ``sensitivity``)
+  on the feature ``x = log(1 + s)``, a cut between two neighbouring distinct values (their
+  midpoint; any cut inside one gap classifies alike) or below every value.
 - :func:`fit_calibration`: per class, the validation images when they hold at least
   ``min_positives`` positives and as many negatives; else validation + training images (the
   network has seen the training images, so their scores are optimistic: recorded as
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrloc.evaluation.metrics import roc_points
+from cxrloc.decision import best_cut, present_at
 from cxrloc.utils import CxrlocError, read_json, write_json_atomic
 
 METHOD: str = "platt"
@@ -143,38 +144,6 @@ def platt_fit(x: np.ndarray, labels: np.ndarray, *, max_iter: int = 100, tol: fl
     return float(a), float(b)
 
 
-def operating_cut(
-    x: np.ndarray, labels: np.ndarray, *, rule: str = "youden", sensitivity: float | None = None
-) -> tuple[float, float, float] | None:
-    """The cut ``c`` on ``x`` of the rule: a class is present when ``x >= c``.
-
-    Candidates are one cut below every value (all present) and the midpoints between consecutive
-    distinct values. ``youden``: the cut maximising ``J = sensitivity + specificity - 1`` (the
-    lowest, i.e. most sensitive, of equal ones), or ``None`` when no cut has ``J > 0``.
-    ``sensitivity``: the highest cut whose sensitivity reaches the target (the most specific one).
-
-    Returns:
-        ``(cut, sensitivity, specificity)`` on these data, or ``None`` (no positive or no negative,
-        or no informative cut).
-    """
-    if rule not in RULES:
-        raise CxrlocError(f"Unknown operating-point rule {rule!r}: use {' or '.join(RULES)}.")
-    points = roc_points(x, labels, below_all=True)
-    if points is None:
-        return None
-    cuts, tpr, tnr = points
-    if rule == "youden":
-        j = tpr + tnr - 1.0
-        i = int(np.flatnonzero(j >= j.max() - 1e-12)[0])
-        if j[i] <= 1e-12:
-            return None
-    else:
-        if sensitivity is None or not 0.0 < sensitivity <= 1.0:
-            raise CxrlocError(f"--sensitivity must be in (0, 1], got {sensitivity}.")
-        i = int(np.flatnonzero(tpr >= sensitivity - 1e-12)[-1])
-    return float(cuts[i]), float(tpr[i]), float(tnr[i])
-
-
 @dataclass
 class ClassCalibration:
     """The probability map and operating point of one class."""
@@ -254,7 +223,7 @@ class Calibration:
 
     def present(self, probabilities: np.ndarray) -> np.ndarray:
         """Boolean decisions ``probability >= threshold`` (same shape as ``probabilities``)."""
-        return np.asarray(probabilities, dtype=np.float64) >= self.thresholds()
+        return present_at(probabilities, self.thresholds())
 
     def describe(self) -> str:
         """The operating point in words, for the command line and the reports."""
@@ -311,11 +280,11 @@ def _class_fit(x: np.ndarray, y: np.ndarray, source: str, rule: str, sensitivity
     if a <= 0.0:
         entry.note = "the score does not rise with the label on these images: constant probability, never present"
         return entry
-    cut = operating_cut(x, y, rule=rule, sensitivity=sensitivity)
+    cut = best_cut(x, y, criterion=rule, below_all=True, target=sensitivity)
     if cut is None:
         entry.note = "no cut beats chance (Youden's J <= 0): never present"
         return entry
-    c, sens, spec = cut
+    c, sens, spec, _ = cut
     entry.threshold = float(sigmoid(a * c + b))
     entry.score_cut = float(max(math.expm1(c), 0.0))
     entry.fit_sensitivity, entry.fit_specificity = sens, spec

@@ -6,16 +6,15 @@ Steps, each with the library function every command uses:
    ``data_format="coco"``, :func:`~cxrloc.data.synthetic.generate_synthetic_coco` -> ``DIR/coco`` (the same
    data as ``images/``, a COCO ``annotations.json`` and a ``labels.csv``), read by the COCO reader;
 2. :func:`cxrloc.data.prepare.prepare` -> ``DIR/prepared`` (cache, manifest, 5 patient-grouped folds);
-3. :func:`cxrloc.training.loop.train`, stage ``unary`` -> ``DIR/run_unary/fold_0``;
-4. and 5. :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` on that fold (the paper's alternation), and
+3. :func:`cxrloc.training.runner.train_stages`, the runner of ``cxrloc train --stage all``: stage ``unary``
+   -> ``DIR/run/unary/fold_0``, then stage ``crf`` from it -> ``DIR/run/crf/fold_0`` (no joint stage); after
+   each stage :func:`cxrloc.evaluation.fit_thresholds.fit_thresholds` (the paper's alternation) and
    :func:`cxrloc.evaluation.calibrate.calibrate_fold` (probabilities, operating points on validation images);
-6. :func:`cxrloc.training.loop.train`, stage ``crf`` from the unary run -> ``DIR/run/fold_0``;
-7. and 8. ``fit_thresholds`` and ``calibrate_fold`` again, on the CRF run;
-9. and 10. :func:`cxrloc.evaluation.evaluate.evaluate` of the CRF run, then of the unary run, on fold 0's test
+4. and 5. :func:`cxrloc.evaluation.evaluate.evaluate` of the CRF run, then of the unary run, on fold 0's test
    images, beside the data-free priors;
-11. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/export/model.onnx`` (checked against torch; it
+6. :func:`cxrloc.inference.export.export_onnx` -> ``DIR/run/crf/export/model.onnx`` (checked against torch; it
    carries the calibration);
-12. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
+7. :func:`cxrloc.inference.predict.predict_files` with the ONNX model on a few test images -> ``DIR/overlays``.
 
 ``DIR/summary.json`` holds the accuracy table (per class and mean over the boxed classes, IoU
 and IoR, for the model, the unary model and the prior, at each T), the classification at the
@@ -26,6 +25,7 @@ See ``docs/demo.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -42,7 +42,7 @@ from rich.table import Table
 
 from cxrloc import __version__
 from cxrloc.config import Config, make_config
-from cxrloc.rundir import FoldDir
+from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.utils import CxrlocError, check_writable_dir, console, write_json_atomic
 
 T = TypeVar("T")
@@ -229,18 +229,20 @@ def run_demo(
     from cxrloc.evaluation.fit_thresholds import fit_thresholds
     from cxrloc.inference.export import export_onnx
     from cxrloc.inference.predict import predict_files
-    from cxrloc.training.loop import train
+    from cxrloc.training.runner import train_stages
 
     settings = demo_settings(size, quick)
     if data_format not in DEMO_FORMATS:
         raise CxrlocError(f"--format {data_format!r}: use {' or '.join(DEMO_FORMATS)}.")
     out = Path(out_dir)
-    unary_run, run = out / "run_unary", out / "run"
+    run_root = RunDir(out / "run")
+    unary_run, run = run_root.stage("unary").path, run_root.stage("crf").path
     check_writable_dir(out, "--out")
     if FoldDir.of(run, 0).path.exists() or FoldDir.of(unary_run, 0).path.exists():
         raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
-    cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed})
-    crf_cfg: Config = make_config("cpu", {**settings.overrides, **settings.crf_overrides, "seed": seed})
+    cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed,
+                                      "crf_epochs": settings.crf_overrides["epochs"], "joint_epochs": 0})
+    crf_cfg: Config = dataclasses.replace(cfg, **settings.crf_overrides)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -248,36 +250,36 @@ def run_demo(
     t_start = time.perf_counter()
     try:
         generate = generate_synthetic_coco if data_format == "coco" else generate_synthetic_nih
-        data = _step(f"1/12 synthetic {data_format.upper()}-format data", timings, lambda: generate(
+        data = _step(f"1/7 synthetic {data_format.upper()}-format data", timings, lambda: generate(
             out / data_format, n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
             size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
         tables: dict[str, Any] = (
             {"data_format": "coco", "boxes": data / "annotations.json", "labels": data / "labels.csv"}
             if data_format == "coco" else {}
         )
-        prepared = _step("2/12 prepare", timings, lambda: prepare(
+        prepared = _step("2/7 prepare", timings, lambda: prepare(
             data, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
             seed=seed, workers=1, progress=progress, **tables))
-        _step("3/12 train (unary stage)", timings, lambda: train(
-            prepared, unary_run, fold=0, cfg=cfg, stage="unary", progress=progress))
-        _step("4/12 fit thresholds (unary)", timings, lambda: fit_thresholds(
-            FoldDir.of(unary_run, 0).path, progress=progress))
-        _step("5/12 calibrate (unary)", timings, lambda: calibrate_fold(FoldDir.of(unary_run, 0), progress=progress))
-        _step("6/12 train (CRF stage)", timings, lambda: train(
-            prepared, run, fold=0, cfg=crf_cfg, stage="crf", init_from=unary_run, progress=progress))
-        _step("7/12 fit thresholds (CRF)", timings, lambda: fit_thresholds(FoldDir.of(run, 0).path, progress=progress))
-        calibration = _step("8/12 calibrate (CRF)", timings, lambda: calibrate_fold(FoldDir.of(run, 0),
-                                                                                      progress=progress))
-        results = _step("9/12 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
-        unary_results = _step("10/12 evaluate (unary model)", timings, lambda: evaluate(
+        fitted: dict[str, Any] = {}
+
+        def fit_and_calibrate(stage: str, fold_dir: FoldDir) -> None:
+            fit_thresholds(fold_dir.path, progress=progress)
+            fitted[stage] = calibrate_fold(fold_dir, progress=progress)
+
+        _step("3/7 train: unary then CRF stage, thresholds fitted and calibrated after each", timings,
+              lambda: train_stages(prepared, run_root.path, 0, cfg, progress=progress,
+                                   stage_overrides={"crf": settings.crf_overrides}, after_stage=fit_and_calibrate))
+        calibration = fitted["crf"]
+        results = _step("4/7 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
+        unary_results = _step("5/7 evaluate (unary model)", timings, lambda: evaluate(
             unary_run, ts=DEMO_TS, progress=progress))
-        report = _step("11/12 export ONNX", timings, lambda: export_onnx(run, run / "export" / "model.onnx"))
+        report = _step("6/7 export ONNX", timings, lambda: export_onnx(run, RunDir(run).export_path))
         picks = _overlay_picks(_test_ids(run), prepared, settings.overlays)
         if data_format == "coco":
             files, gt = [str(data / i) for i in picks], data / "annotations.json"
         else:
             files, gt = [str(next(data.glob(f"images_*/images/{i}"))) for i in picks], data / "BBox_List_2017.csv"
-        overlays = _step("12/12 overlays", timings, lambda: predict_files(
+        overlays = _step("7/7 overlays", timings, lambda: predict_files(
             files, report.path, out_dir=out / "overlays", boxes_csv=gt, progress=progress))
     finally:
         torch.set_num_threads(old_threads)

@@ -12,7 +12,10 @@ Layout written by ``cxrloc train`` (one ``fold_K`` per trained fold)::
         checkpoints/
           last.pt            every epoch (resume)
           best.pt            best validation accuracy
-      eval/                  ``cxrloc evaluate`` of the whole run
+      eval/                  ``cxrloc evaluate`` of the whole run (eval_val/, eval_on_NAME/, *_ttaN/:
+                             :meth:`RunDir.eval_dir`)
+      export/model.onnx      ``cxrloc export`` (:attr:`RunDir.export_path`)
+      unary/ crf/ joint/     ``cxrloc train --stage all``: one run per stage (:meth:`RunDir.stage`)
 
 Every module that needs one of these paths asks :class:`FoldDir` or :class:`RunDir`; no other
 module spells them.
@@ -42,6 +45,9 @@ from cxrloc.utils import CxrlocError, read_json, remove_stale_temporaries, write
 
 CHECKPOINTS: tuple[str, ...] = ("best", "last")
 """The checkpoints a fold folder holds: ``best.pt`` (best validation accuracy) and ``last.pt``."""
+
+EXPORT_NAME: str = "model.onnx"
+"""The file ``cxrloc export`` writes: ``RUN_DIR/export/model.onnx``, or beside a ``.pt`` checkpoint."""
 
 RUN_JSON_KEYS: tuple[str, ...] = ("prepared_dir", "train_ids", "test_ids")
 """Keys every ``run.json`` must have."""
@@ -166,9 +172,30 @@ class RunDir:
     def fold(self, k: int) -> FoldDir:
         return FoldDir.of(self.path, k)
 
+    def fold_dirs(self) -> list[FoldDir]:
+        """Every ``fold_K`` folder of the run (K an integer), by K: the one rule for what a fold is.
+        Callers keep those they need (trained, with a ``run.json``, with a ``config.json``)."""
+        if not self.path.is_dir():
+            return []
+        found = [p for p in self.path.glob("fold_*") if p.is_dir() and _fold_index(p) is not None]
+        return [FoldDir(p) for p in sorted(found, key=lambda p: _fold_index(p) or 0)]
+
+    def stage(self, name: str) -> RunDir:
+        """The run of one stage of ``train --stage all``: ``RUN_DIR/<stage>`` (``unary``, ``crf``, ``joint``)."""
+        return RunDir(self.path / name)
+
+    def eval_dir(self, split: str = "test", *, data_name: str | None = None, tta: int = 1) -> Path:
+        """Where ``cxrloc evaluate`` writes: ``eval/`` (test images), ``eval_val/`` (validation images),
+        ``eval_on_NAME/`` (an external test set NAME), each with ``_ttaN`` for N test-time views."""
+        name = "eval" if split == "test" else "eval_val"
+        if data_name is not None:
+            name = f"eval_on_{data_name}"
+        return self.path / (name + (f"_tta{tta}" if tta > 1 else ""))
+
     @property
-    def eval_dir(self) -> Path:
-        return self.path / "eval"
+    def export_path(self) -> Path:
+        """``cxrloc export``'s default file: ``RUN_DIR/export/model.onnx`` (also for a fold folder)."""
+        return self.path / "export" / EXPORT_NAME
 
     def folds(self, fold: int | str | None = None) -> list[FoldDir]:
         """The trained folds meant by ``fold``: ``None`` or ``"all"`` (every one), or an index.
@@ -181,10 +208,7 @@ class RunDir:
             return [FoldDir(self.path)]
         if not self.path.is_dir():
             raise CxrlocError(f"No run folder at {self.path}.")
-        found = sorted(
-            (FoldDir(p) for p in self.path.glob("fold_*") if (p / "run.json").is_file() and _fold_index(p) is not None),
-            key=lambda d: _fold_index(d.path) or 0,
-        )
+        found = [d for d in self.fold_dirs() if d.run_json.is_file()]
         if not found:
             raise CxrlocError(f"{self.path} holds no fold_*/run.json. Run 'cxrloc train' first.")
         if fold is None or fold == "all":
@@ -224,12 +248,12 @@ def resolve_checkpoint(path: str | os.PathLike[str], fold: int | None = None, wh
         return FoldDir(path).existing_checkpoint(which)
     if fold is not None:
         return resolve_checkpoint(path / f"fold_{fold}", which=which)
-    folds = sorted(p for p in path.glob("fold_*") if FoldDir(p).is_trained())
+    folds = [d for d in RunDir(path).fold_dirs() if d.is_trained()]
     if len(folds) == 1:
-        return FoldDir(folds[0]).existing_checkpoint(which)
+        return folds[0].existing_checkpoint(which)
     if not folds:
         raise CxrlocError(f"{path} holds no trained fold (no fold_*/checkpoints). Run 'cxrloc train' first.")
-    names = ", ".join(p.name for p in folds)
+    names = ", ".join(d.name for d in folds)
     raise CxrlocError(f"{path} holds several folds ({names}); pick one with --fold N.")
 
 

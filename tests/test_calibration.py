@@ -12,11 +12,19 @@ from cxrloc.calibration import (
     ClassCalibration,
     feature,
     fit_calibration,
-    operating_cut,
     platt_fit,
     platt_targets,
 )
+from cxrloc.decision import best_cut
 from cxrloc.utils import CxrlocError
+
+
+def _operating_cut(
+    x: np.ndarray, y: np.ndarray, criterion: str = "youden", **kwargs: object
+) -> tuple[float, float, float] | None:
+    """The operating-point search of ``cxrloc calibrate``: one cut below every value is a candidate."""
+    cut = best_cut(x, y, criterion=criterion, below_all=True, **kwargs)  # type: ignore[arg-type]
+    return None if cut is None else (cut.cut, cut.sensitivity, cut.specificity)
 
 
 def _sigmoid(v: float) -> float:
@@ -82,15 +90,15 @@ def test_platt_separable_is_finite_and_anticorrelated_is_constant() -> None:
 def test_youden_cut_on_a_small_table_by_hand() -> None:
     # x 1..6, labels 0 1 0 1 1 1. Cuts and (TPR, TNR): 1.5 (1, 1/2) J = .5; 2.5 (3/4, 1/2) J = .25;
     # 3.5 (3/4, 1) J = .75; 4.5 (1/2, 1) J = .5; 5.5 (1/4, 1) J = .25. Best: 3.5.
-    cut, sens, spec = operating_cut(np.arange(1.0, 7.0), np.array([0, 1, 0, 1, 1, 1]))
+    cut, sens, spec = _operating_cut(np.arange(1.0, 7.0), np.array([0, 1, 0, 1, 1, 1]))
     assert (cut, sens, spec) == (3.5, 0.75, 1.0)
     # Ties: positives {3, 5, 6}, negatives {1, 2, 4}: 2.5 (1, 2/3) and 4.5 (2/3, 1) both J = 2/3;
     # the lower (more sensitive) cut wins.
-    cut, sens, spec = operating_cut(np.array([3, 5, 6, 1, 2, 4.0]), np.array([1, 1, 1, 0, 0, 0]))
+    cut, sens, spec = _operating_cut(np.array([3, 5, 6, 1, 2, 4.0]), np.array([1, 1, 1, 0, 0, 0]))
     assert cut == 2.5 and sens == 1.0 and spec == pytest.approx(2 / 3)
     # Nothing beats chance: no operating point.
-    assert operating_cut(np.array([1.0, 2.0]), np.array([1, 0])) is None
-    assert operating_cut(np.array([1.0, 2.0]), np.array([1, 1])) is None
+    assert _operating_cut(np.array([1.0, 2.0]), np.array([1, 0])) is None
+    assert _operating_cut(np.array([1.0, 2.0]), np.array([1, 1])) is None
 
 
 def test_sensitivity_cut_by_hand() -> None:
@@ -98,17 +106,17 @@ def test_sensitivity_cut_by_hand() -> None:
     x = np.array([3, 5, 6, 7, 1, 2, 4, 8.0])
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     # >= 3 of 4 positives: the highest such cut is 4.5 (5, 6, 7 above; negatives 1, 2, 4 below).
-    assert operating_cut(x, y, rule="sensitivity", sensitivity=0.75) == (4.5, 0.75, 0.75)
+    assert _operating_cut(x, y, criterion="sensitivity", target=0.75) == (4.5, 0.75, 0.75)
     # All positives: 2.5 (3 above; negatives 1, 2 below).
-    assert operating_cut(x, y, rule="sensitivity", sensitivity=1.0) == (2.5, 1.0, 0.5)
+    assert _operating_cut(x, y, criterion="sensitivity", target=1.0) == (2.5, 1.0, 0.5)
     # Half: 5.5 keeps 6 and 7 (6.5 would keep one).
-    assert operating_cut(x, y, rule="sensitivity", sensitivity=0.5) == (5.5, 0.5, 0.75)
+    assert _operating_cut(x, y, criterion="sensitivity", target=0.5) == (5.5, 0.5, 0.75)
     # The lowest score is a positive and the target is 1: everything is present.
-    cut, sens, spec = operating_cut(np.array([0.0, 1.0, 2.0]), np.array([1, 0, 1]), rule="sensitivity",
-                                    sensitivity=1.0)
+    cut, sens, spec = _operating_cut(np.array([0.0, 1.0, 2.0]), np.array([1, 0, 1]), criterion="sensitivity",
+                                    target=1.0)
     assert cut < 0.0 and (sens, spec) == (1.0, 0.0)
     with pytest.raises(CxrlocError, match="sensitivity"):
-        operating_cut(x, y, rule="sensitivity", sensitivity=0.0)
+        _operating_cut(x, y, criterion="sensitivity", target=0.0)
 
 
 def test_separable_validation_gives_the_expected_cut() -> None:

@@ -269,3 +269,42 @@ def test_to_network_range_is_the_cache_convention() -> None:
     want = torch.from_numpy(u8.astype(np.float32)) / 127.5 - 1.0  # the conversion it replaced
     assert np.array_equal(x, want.numpy())
     assert np.allclose(x, u8.astype(np.float64) / 127.5 - 1.0, atol=1e-7)
+
+
+def _bilinear_2x(a: np.ndarray) -> np.ndarray:
+    """Bilinear upsampling by 2 with half-pixel centres, worked by hand: output pixel 2i (2i + 1) is
+    3/4 of input pixel i and 1/4 of pixel i - 1 (i + 1), edges repeated; rows, then columns."""
+
+    def along(v: np.ndarray, axis: int) -> np.ndarray:
+        v = np.moveaxis(v, axis, 0)
+        before = np.concatenate([v[:1], v[:-1]])
+        after = np.concatenate([v[1:], v[-1:]])
+        out = np.empty((2 * v.shape[0], *v.shape[1:]))
+        out[0::2], out[1::2] = 0.75 * v + 0.25 * before, 0.75 * v + 0.25 * after
+        return np.moveaxis(out, 0, axis)
+
+    return along(along(a, 0), 1)
+
+
+def test_training_and_inference_see_the_same_pixels_from_a_smaller_cache(prepared: Prepared) -> None:
+    """A 64 px cache with image_size=128: the training set and batched inference (evaluation,
+    fit-thresholds, calibrate) upsample the same way, so a real network gives the same z."""
+    from cxrloc.inference.batch import predict_prepared
+    from cxrloc.model.net import build_model
+
+    assert prepared.size == 64
+    cfg = make_config("tiny", ["augment=false", "image_size=128"])
+    ids = prepared.fold(0)["train_annotated"][:3]
+    ds = LocalizationDataset(prepared, ids, cfg)
+    x_train = torch.stack([ds[i]["image"] for i in range(len(ids))])
+    assert x_train.shape == (3, 1, 128, 128)
+    for i, image_id in enumerate(ids):
+        want = _bilinear_2x(prepared.image(image_id).astype(np.float64) / 127.5 - 1)
+        np.testing.assert_allclose(x_train[i, 0].numpy(), want, atol=1e-5)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model(x_train)
+    z_train = (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+    z_infer = predict_prepared(model, prepared, ids, image_size=128, progress=False)
+    np.testing.assert_allclose(z_infer, z_train, atol=1e-6)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cxrloc.classes import NUM_CLASSES
-from cxrloc.evaluation.fit_thresholds import best_cut, box_fractions, fit_thresholds_from_predictions
+from cxrloc.decision import best_cut
+from cxrloc.evaluation.fit_thresholds import box_fractions, fit_thresholds_from_predictions
 from cxrloc.thresholds import RHO_BOUNDS, TAU_BOUNDS, TAU_HAT_MIN, Thresholds
 
 P = 8
@@ -19,7 +20,7 @@ def test_best_cut_in_the_known_gap() -> None:
     pos = rng.uniform(8, 12, size=30)
     neg = rng.uniform(0, 4, size=50)
     pos[0], neg[0] = 8.0, 4.0  # the gap is exactly (4, 8]
-    cut, bal = best_cut(np.r_[pos, neg], np.r_[np.ones(30), np.zeros(50)])
+    cut, _, _, bal = best_cut(np.r_[pos, neg], np.r_[np.ones(30), np.zeros(50)])
     assert 4.0 < cut <= 8.0
     assert bal == pytest.approx(1.0)
 
@@ -27,7 +28,7 @@ def test_best_cut_in_the_known_gap() -> None:
 def test_best_cut_with_overlap_by_hand() -> None:
     # pos {3, 5, 6}, neg {1, 2, 4}. Cut 4.5: TPR 2/3, TNR 1 -> 5/6; cut 2.5: TPR 1, TNR 2/3 -> 5/6;
     # cut 3.5: TPR 2/3, TNR 2/3. The first best (2.5) wins.
-    cut, bal = best_cut(np.array([3, 5, 6, 1, 2, 4.0]), np.array([1, 1, 1, 0, 0, 0]))
+    cut, _, _, bal = best_cut(np.array([3, 5, 6, 1, 2, 4.0]), np.array([1, 1, 1, 0, 0, 0]))
     assert cut == pytest.approx(2.5)
     assert bal == pytest.approx(5 / 6)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from cxrloc.classes import NUM_CLASSES
+from cxrloc.decision import image_scores
 from cxrloc.evaluation.metrics import (
     auroc,
     auroc_per_class,
     box_rows,
-    image_scores,
     localization_table,
     mean_localization_accuracy,
 )

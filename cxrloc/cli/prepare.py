@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from cxrloc.data.formats import format_help
 from cxrloc.utils import console, read_json
 
 EXAMPLE = """
@@ -47,8 +48,7 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "--out", "-o", help="PREPARED_DIR to write (resumed if present)."),
         data_format: str = typer.Option(
-            "nih", "--format", help="nih (Data_Entry + BBox_List CSVs), table (--labels + --boxes tables) or coco "
-            "(--boxes COCO.json, optional --labels)."
+            "nih", "--format", help=format_help()
         ),
         data_entry: Path | None = typer.Option(
             None, "--data-entry", help="nih: Data_Entry_2017.csv (or _v2020, .gz) if not in DATA_DIR."

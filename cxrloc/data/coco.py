@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from cxrloc.classes import check_class_names
-from cxrloc.data.nih import BoxList, validate_image_path
-from cxrloc.data.source import Columns, RawBox, Source, file_input, make_entries
+from cxrloc.data.boxes import BoxList, RawBox
+from cxrloc.data.nih import validate_image_path
+from cxrloc.data.source import Columns, Source, file_input, make_entries
+from cxrloc.data.table import read_labels_table
 from cxrloc.utils import CxrlocError
 
 
@@ -147,8 +149,6 @@ def read_coco(path: Path) -> tuple[list[str], list[str], dict[str, tuple[float, 
 
 def coco_source(annotations: Path, labels: Path | None, columns: Columns) -> Source:
     """A COCO file (and an optional labels table) as a :class:`~cxrloc.data.source.Source`."""
-    from cxrloc.data.table import read_labels_table
-
     classes, names, frames, rows, parsed = read_coco(annotations)
     ids, patients, image_labels = list(names), [None] * len(names), [[] for _ in names]
     inputs: dict[str, Any] = {"labels": None, "boxes": file_input(annotations, parsed.rows)}

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from cxrloc.config import Config
-from cxrloc.data.prepared import Prepared, to_network_range
+from cxrloc.data.boxes import Box
+from cxrloc.data.network_input import cache_to_input
+from cxrloc.data.prepared import Prepared
 from cxrloc.geometry import union_patch_mask
 from cxrloc.utils import CxrlocError
-
-BoxRow = tuple[int, float, float, float, float]
 
 MIN_BOX_SIDE: float = 1e-3
 """A box whose clipped side is shorter than this (fraction of the image) after augmentation is dropped."""
@@ -106,9 +106,9 @@ def draw_affine(rng: np.random.Generator, cfg: Config) -> AffineParams:
     return AffineParams(scale=scale, shift_x=sx, shift_y=sy, flip=flip)
 
 
-def transform_boxes(boxes: Sequence[BoxRow], params: AffineParams) -> list[BoxRow]:
+def transform_boxes(boxes: Sequence[Box], params: AffineParams) -> list[Box]:
     """Move boxes with :class:`AffineParams`, clip them to the image, drop those that leave it."""
-    out: list[BoxRow] = []
+    out: list[Box] = []
     for k, x0, y0, x1, y1 in boxes:
         if params.flip:
             x0, x1 = 1.0 - x1, 1.0 - x0
@@ -151,7 +151,7 @@ def warp_image(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
 
 
 def targets_from_boxes(
-    boxes: Sequence[BoxRow], labels: np.ndarray, patch_grid: int
+    boxes: Sequence[Box], labels: np.ndarray, patch_grid: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels ``y``, annotation flags ``a`` and box masks ``b`` of one image.
 
@@ -214,7 +214,7 @@ class LocalizationDataset(Dataset):
             if self.image_ids
             else np.zeros((0, len(prepared.classes)))
         )
-        self.boxes: list[list[BoxRow]] = [prepared.boxes(i) for i in self.image_ids]
+        self.boxes: list[list[Box]] = [prepared.boxes(i) for i in self.image_ids]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -229,12 +229,7 @@ class LocalizationDataset(Dataset):
 
     def _image(self, index: int) -> torch.Tensor:
         """The network input ``(1, S, S)`` of item ``index`` before augmentation."""
-        u8 = np.asarray(self.prepared.images[self.cache_index[index]])
-        x = torch.from_numpy(to_network_range(u8)).unsqueeze(0)
-        if x.shape[-1] != self.image_size:
-            mode = "area" if x.shape[-1] > self.image_size else "bilinear"
-            x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode=mode)[0]
-        return x.contiguous()
+        return cache_to_input(self.prepared.images[self.cache_index[index]], self.image_size)[0].contiguous()
 
     def params(self, index: int, epoch: int) -> AffineParams | None:
         """The augmentation of item ``index`` in ``epoch`` (``None`` without augmentation)."""
@@ -242,7 +237,7 @@ class LocalizationDataset(Dataset):
             return None
         return draw_affine(np.random.default_rng([self.seed, epoch, index, _SALT_AUG]), self.cfg)
 
-    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[BoxRow]]:
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, list[Box]]:
         """The augmented network input ``(1, S, S)`` and boxes of item ``index`` in ``epoch`` (one image;
         training items carry the warp instead, see :meth:`__getitem__`)."""
         params = self.params(index, epoch)
@@ -268,7 +263,7 @@ class LocalizationDataset(Dataset):
         return item
 
 
-def repeat_factors(boxes: Sequence[Sequence[BoxRow]], threshold: float) -> np.ndarray:
+def repeat_factors(boxes: Sequence[Sequence[Box]], threshold: float) -> np.ndarray:
     """Repeat factors of repeat-factor sampling (Gupta et al., LVIS, CVPR 2019), per item.
 
     ``f_c`` is the share of the annotated items with a box of class ``c``; an item's factor is

@@ -42,9 +42,11 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
+from cxrloc.data.boxes import Box, BoxList
+from cxrloc.data.formats import SourceOptions, open_source
 from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
-from cxrloc.data.nih import Box, BoxList
 from cxrloc.data.prepared import CACHE_VERSION, CLASSES_FILE, ClassList, manifest_columns
+from cxrloc.data.source import Columns
 from cxrloc.data.splits import (
     SPLIT_KEYS,
     check_splits,
@@ -501,8 +503,6 @@ def prepare(
             or an output that cannot be written (checked before decoding, with the cache's size).
         StrictError: ``strict`` and an input would be dropped or changed.
     """
-    from cxrloc.data.source import Columns, open_source
-
     data_dir, out = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir():
         raise CxrlocError(f"{data_dir}: {'NIH' if data_format == 'nih' else 'images'} folder not found")
@@ -522,8 +522,9 @@ def prepare(
         raise CxrlocError(f"--folds must be at least 2, got {folds}")
     column_names = Columns.parse(columns)
     check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
-    source = open_source(data_format, data_dir, data_entry=data_entry, bbox_list=bbox_list, labels=labels,
-                         boxes=boxes, columns=column_names, classes=classes)
+    source = open_source(data_format, data_dir, SourceOptions(data_entry=data_entry, bbox_list=bbox_list,
+                                                              labels=labels, boxes=boxes, columns=column_names,
+                                                              classes=classes))
     command = _command(data_dir, data_format, data_entry, bbox_list, labels, boxes, column_names, classes, images,
                        folds, unannotated_fraction, seed)
 

@@ -30,16 +30,14 @@ import numpy as np
 import pandas as pd
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES, check_class_names
-from cxrloc.data.nih import Box
+from cxrloc.data.boxes import Box
+from cxrloc.data.formats import FORMATS
 from cxrloc.utils import CxrlocError, read_json
 
 CACHE_VERSION = 1
 
 CLASSES_FILE = "classes.json"
 """The class list of a prepared folder (written by ``prepare``; NIH's when absent)."""
-
-FORMATS: tuple[str, ...] = ("nih", "table", "coco")
-"""The datasets ``prepare`` reads: NIH ChestX-ray14's CSVs, a plain labels + boxes table, COCO JSON."""
 
 
 def manifest_columns(classes: Sequence[str] = CLASSES) -> tuple[str, ...]:

@@ -11,12 +11,12 @@ A :class:`Source` is the common form of the three formats ``prepare`` reads (``-
 
 Box coordinates are only normalised once the images are found (:meth:`Source.box_list`): a plain
 table's boxes need each image file's size, read from its header. Every box row goes through the
-one rule of :func:`cxrloc.data.nih.add_box`, so every format reports bad rows the same way.
+one rule of :func:`cxrloc.data.boxes.add_box`, so every format reports bad rows the same way. Which
+reader reads which format: :mod:`cxrloc.data.formats`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from cxrloc.classes import NO_FINDING
+from cxrloc.data.boxes import BoxKey, BoxList, RawBox, add_box
 from cxrloc.data.imageio import ImageReadError, image_size
-from cxrloc.data.nih import NIH_SIDE, BoxKey, BoxList, add_box
 from cxrloc.utils import CxrlocError, sha256_file
 
 COLUMN_KEYS: dict[str, str] = {
@@ -75,19 +75,6 @@ class Columns:
     def options(self) -> list[str]:
         """The ``--column`` options that give these names (for the recorded command)."""
         return [f"--column={k}={v}" for k, v in self.names]
-
-
-@dataclass
-class RawBox:
-    """One box row of a table or COCO file, checked field by field but not yet normalised."""
-
-    line: int
-    where: str
-    image_id: str
-    label: str
-    k: int
-    """Class index (-1 until the class list is known)."""
-    xywh: tuple[float, float, float, float]
 
 
 @dataclass
@@ -198,83 +185,3 @@ def make_entries(
 def file_input(path: Path, rows: int) -> dict[str, Any]:
     """A table's entry in ``fingerprint.json``: its name, hash and number of rows."""
     return {"name": path.name, "sha256": sha256_file(path), "rows": rows}
-
-
-def open_source(
-    data_format: str,
-    data_dir: Path,
-    *,
-    data_entry: str | os.PathLike[str] | None = None,
-    bbox_list: str | os.PathLike[str] | None = None,
-    labels: str | os.PathLike[str] | None = None,
-    boxes: str | os.PathLike[str] | None = None,
-    columns: Columns = Columns(),
-    classes: Sequence[str] | None = None,
-) -> Source:
-    """Read a dataset's tables in ``data_format`` (``nih``, ``table`` or ``coco``).
-
-    Raises:
-        CxrlocError: an option that does not belong to the format, a missing or malformed table.
-    """
-    from cxrloc.data.prepared import FORMATS
-
-    if data_format not in FORMATS:
-        raise CxrlocError(f"--format {data_format!r}: use {', '.join(FORMATS)}")
-    if data_format == "nih":
-        for option, value in (("--labels", labels), ("--boxes", boxes), ("--classes", classes)):
-            if value:
-                raise CxrlocError(f"{option} is for --format table or coco; NIH's tables are --data-entry and "
-                                  "--bbox-list, and its classes are fixed")
-        if columns.names:
-            raise CxrlocError("--column is for --format table or coco (NIH's columns are known)")
-        return nih_source(data_dir, data_entry, bbox_list)
-    if data_entry or bbox_list:
-        raise CxrlocError(f"--data-entry and --bbox-list are NIH's tables; --format {data_format} reads --labels "
-                          "and --boxes")
-    if data_format == "table":
-        from cxrloc.data.table import table_source
-
-        if labels is None or boxes is None:
-            raise CxrlocError("--format table needs --labels TABLE (one row per image) and --boxes TABLE (one row "
-                              "per box)")
-        return table_source(Path(labels), Path(boxes), columns, classes)
-    from cxrloc.data.coco import coco_source
-
-    if boxes is None:
-        raise CxrlocError("--format coco needs --boxes ANNOTATIONS.json (the COCO file)")
-    if classes:
-        raise CxrlocError("--classes: a COCO file's classes are its categories")
-    return coco_source(Path(boxes), Path(labels) if labels is not None else None, columns)
-
-
-def nih_source(
-    nih_dir: Path, data_entry: str | os.PathLike[str] | None, bbox_list: str | os.PathLike[str] | None
-) -> Source:
-    """NIH ChestX-ray14's two CSVs (looked up in ``nih_dir`` unless given)."""
-    from cxrloc.classes import BOXED_CLASSES, CLASSES
-    from cxrloc.data.nih import (
-        BBOX_LIST_NAMES,
-        DATA_ENTRY_NAMES,
-        find_table,
-        read_bbox_list,
-        read_data_entry,
-    )
-
-    entry_path = Path(data_entry) if data_entry else find_table(nih_dir, DATA_ENTRY_NAMES)
-    if entry_path is None:
-        raise CxrlocError(f"{nih_dir}: no {DATA_ENTRY_NAMES[0]} (or _v2020 / .gz) found; pass --data-entry PATH")
-    box_path = Path(bbox_list) if bbox_list else find_table(nih_dir, BBOX_LIST_NAMES)
-    if box_path is None:
-        raise CxrlocError(f"{nih_dir}: no {BBOX_LIST_NAMES[0]} found; pass --bbox-list PATH")
-    entries = read_data_entry(entry_path)
-    box_list = read_bbox_list(box_path, side=NIH_SIDE)
-    return Source(
-        data_format="nih",
-        classes=list(CLASSES),
-        entries=entries,
-        entry_name=entry_path.name,
-        box_name=box_path.name,
-        inputs={"data_entry": file_input(entry_path, len(entries)), "bbox_list": file_input(box_path, box_list.rows)},
-        fixed_boxed=BOXED_CLASSES,
-        nih_boxes=box_list,
-    )

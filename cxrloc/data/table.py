@@ -36,9 +36,13 @@ from pathlib import Path
 import pandas as pd
 
 from cxrloc.classes import check_class_names
-from cxrloc.data.nih import BoxList, open_text, validate_image_path
-from cxrloc.data.source import Columns, RawBox, Source, file_input, make_entries, split_labels
+from cxrloc.data.boxes import BoxList, RawBox
+from cxrloc.data.nih import open_text, validate_image_path
+from cxrloc.data.source import Columns, Source, file_input, make_entries, split_labels
 from cxrloc.utils import CxrlocError
+
+BOX_TABLE_COLUMNS: tuple[str, ...] = ("image", "label", "x", "y", "w", "h")
+"""The keys (and default names) of a boxes table's columns: what ``predict --boxes`` reads too."""
 
 
 @dataclass
@@ -136,7 +140,7 @@ def read_box_table(path: Path, columns: Columns) -> tuple[list[RawBox], BoxList]
     """
     if not path.is_file():
         raise CxrlocError(f"{path}: boxes table not found")
-    keys = ("image", "label", "x", "y", "w", "h")
+    keys = BOX_TABLE_COLUMNS
     rows: list[RawBox] = []
     result = BoxList()
     try:

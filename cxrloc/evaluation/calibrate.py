@@ -18,7 +18,7 @@ import numpy as np
 
 from cxrloc.calibration import MIN_POSITIVES, Calibration, fit_calibration
 from cxrloc.checkpoint import model_fingerprint
-from cxrloc.evaluation.metrics import image_scores
+from cxrloc.decision import image_scores
 from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.utils import CxrlocError, console
 

@@ -30,18 +30,20 @@ from typing import Any
 
 import numpy as np
 
+from cxrloc.calibration import Calibration
 from cxrloc.classes import BOXED_CLASSES, NUM_CLASSES, is_nih
 from cxrloc.data.prepared import Prepared
+from cxrloc.decision import image_scores, operating_point, presence
 from cxrloc.evaluation.metrics import (
     METRICS,
     auroc_per_class,
-    image_scores,
     localization_table,
     sensitivity_specificity,
 )
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
 from cxrloc.evaluation.report import METHODS, PAPER_T, PAPER_TABLE1, nan_to_none, write_reports
 from cxrloc.rundir import FoldDir, RunDir
+from cxrloc.thresholds import Thresholds
 from cxrloc.utils import CxrlocError, check_writable_dir
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
@@ -71,28 +73,20 @@ def _boxed_mean(acc: np.ndarray, count: np.ndarray, boxed: Sequence[int]) -> np.
 def decisions(meta: dict[str, Any], scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
     """Probabilities, "present" decisions and the operating point of a model on image scores ``(N, K)``.
 
-    With ``meta["calibration"]`` (``load_model``'s): calibrated probabilities and
-    ``probability >= threshold``; without: no probabilities and ``1'z >= tau_hat``.
+    The rule is :func:`cxrloc.decision.presence`: with ``meta["calibration"]`` (``load_model``'s),
+    calibrated probabilities and ``probability >= threshold``; without, ``1'z >= tau_hat``.
 
     Returns:
         ``(probabilities (N, K) or None, present (N, K) bool, operating point dict)``.
     """
-    from cxrloc.calibration import Calibration
-    from cxrloc.thresholds import Thresholds
-
     if meta.get("calibration"):
         cal = Calibration.from_json(meta["calibration"], "the model's calibration")
-        probs = cal.probabilities(scores)
-        return probs, cal.present(probs), {
-            "rule": cal.rule, "target_sensitivity": cal.target_sensitivity, "calibrated": True,
-            "description": cal.describe(), "source": meta.get("calibration_source", ""),
-        }
+        probs, present = presence(scores, calibration=cal, tau_hat=None)
+        return probs, present, operating_point(cal, source=meta.get("calibration_source", ""))
     tau_hat = Thresholds.from_json(meta["thresholds"], classes=meta.get("classes")).tau_hat
     note = meta.get("calibration_note") or "no calibration.json: run 'cxrloc calibrate RUN_DIR'"
-    return None, scores >= tau_hat, {
-        "rule": "tau_hat", "target_sensitivity": None, "calibrated": False,
-        "description": "1'z >= tau_hat (uncalibrated)", "note": note,
-    }
+    _, present = presence(scores, calibration=None, tau_hat=tau_hat)
+    return None, present, operating_point(None, note=note)
 
 
 def classification(
@@ -238,7 +232,7 @@ def evaluate_fold(
     prior_t = per_t_prior_accuracy(train_boxes, z.shape[-1], boxes, ts, num_classes=len(run_classes))
 
     scores = image_scores(z)
-    probs, present, operating_point = decisions(tf.meta, scores)
+    probs, present, op = decisions(tf.meta, scores)
     rows = []
     for row, prow in zip(table["rows"], prior_table["rows"], strict=True):
         row = dict(row)
@@ -285,7 +279,7 @@ def evaluate_fold(
         "prior_info": prior.to_json(run_classes),
         "prior_t_q": prior_t["q"],
         "classification": cls,
-        "operating_point": operating_point,
+        "operating_point": op,
         "class_rows": class_rows,
     }
 
@@ -507,10 +501,8 @@ def evaluate(
     test_data = Prepared.open(data) if data is not None else None
     data_fold = None if test_data is None or fold in (None, "all") else fold_dirs[0].read_run().get("fold")
     if out_dir is None:
-        name = "eval" if split == "test" else "eval_val"
-        if test_data is not None:
-            name = f"eval_on_{_safe_name(test_data.root)}"
-        out = run.path / (name + (f"_tta{tta}" if tta > 1 else ""))
+        data_name = None if test_data is None else _safe_name(test_data.root)
+        out = run.eval_dir(split, data_name=data_name, tta=tta)
     else:
         out = Path(out_dir)
     check_writable_dir(out, "evaluation folder")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from cxrloc.classes import NUM_CLASSES
-from cxrloc.evaluation.metrics import roc_points
+from cxrloc.decision import best_cut, image_scores
 from cxrloc.geometry import union_patch_mask
 from cxrloc.rundir import RunDir
 from cxrloc.thresholds import Thresholds
@@ -53,28 +53,6 @@ CRITERION: str = (
     "(annotated training images); tau_hat = cut on 1'z maximising balanced accuracy on training images; "
     "rho_hat = {rf:g} * tau_hat; all clipped to Thresholds bounds"
 )
-
-
-def best_cut(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float] | None:
-    """Threshold ``c`` maximising balanced accuracy of ``scores >= c`` against ``labels``.
-
-    Candidates are the midpoints between consecutive distinct scores (any cut inside the
-    same gap classifies identically). The first best candidate wins.
-
-    Returns:
-        ``(cut, balanced_accuracy)``, or ``None`` without both classes or when no cut
-        beats chance (balanced accuracy <= 0.5).
-    """
-    points = roc_points(scores, labels)
-    if points is None:
-        return None
-    cuts, tpr, tnr = points
-    balanced = (tpr + tnr) / 2.0
-    # First of the best, with a rounding slack so that equal fractions tie exactly.
-    i = int(np.flatnonzero(balanced >= balanced.max() - 1e-12)[0])
-    if balanced[i] <= 0.5:
-        return None
-    return float(cuts[i]), float(balanced[i])
 
 
 def box_fractions(z_k: np.ndarray, boxes: Sequence[Sequence[float]]) -> tuple[float, float | None]:
@@ -104,7 +82,7 @@ class ThresholdStats:
     def add(self, z: np.ndarray, labels: np.ndarray, boxes: Sequence[Sequence[Sequence[float]]]) -> None:
         """Add a batch: ``z`` (B, K, P, P), ``labels`` (B, K), per-image box lists ``(k, x0, y0, x1, y1)``."""
         z = np.asarray(z, dtype=np.float64)
-        self.scores.append(z.reshape(z.shape[0], z.shape[1], -1).sum(axis=-1))
+        self.scores.append(image_scores(z))
         self.labels.append(np.asarray(labels, dtype=np.float64).reshape(z.shape[0], -1))
         for i, image_boxes in enumerate(boxes):
             per_class: dict[int, list[tuple[float, ...]]] = {}
@@ -160,12 +138,12 @@ def thresholds_from_stats(
             entry["tau_from"] = "kept (no annotated training image)"
         if stats.outside.get(k):
             rho[k] = float(np.quantile(stats.outside[k], rho_quantile))
-        cut = best_cut(scores[:, k], labels[:, k] > 0.5)
+        cut = best_cut(scores[:, k], labels[:, k] > 0.5, criterion="balanced_accuracy")
         if cut is not None:
-            tau_hat[k] = cut[0]
-            rho_hat[k] = rho_hat_fraction * cut[0]
+            tau_hat[k] = cut.cut
+            rho_hat[k] = rho_hat_fraction * cut.cut
             entry["tau_hat_from"] = "fitted"
-            entry["train_balanced_accuracy"] = cut[1]
+            entry["train_balanced_accuracy"] = cut.value
         else:
             entry["tau_hat_from"] = "kept (no positive/negative pair or no separating cut)"
         per_class[name] = entry

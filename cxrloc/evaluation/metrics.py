@@ -2,7 +2,8 @@
 
 Protocol (``docs/evaluation.md``; the paper's protocol as restated in its METHOD.md):
 
-- the detected region of class k is the union of the patches with ``z[k] >= 0.5``;
+- the detected region of class k is the union of the patches with ``z[k] >= 0.5``
+  (:func:`cxrloc.decision.detected_regions`);
 - for every ground-truth box of class k, IoU and IoR of that region and the box are
   computed with exact rectangle geometry in normalised image coordinates
   (:func:`cxrloc.geometry.region_box_iou_ior`); IoR is 0 for an empty region;
@@ -19,32 +20,19 @@ from typing import Any
 import numpy as np
 
 from cxrloc.classes import CLASSES, NUM_CLASSES
+from cxrloc.data.boxes import Box
+from cxrloc.decision import detected_regions
 from cxrloc.geometry import region_box_iou_ior
-
-REGION_THRESHOLD: float = 0.5
-"""A patch is part of the detected region when ``z >= REGION_THRESHOLD``."""
 
 METRICS: tuple[str, ...] = ("iou", "ior")
 
 _EPS: float = 1e-9
 """Slack in ``value >= T`` so a ratio that equals T exactly is not lost to rounding."""
 
-BoxRow = tuple[int, float, float, float, float]
-
-
-def detected_regions(z: np.ndarray, threshold: float = REGION_THRESHOLD) -> np.ndarray:
-    """Boolean regions ``z >= threshold`` (same shape as ``z``)."""
-    return np.asarray(z) >= threshold
-
-
-def image_scores(z: np.ndarray) -> np.ndarray:
-    """Image-level score of every class, the soft patch count ``1'z``: ``(N, K, P, P) -> (N, K)``."""
-    z = np.asarray(z, dtype=np.float64)
-    return z.reshape(z.shape[0], z.shape[1], -1).sum(axis=-1)
 
 
 def box_rows(
-    z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], classes: Sequence[str] | None = None
+    z: np.ndarray, boxes: Sequence[Sequence[Box]], classes: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """IoU and IoR of every ground-truth box against the detected region of its class.
 
@@ -126,7 +114,7 @@ def accuracy_from_rows(
 
 
 def localization_table(
-    z: np.ndarray, boxes: Sequence[Sequence[BoxRow]], ts: Sequence[float], classes: Sequence[str] | None = None
+    z: np.ndarray, boxes: Sequence[Sequence[Box]], ts: Sequence[float], classes: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Localization accuracy of predictions ``z`` against ground-truth boxes.
 
@@ -170,34 +158,6 @@ def mean_localization_accuracy(
     if idx.size == 0:
         return np.full(acc.shape[1], np.nan)
     return acc[idx].mean(axis=0)
-
-
-def roc_points(
-    scores: np.ndarray, labels: np.ndarray, *, below_all: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Every distinct decision ``scores >= cut``: the cuts and their sensitivity and specificity.
-
-    Candidate cuts are the midpoints between consecutive distinct scores (any cut inside the same
-    gap decides identically), plus, with ``below_all``, one cut below every score (all positive).
-
-    Returns:
-        ``(cuts, tpr, tnr)``, ascending cuts; ``None`` without a positive or a negative example or
-        without any candidate.
-    """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
-    if pos.size == 0 or neg.size == 0:
-        return None
-    values = np.unique(scores)
-    cuts = (values[:-1] + values[1:]) / 2.0
-    if below_all:
-        cuts = np.r_[values[0] - 1.0, cuts]
-    if cuts.size == 0:
-        return None
-    tpr = 1.0 - np.searchsorted(pos, cuts, side="left") / pos.size  # share of positives >= cut
-    tnr = np.searchsorted(neg, cuts, side="left") / neg.size  # share of negatives < cut
-    return cuts, tpr, tnr
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrloc.classes import CLASSES
+from cxrloc.decision import operating_point
 from cxrloc.utils import CxrlocError, console
 
 if TYPE_CHECKING:
@@ -175,25 +176,12 @@ class Predictor:
 
     def operating_point(self) -> dict[str, Any]:
         """What decides "present", for the JSON record: the calibrated rule, or the ``tau_hat`` fallback."""
-        if self.calibration is not None:
-            fitted = self.meta.get("calibration_source")
-            source = fitted if self.backend == "torch" and fitted else (
-                f"metadata of {self.source.name}" + (f" (fitted as {fitted})" if fitted else ""))
-            return {
-                "rule": self.calibration.rule,
-                "target_sensitivity": self.calibration.target_sensitivity,
-                "calibrated": True,
-                "description": f"present = probability >= the class's threshold, chosen by "
-                f"{self.calibration.describe()}",
-                "source": source,
-            }
-        return {
-            "rule": "tau_hat",
-            "target_sensitivity": None,
-            "calibrated": False,
-            "description": "present = 1'z >= tau_hat (the training loss's threshold, not fitted for presence)",
-            "note": self.calibration_note,
-        }
+        if self.calibration is None:
+            return operating_point(None, note=self.calibration_note, record=True)
+        fitted = self.meta.get("calibration_source")
+        source = fitted if self.backend == "torch" and fitted else (
+            f"metadata of {self.source.name}" + (f" (fitted as {fitted})" if fitted else ""))
+        return operating_point(self.calibration, source=source, record=True)
 
     def describe_operating_point(self) -> str:
         """One line for the command's output."""

@@ -14,22 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from cxrloc.classes import CLASSES
-from cxrloc.data.prepared import to_network_range
+from cxrloc.data.network_input import cache_to_input
 from cxrloc.utils import CxrlocError, progress_bar
-
-
-def uint8_to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
-    """Turn cached uint8 images ``(B, S, S)`` into the network input ``(B, 1, size, size)``.
-
-    ``x = u8 / 127.5 - 1`` (the cache's convention, see ``checkpoint.NORMALISATION``),
-    resized with an area filter when the cache size differs from ``image_size``.
-    """
-    x = torch.from_numpy(to_network_range(np.ascontiguousarray(images, dtype=np.uint8))).unsqueeze(1)
-    if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        # Area interpolation = box filter, the same filter that made the cache.
-        x = F.interpolate(x, size=(image_size, image_size), mode="area")
-    return x
-
 
 TTA_TRANSFORMS: tuple[tuple[float, float, float], ...] = (
     (1.0, 0.0, 0.0),
@@ -123,7 +109,7 @@ def iter_predictions(
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
             images = np.stack([np.asarray(prepared.image(i)) for i in chunk])
-            x = uint8_to_input(images, image_size).to(device)
+            x = cache_to_input(images, image_size).to(device)
             z = forward_tta(model, x, tta)
             yield chunk, z.cpu().numpy()
             bar.advance(task, len(chunk))

@@ -138,7 +138,7 @@ def export_onnx(
     from cxrloc.checkpoint import load_model
     from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
     from cxrloc.inference.inputs import preprocess
-    from cxrloc.rundir import resolve_checkpoint
+    from cxrloc.rundir import EXPORT_NAME, RunDir, resolve_checkpoint
 
     if opset < MIN_OPSET:
         raise CxrlocError(f"--opset {opset} is too old: use {MIN_OPSET} or newer.")
@@ -146,7 +146,7 @@ def export_onnx(
     ckpt = resolve_checkpoint(run_or_ckpt, fold=fold)
     if out_path is None:
         src = Path(run_or_ckpt)
-        out_path = (ckpt.parent / "model.onnx") if src.is_file() else src / "export" / "model.onnx"
+        out_path = (ckpt.parent / EXPORT_NAME) if src.is_file() else RunDir(src).export_path
     out_path = Path(out_path)
     check_writable_file(out_path, "ONNX file")
     if threads < 1:

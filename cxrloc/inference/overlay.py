@@ -17,8 +17,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxrloc.classes import CLASSES
-from cxrloc.evaluation.metrics import REGION_THRESHOLD
-from cxrloc.utils import atomic_path
+from cxrloc.data.boxes import PixelBox
+from cxrloc.data.formats import read_box_file
+from cxrloc.decision import REGION_THRESHOLD, detected_regions
+from cxrloc.utils import CxrlocError, atomic_path, console
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (15, 90, 195),  # Atelectasis: blue
@@ -75,14 +77,9 @@ class GtBoxes(dict[str, list[GtBox]]):
     """
 
     def __init__(self, boxes: dict[str, list[GtBox]] | None = None,
-                 pixels: dict[str, list[tuple[str, float, float, float, float]]] | None = None) -> None:
+                 pixels: dict[str, list[PixelBox]] | None = None) -> None:
         super().__init__(boxes or {})
         self.pixels = dict(pixels or {})
-
-
-BOX_TABLE_COLUMNS: tuple[str, ...] = ("image", "label", "x", "y", "w", "h")
-"""The columns of a plain boxes table (``prepare --format table``'s default names) that ``predict
---boxes`` reads."""
 
 
 def gt_boxes_by_image(path: str | os.PathLike[str]) -> GtBoxes:
@@ -94,50 +91,14 @@ def gt_boxes_by_image(path: str | os.PathLike[str]) -> GtBoxes:
     names, each image's width and height as the frame, else the file's own size; images named by
     their ``file_name``, a path below the data folder); a plain boxes table with the columns
     ``image, label, x, y, w, h`` (``prepare --format table``'s default names), in pixels of each
-    image file. Rows that cannot be used are left out with one note naming the first of them.
+    image file. The readers are those of ``prepare`` (:func:`cxrloc.data.formats.read_box_file`).
+    Rows that cannot be used are left out with one note naming the first of them.
 
     Raises:
         CxrlocError: the file cannot be read, or is none of the three.
     """
-    from cxrloc.data.nih import BoxKey, add_box, open_text, read_bbox_list
-    from cxrloc.utils import CxrlocError, console
-
-    path = Path(path)
-    pixels: dict[str, list[tuple[str, float, float, float, float]]] = {}
-    classes: list[str] = list(CLASSES)
-    if path.suffix.lower() == ".json":
-        from cxrloc.data.coco import read_coco
-
-        classes, _, frames, rows, parsed = read_coco(path)
-        seen: dict[BoxKey, int] = {}
-        for raw in rows:
-            if raw.image_id in frames:
-                add_box(parsed, seen, line=raw.line, where=raw.where, image_id=raw.image_id, k=raw.k,
-                        label=raw.label, xywh=raw.xywh, frame=frames[raw.image_id])
-            else:
-                pixels.setdefault(raw.image_id, []).append((raw.label, *raw.xywh))
-    else:
-        if not path.is_file():
-            raise CxrlocError(f"--boxes {path}: file not found")
-        try:
-            with open_text(path) as fh:
-                header = [c.strip() for c in fh.readline().split(",")]
-        except (OSError, UnicodeDecodeError, EOFError) as exc:
-            raise CxrlocError(f"--boxes {path}: cannot read it ({exc})") from None
-        if header[:1] == ["Image Index"]:
-            parsed = read_bbox_list(path)
-        elif all(c in header for c in BOX_TABLE_COLUMNS):
-            from cxrloc.data.source import Columns
-            from cxrloc.data.table import read_box_table
-
-            rows, parsed = read_box_table(path, Columns())
-            for raw in rows:
-                pixels.setdefault(raw.image_id, []).append((raw.label, *raw.xywh))
-        else:
-            raise CxrlocError(
-                f"--boxes {path}: neither NIH's box list (header 'Image Index,Finding Label,...'), a COCO file "
-                f"(.json) nor a boxes table with the columns {', '.join(BOX_TABLE_COLUMNS)} (found {header[:8]})"
-            )
+    found = read_box_file(path)
+    classes, parsed, pixels = found.classes, found.parsed, found.pixels
     if parsed.skipped:
         console.print(f"[yellow]Note:[/] {len(parsed.skipped)} row(s) of {path} not drawn; first: {parsed.skipped[0]}")
     out: dict[str, list[GtBox]] = {}
@@ -227,7 +188,7 @@ def percent(p: float) -> str:
 
 def blob_alpha(zk: np.ndarray, width: int, height: int, threshold: float = REGION_THRESHOLD) -> np.ndarray:
     """Opacity (H, W) in [0, BLOB_ALPHA] of one class's blob: the positive-patch mask, upsampled bilinearly."""
-    mask = Image.fromarray(((zk >= threshold) * 255).astype(np.uint8), mode="L")
+    mask = Image.fromarray((detected_regions(zk, threshold) * 255).astype(np.uint8), mode="L")
     up = mask.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(up, dtype=np.float32) * np.float32(BLOB_ALPHA / 255.0)
 
@@ -309,7 +270,7 @@ def render_overlay(
         else:
             text = f"{classes[k]}  1'z {(scores[k] if scores else float(z[k].sum())):.1f}"
         # Called present without a patch at the region threshold: say why no blob is drawn.
-        return text if bool((np.asarray(z[k]) >= threshold).any()) else f"{text}  (no region)"
+        return text if bool(detected_regions(z[k], threshold).any()) else f"{text}  (no region)"
 
     entries = [(k, label(k)) for k in present]
     if not entries:
@@ -337,8 +298,6 @@ def overlay_format(path: str | os.PathLike[str]) -> str:
     Raises:
         CxrlocError: the extension is not ``.png``, ``.jpg`` or ``.jpeg``.
     """
-    from cxrloc.utils import CxrlocError
-
     fmt = OVERLAY_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise CxrlocError(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrloc.classes import CLASSES
-from cxrloc.evaluation.metrics import REGION_THRESHOLD
+from cxrloc.decision import REGION_THRESHOLD, detected_regions, image_scores, presence
 
 if TYPE_CHECKING:
     from cxrloc.calibration import Calibration
@@ -88,7 +88,7 @@ def regions_from_map(
     a non-square image was stretched (not padded) to the square network input.
     """
     p_rows, p_cols = zk.shape
-    labels = connected_components(zk >= threshold)
+    labels = connected_components(detected_regions(zk, threshold))
     regions: list[Region] = []
     for lab in range(1, int(labels.max()) + 1):
         rr, cc = np.nonzero(labels == lab)
@@ -131,14 +131,9 @@ def make_record(
         ``regions`` is filled for present classes only.
     """
     z = np.asarray(z)
-    scores = z.reshape(z.shape[0], -1).astype(np.float64).sum(axis=-1)
-    if calibration is not None:
-        probs: np.ndarray | None = calibration.probabilities(scores)
-        present = calibration.present(probs)
-        thresholds = calibration.thresholds()
-    else:
-        probs, thresholds = None, None
-        present = scores >= np.asarray(tau_hat, dtype=np.float64)
+    scores = image_scores(z)
+    probs, present = presence(scores, calibration=calibration, tau_hat=tau_hat)
+    thresholds = None if calibration is None else calibration.thresholds()
     out: list[dict[str, Any]] = []
     for k, name in enumerate(classes):
         regions = [r.to_json() for r in regions_from_map(z[k], width, height)] if present[k] else []

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from cxrloc.checkpoint import load_checkpoint
 from cxrloc.config import Config, apply_overrides, load_config, make_config
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.fit_thresholds import fit_thresholds
-from cxrloc.rundir import FoldDir, parse_fold
+from cxrloc.rundir import FoldDir, RunDir, parse_fold
 from cxrloc.training.loop import STAGES, train
 from cxrloc.training.runtime import resolve_device
 from cxrloc.utils import CxrlocError, console
@@ -31,7 +32,7 @@ def _resume_config(out_dir: Path, fold: int) -> Config:
     own = FoldDir.of(out_dir, fold).config_json
     if own.is_file():
         return load_config(own)
-    others = sorted(out_dir.glob("fold_*/config.json")) if out_dir.is_dir() else []
+    others = [d.config_json for d in RunDir(out_dir).fold_dirs() if d.config_json.is_file()]
     if not others:
         raise CxrlocError(
             f"--resume: there is no run to resume in {out_dir} (no fold_*/config.json); drop --resume to start "
@@ -157,19 +158,55 @@ def _run_all_stages(
         raise CxrlocError("--alternate trains one stage; use it with --stage unary, crf or joint.")
     results: list[Path] = []
     for fold in fold_list:
-        cfg = _fold_config(out / "unary", fold, resume=resume, preset=preset, extra=extra)
-        prev: Path | None = None
-        for stage in STAGES:  # also the sub-folders of the run, in training order
-            stage_epochs = {"unary": cfg.epochs, "crf": cfg.crf_epochs, "joint": cfg.joint_epochs}[stage]
-            if stage_epochs == 0 or (stage == "crf" and not cfg.crf):
-                continue
-            sub = out / stage
-            if progress:
-                console.print(f"Fold {fold}, stage {stage} ({stage_epochs} epochs): {sub / f'fold_{fold}'}")
-            prev_dir = train(
-                prepared_dir, sub, fold=fold, cfg=dataclasses.replace(cfg, epochs=stage_epochs), stage=stage,
-                resume=resume and _has_run(sub, fold), init_from=prev, progress=progress,
-            )
-            prev = sub
-        results.append(prev_dir)
+        cfg = _fold_config(RunDir(out).stage("unary").path, fold, resume=resume, preset=preset, extra=extra)
+        results.append(train_stages(prepared_dir, out, fold, cfg, resume=resume, progress=progress))
     return results
+
+
+StageHook = Callable[[str, FoldDir], None]
+"""Called after each stage of :func:`train_stages` with the stage's name and its trained fold."""
+
+
+def train_stages(
+    prepared_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    fold: int,
+    cfg: Config,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stage_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    after_stage: StageHook | None = None,
+) -> Path:
+    """The whole recipe for one fold: ``unary`` -> ``crf`` -> ``joint`` into ``out/<stage>/fold_K``
+    (:meth:`RunDir.stage`), each starting from the one before (what ``--stage all`` and the demo run).
+
+    The epochs of the stages are ``cfg.epochs``, ``cfg.crf_epochs`` and ``cfg.joint_epochs`` (0
+    skips a stage; ``crf=false`` skips the CRF stage). ``stage_overrides``: config fields that differ
+    in one stage (e.g. ``{"crf": {"lr": 1e-3}}``); ``after_stage``: run after each stage (e.g. fit the
+    thresholds and calibrate, so the next stage starts from fitted thresholds).
+
+    Returns:
+        The fold folder of the last stage trained.
+    """
+    run = RunDir(Path(out))
+    prev: Path | None = None
+    prev_dir: Path | None = None
+    for stage in STAGES:  # also the sub-folders of the run, in training order
+        stage_epochs = {"unary": cfg.epochs, "crf": cfg.crf_epochs, "joint": cfg.joint_epochs}[stage]
+        if stage_epochs == 0 or (stage == "crf" and not cfg.crf):
+            continue
+        sub = run.stage(stage).path
+        if progress:
+            console.print(f"Fold {fold}, stage {stage} ({stage_epochs} epochs): {sub / f'fold_{fold}'}")
+        changes = {"epochs": stage_epochs, **dict((stage_overrides or {}).get(stage, {}))}
+        prev_dir = train(
+            prepared_dir, sub, fold=fold, cfg=dataclasses.replace(cfg, **changes), stage=stage,
+            resume=resume and _has_run(sub, fold), init_from=prev, progress=progress,
+        )
+        if after_stage is not None:
+            after_stage(stage, FoldDir(Path(prev_dir)))
+        prev = sub
+    if prev_dir is None:
+        raise CxrlocError("Every stage has 0 epochs: nothing to train (set epochs, crf_epochs or joint_epochs).")
+    return prev_dir
