@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HAND_SIZE, one_line, run_cli, write_hand_run
+from conftest import HAND_SIZE, nih_subset, one_line, run_cli, write_hand_run
 from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES, LABEL_ALIASES
@@ -154,18 +154,6 @@ def test_external_cache_of_another_size_is_refused_with_the_command_that_fixes_i
     assert result["per_fold"][0]["model"]["iou"]["Atelectasis"] == pytest.approx([1])
 
 
-def _nih_subset(root: Path, names: list[str]) -> Path:
-    """A folder with the real NIH images ``names`` (linked) and the rows of both CSVs that name them."""
-    (root / "images").mkdir(parents=True)
-    for name in names:
-        (root / "images" / name).symlink_to(NIH / "images" / name)
-    keep = set(names)
-    for table in ("Data_Entry_2017.csv", "BBox_List_2017.csv"):
-        lines = (NIH / table).read_text().splitlines()
-        (root / table).write_text("\n".join([lines[0], *(x for x in lines[1:] if x.split(",", 1)[0] in keep)]) + "\n")
-    return root
-
-
 def test_nih_run_on_a_second_prepared_nih_folder(tmp_path: Path) -> None:
     if not (NIH / "BBox_List_2017.csv").is_file():
         pytest.skip(f"{NIH} not present (the real NIH images live in ../shared/data)")
@@ -173,8 +161,8 @@ def test_nih_run_on_a_second_prepared_nih_folder(tmp_path: Path) -> None:
         rows = list(csv.reader(fh))[1:]
     names = sorted({r[0] for r in rows})
     own_names, other_names = names[:30], names[30:50]
-    own = prepare(_nih_subset(tmp_path / "nih_a", own_names), tmp_path / "prep_a", size=64, folds=2, progress=False)
-    other = prepare(_nih_subset(tmp_path / "nih_b", other_names), tmp_path / "prep_b", size=64, folds=2,
+    own = prepare(nih_subset(tmp_path / "nih_a", own_names), tmp_path / "prep_a", size=64, folds=2, progress=False)
+    other = prepare(nih_subset(tmp_path / "nih_b", other_names), tmp_path / "prep_b", size=64, folds=2,
                     progress=False)
     run = tmp_path / "run"
     code, text = run_cli("train", own, "--out", run, "--fold", "0", "--preset", "tiny", "--epochs", "1",

@@ -48,8 +48,9 @@ from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
 from cxrloc.data.prepared import CACHE_VERSION, CLASSES_FILE, ClassList, manifest_columns
 from cxrloc.data.source import Columns
 from cxrloc.data.splits import (
-    SPLIT_KEYS,
+    HAND_MADE_HINT,
     check_splits,
+    is_hand_made,
     load_splits,
     make_splits,
     sample_unannotated,
@@ -518,8 +519,6 @@ def prepare(
         raise CxrlocError(f"--workers must be at least 1, got {workers}")
     if not 0.0 <= unannotated_fraction <= 1.0:
         raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
-    if folds < 2:
-        raise CxrlocError(f"--folds must be at least 2, got {folds}")
     column_names = Columns.parse(columns)
     check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
     source = open_source(data_format, data_dir, SourceOptions(data_entry=data_entry, bbox_list=bbox_list,
@@ -579,6 +578,11 @@ def prepare(
                 "fix it or delete it to recompute the folds"
             )
     else:
+        if folds < 2:
+            raise CxrlocError(
+                f"--folds must be at least 2 to make cross-validation folds, got {folds}; for one hand-made split "
+                f'write {splits_path} yourself with "seed": null (docs/data.md, "Hand-made splits")'
+            )
         pool = sample_unannotated(unannotated_ids, unannotated_fraction, seed)
         wanted = annotated_ids | set(pool)
 
@@ -671,9 +675,10 @@ def prepare(
         "parameters": {
             "size": size,
             "folds": len(splits["folds"]),
-            "unannotated_fraction": splits["unannotated_fraction"],
-            "seed": splits["seed"],
+            "unannotated_fraction": splits.get("unannotated_fraction"),
+            "seed": splits.get("seed"),
             "splits_reused": reused,
+            "splits_hand_made": is_hand_made(splits),
             "command": command,
         },
         "classes": {"names": class_names, "boxed": list(class_list.boxed),
@@ -772,17 +777,18 @@ def _cache_bytes_needed(out: Path, count: int, size: int) -> int:
 
 
 def _check_parameters(splits: dict[str, Any], path: Path, *, folds: int, seed: int, fraction: float) -> None:
+    """A reused cxrloc-made ``splits.json`` must match the options; a hand-made one (``"seed": null``)
+    is reused whatever they say."""
+    if is_hand_made(splits):
+        return
     have = (len(splits["folds"]), splits.get("seed"), float(splits.get("unannotated_fraction", -1)))
     if have != (folds, seed, float(fraction)):
         raise CxrlocError(
-            f"{path} was made with --folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]}, "
-            f"not --folds {folds} --seed {seed} --unannotated-fraction {fraction}; "
-            "pass the same options to reuse it, or delete it to recompute the folds"
+            f"{path} was made with --folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]:g}, "
+            f"not --folds {folds} --seed {seed} --unannotated-fraction {fraction:g}; pass "
+            f"--folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]:g} to reuse it, {HAND_MADE_HINT}, "
+            "or delete it to recompute the folds"
         )
-    for f in splits["folds"]:
-        for key in SPLIT_KEYS:
-            if len(set(f[key])) != len(f[key]):
-                raise CxrlocError(f"{path}: fold {f['fold']} {key} lists an image twice; fix it or delete it")
 
 
 def summary_line(out: Path) -> str:
