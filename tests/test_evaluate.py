@@ -250,3 +250,25 @@ def test_cli_geometry_chooses_the_tables_and_both_are_saved(run_dir: Path) -> No
     assert code == 0 and "exact geometry" not in text and "IOU accuracy (grid geometry" in one_line(text)
     code, text = run_cli("evaluate", run_dir, "--geometry", "touch")
     assert code == 2 and "--geometry must be exact, grid or both" in one_line(text)
+
+
+def test_eval_dir_one_folder_per_options(tmp_path: Path) -> None:
+    """RunDir.eval_dir is the one place that names an evaluation's folder; every option that
+    changes the numbers gives another name, in a fixed order (split/data, fold, checkpoint, views)."""
+    from cxrloc.rundir import RunDir
+    from cxrloc.utils import CxrlocError
+
+    run = RunDir(tmp_path)
+    assert run.eval_dir() == tmp_path / "eval"
+    assert run.eval_dir("val") == tmp_path / "eval_val"
+    assert run.eval_dir(data_name="ext") == tmp_path / "eval_on_ext"
+    assert run.eval_dir(fold=0) == tmp_path / "eval_fold0"  # fold 0 is a fold, not "no fold"
+    assert run.eval_dir(which="last") == tmp_path / "eval_last"
+    assert run.eval_dir("val", fold=2, which="last", tta=5) == tmp_path / "eval_val_fold2_last_tta5"
+    assert run.eval_dir(data_name="ext", fold=1, tta=1) == tmp_path / "eval_on_ext_fold1"
+    names = {run.eval_dir(s, data_name=d, fold=f, which=w, tta=t)
+             for s in ("test", "val") for d in (None, "ext") for f in (None, 1) for w in ("best", "last")
+             for t in (1, 3) if not (d and s == "val")}
+    assert len(names) == 2 * 2 * 2 * 3  # (test, val, ext) x fold x checkpoint x views: all distinct
+    with pytest.raises(CxrlocError, match="Unknown checkpoint"):
+        run.eval_dir(which="final")
