@@ -1,8 +1,16 @@
-"""Exact geometry of boxes and patch grids, in normalised image coordinates.
+"""Geometry of boxes and patch grids, in normalised image coordinates.
 
 Coordinates are fractions of the image side: ``(x0, y0, x1, y1)`` with
 ``0 <= x0 < x1 <= 1``. Patch ``(r, c)`` of a P x P grid is the square
 ``[c/P, (c+1)/P] x [r/P, (r+1)/P]`` (row ``r`` is y, column ``c`` is x).
+
+Two ways to score a detected region (a union of patches) against a box (:data:`GEOMETRIES`):
+
+- ``exact`` (:func:`region_box_iou_ior`): exact rectangle areas, a box cut by patch borders counts
+  only its covered part. cxrloc's default.
+- ``grid`` (:func:`grid_region_box_iou_ior`): the box is first rasterised onto the patch grid as in
+  the public reimplementation of Li et al. 2018 (:func:`grid_box_mask`), then IoU and IoR are
+  counted in patches. The geometry of the published tables, as far as public code shows.
 """
 
 from __future__ import annotations
@@ -12,6 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 Box = tuple[float, float, float, float]
+
+GEOMETRIES: tuple[str, ...] = ("exact", "grid")
+"""How a box is scored against a region: exact rectangle areas, or in patches after rasterising the
+box onto the grid (:func:`grid_box_mask`)."""
 
 
 def patch_box_overlap(box: Sequence[float], patch_grid: int) -> np.ndarray:
@@ -99,3 +111,55 @@ def class_box_masks(
             by_class.setdefault(int(k), []).append((x0, y0, x1, y1))
         for k, rects in by_class.items():
             yield k, union_patch_mask(rects, patch_grid)
+
+
+def grid_box_mask(box: Sequence[float], patch_grid: int) -> np.ndarray:
+    """A box rasterised onto the patch grid as the public Li et al. 2018 reimplementation does.
+
+    Source: ``romanovar/evaluation_MIL``, ``cnn/preprocessor/load_data.py``:
+    ``translate_on_patches`` rounds each corner to the nearest grid line
+    (``int(np.round(x / W * P))``), then ``make_label_matrix_localization_v2`` marks
+    ``mask[y0:y1 + 1, x0:x1 + 1]``: the patches from the rounded min corner up to *and including*
+    the row and column that start at the rounded max corner. So a box whose corners lie on grid
+    lines gains one row and one column of patches past its max corner, unless that corner is on
+    the image's right / bottom border (the slice stops at P); a box narrower than half a patch
+    still gets one row / column; a box whose min corner rounds to P (within half a patch of the
+    right or bottom border) gets no patch. ``np.round`` rounds halves to even, as there.
+
+    Returns:
+        ``(P, P)`` bool array.
+    """
+    p = int(patch_grid)
+    x0, y0, x1, y1 = (int(np.round(float(v) * p)) for v in box)
+    mask = np.zeros((p, p), dtype=bool)
+    mask[max(y0, 0) : max(y1 + 1, 0), max(x0, 0) : max(x1 + 1, 0)] = True
+    return mask
+
+
+def grid_region_box_iou_ior(region: np.ndarray, box: Sequence[float]) -> tuple[float, float]:
+    """IoU and IoR of a detected region and a box counted in patches, the box rasterised by
+    :func:`grid_box_mask` (the ``grid`` geometry; the public Li et al. code's ``compute_IoU``).
+
+    Returns:
+        ``(iou, ior)``: ``|R & B| / |R | B|`` and ``|R & B| / |R|`` in patches; IoR is 0 for an empty
+        region, IoU is 0 when both are empty.
+    """
+    region = np.asarray(region, dtype=bool)
+    p = region.shape[0]
+    if region.shape != (p, p):
+        raise ValueError(f"region must be square (P, P), got {region.shape}")
+    mask = grid_box_mask(box, p)
+    inter = int((region & mask).sum())
+    union = int(region.sum()) + int(mask.sum()) - inter
+    iou = inter / union if union > 0 else 0.0
+    ior = inter / int(region.sum()) if region.any() else 0.0
+    return iou, ior
+
+
+def region_box_scores(region: np.ndarray, box: Sequence[float], geometry: str = "exact") -> tuple[float, float]:
+    """``(iou, ior)`` of a region and a box under ``geometry`` (one of :data:`GEOMETRIES`)."""
+    if geometry == "exact":
+        return region_box_iou_ior(region, box)
+    if geometry == "grid":
+        return grid_region_box_iou_ior(region, box)
+    raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")

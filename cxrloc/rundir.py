@@ -12,8 +12,8 @@ Layout written by ``cxrloc train`` (one ``fold_K`` per trained fold)::
         checkpoints/
           last.pt            every epoch (resume)
           best.pt            best validation accuracy
-      eval/                  ``cxrloc evaluate`` of the whole run (eval_val/, eval_on_NAME/, *_ttaN/:
-                             :meth:`RunDir.eval_dir`)
+      eval/                  ``cxrloc evaluate`` of the whole run (eval_val/, eval_on_NAME/, *_foldN/,
+                             *_last/, *_ttaN/: :meth:`RunDir.eval_dir`)
       export/model.onnx      ``cxrloc export`` (:attr:`RunDir.export_path`)
       unary/ crf/ joint/     ``cxrloc train --stage all``: one run per stage (:meth:`RunDir.stage`)
 
@@ -184,12 +184,26 @@ class RunDir:
         """The run of one stage of ``train --stage all``: ``RUN_DIR/<stage>`` (``unary``, ``crf``, ``joint``)."""
         return RunDir(self.path / name)
 
-    def eval_dir(self, split: str = "test", *, data_name: str | None = None, tta: int = 1) -> Path:
+    def eval_dir(
+        self,
+        split: str = "test",
+        *,
+        data_name: str | None = None,
+        tta: int = 1,
+        fold: int | None = None,
+        which: str = "best",
+    ) -> Path:
         """Where ``cxrloc evaluate`` writes: ``eval/`` (test images), ``eval_val/`` (validation images),
-        ``eval_on_NAME/`` (an external test set NAME), each with ``_ttaN`` for N test-time views."""
+        ``eval_on_NAME/`` (an external test set NAME), then ``_foldN`` when one fold of several is
+        evaluated (``fold``), ``_last`` for the ``last`` checkpoint and ``_ttaN`` for N test-time views:
+        evaluations with other options never share a folder."""
+        if which not in CHECKPOINTS:
+            raise CxrlocError(f"Unknown checkpoint {which!r}: use {' or '.join(CHECKPOINTS)}.")
         name = "eval" if split == "test" else "eval_val"
         if data_name is not None:
             name = f"eval_on_{data_name}"
+        name += f"_fold{fold}" if fold is not None else ""
+        name += "_last" if which == "last" else ""
         return self.path / (name + (f"_tta{tta}" if tta > 1 else ""))
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,8 +24,41 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
-"""Console for progress and messages (stderr, so stdout stays machine-readable)."""
+FILE_WIDTH: int = 200
+"""Width of the tables written to a file or a pipe (a batch job's log), where nothing wraps."""
+
+
+class _Console(Console):
+    """rich's console, adapted to where the output goes, decided at each print (tests and batch jobs
+    redirect stderr after import):
+
+    - a terminal: rich's defaults (wrapping at its width, live progress bars);
+    - a file or a pipe (``nohup``, a cluster scheduler, CI; ``COLUMNS`` unset): text is never wrapped
+      (``soft_wrap``: a long path stays on one line), tables get :data:`FILE_WIDTH` columns, and
+      :func:`progress_bar` shows nothing live (training prints one line per epoch and per stage instead).
+    """
+
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        columns = self._environ.get("COLUMNS", "")
+        if self._width is None and not self.is_terminal and not columns.isdigit():
+            return ConsoleDimensions(FILE_WIDTH, size.height)
+        return size
+
+    size = property(_size, Console.size.fset)  # type: ignore[assignment]
+
+    def _get_soft_wrap(self) -> bool:
+        return self._soft_wrap or not self.is_terminal
+
+    def _set_soft_wrap(self, value: bool) -> None:
+        self._soft_wrap = bool(value)
+
+    soft_wrap = property(_get_soft_wrap, _set_soft_wrap)  # type: ignore[assignment]
+
+
+console = _Console(stderr=True)
+"""Console for progress and messages (stderr, so stdout stays machine-readable); not wrapped and
+without live bars when stderr is a file or a pipe (see :class:`_Console`)."""
 
 
 class CxrlocError(Exception):
@@ -269,7 +302,8 @@ def progress_bar(
     """The one progress-bar layout of every command: description, bar, done/total, time.
 
     Args:
-        enabled: show it (``False``: a silent bar with the same API).
+        enabled: show it (``False``: a silent bar with the same API). Never shown when the console
+            is not a terminal (a log file gets no redrawn bars; training prints one line per epoch).
         info: a free text column, set with ``bar.update(task, info=...)``.
         elapsed: show the elapsed time instead of the time remaining.
         transient: remove the bar when done.
@@ -278,4 +312,4 @@ def progress_bar(
     if info:
         columns.append(TextColumn("{task.fields[info]}"))
     columns.append(TimeElapsedColumn() if elapsed else TimeRemainingColumn())
-    return Progress(*columns, console=console, disable=not enabled, transient=transient)
+    return Progress(*columns, console=console, disable=not enabled or not console.is_terminal, transient=transient)

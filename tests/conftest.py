@@ -335,3 +335,19 @@ def write_own_coco(root: Path, records: list[dict]) -> Path:
     path = root / "annotations.json"
     path.write_text(json.dumps(coco))
     return path
+
+
+NIH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+"""The real NIH images and tables (``../shared/data/nih``); tests skip when absent."""
+
+
+def nih_subset(root: Path, names: list[str]) -> Path:
+    """A folder with the real NIH images ``names`` (linked) and the rows of both CSVs that name them."""
+    (root / "images").mkdir(parents=True)
+    for name in names:
+        (root / "images" / name).symlink_to(NIH_DIR / "images" / name)
+    keep = set(names)
+    for table in ("Data_Entry_2017.csv", "BBox_List_2017.csv"):
+        lines = (NIH_DIR / table).read_text().splitlines()
+        (root / table).write_text("\n".join([lines[0], *(x for x in lines[1:] if x.split(",", 1)[0] in keep)]) + "\n")
+    return root

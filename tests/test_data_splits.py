@@ -104,3 +104,74 @@ def test_bad_options() -> None:
         make_splits({"a.png": 1, "b.png": 1}, {}, folds=2, seed=0, unannotated_fraction=0)
     with pytest.raises(CxrlocError, match=r"\[0, 1\]"):
         sample_unannotated(["a"], 1.5, 0)
+
+
+def _boxed_names(n: int) -> list[str]:
+    if not (NIH / "BBox_List_2017.csv").exists():
+        pytest.skip("shared data ../shared/data/nih not present")
+    return sorted(read_bbox_list(NIH / "BBox_List_2017.csv").boxes)[:n]
+
+
+def test_hand_made_split_train_on_a_test_on_b(tmp_path: Path) -> None:
+    """A user rewrites splits.json as one fold, train on patients A, test on patients B: prepare's
+    advice works step by step, and prepare and train accept it through the same check."""
+    from conftest import nih_subset, one_line, run_cli
+
+    from cxrloc.data.dataset import split_train_val
+    from cxrloc.data.prepare import prepare
+    from cxrloc.data.prepared import Prepared
+
+    names = _boxed_names(16)
+    data = nih_subset(tmp_path / "nih", names)
+    out = prepare(data, tmp_path / "p", size=16, folds=2, progress=False)
+    p = Prepared.open(out)
+    patient = {i: int(p.manifest.loc[i, "patient_id"]) for i in p.ids}
+    patients = sorted(set(patient.values()))
+    b_patients = set(patients[: len(patients) // 3])
+    a = sorted(i for i in p.ids if patient[i] not in b_patients)
+    b = sorted(i for i in p.ids if patient[i] in b_patients)
+    splits = json.loads((out / "splits.json").read_text())
+    splits["folds"] = [{"fold": 0, "test": b, "train_annotated": a, "train_unannotated": []}]
+    (out / "splits.json").write_text(json.dumps(splits))
+
+    # 1. The options of the folds prepare made: the message says which options reuse the file...
+    with pytest.raises(CxrlocError, match=r"pass --folds 1 --seed 0 --unannotated-fraction 0 to reuse it") as e1:
+        prepare(data, out, size=16, folds=2, progress=False)
+    assert '"seed": null' in str(e1.value)
+    # ... and they are accepted (--folds 1 with an existing file); the file is no cross-validation
+    # (A is in no test set), and the message says how to keep it as a hand-made split.
+    with pytest.raises(CxrlocError, match=r'in no test set.*"seed": null') as e2:
+        prepare(data, out, size=16, folds=1, progress=False)
+    assert "at least 2" not in str(e2.value)
+    # 2. Marked hand-made: reused whatever the options say, recorded in the fingerprint.
+    splits["seed"] = None
+    (out / "splits.json").write_text(json.dumps(splits))
+    prepare(data, out, size=16, folds=5, seed=3, progress=False)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["parameters"]["splits_hand_made"] is True and fp["parameters"]["folds"] == 1
+    p = Prepared.open(out)
+    assert p.fold(0)["test"] == b and p.num_folds == 1
+    train, val = split_train_val(p, 0, 0.0, 0)
+    assert sorted(train) == a and val == []
+
+    # 3. The rules of every split hold for a hand-made one too, in prepare and in train: a test
+    # patient's image in training is refused by both with the same message.
+    leak = json.loads(json.dumps(splits))
+    leak["folds"][0]["train_annotated"] = a + [b[0]]
+    (out / "splits.json").write_text(json.dumps(leak))
+    with pytest.raises(CxrlocError, match="both test and train|test patient"):
+        prepare(data, out, size=16, folds=1, progress=False)
+    code, text = run_cli("train", out, "--out", tmp_path / "run", "--fold", "0", "--preset", "tiny", "--epochs", "1",
+                         "--set", "device=cpu", "--set", "workers=0", "--quiet")
+    assert code != 0 and "Traceback" not in text
+    assert "test patient" in one_line(text) or "both test and train" in one_line(text)
+
+
+def test_folds_below_two_still_refused_when_computing(tmp_path: Path) -> None:
+    from conftest import nih_subset
+
+    from cxrloc.data.prepare import prepare
+
+    data = nih_subset(tmp_path / "nih", _boxed_names(6))
+    with pytest.raises(CxrlocError, match=r'at least 2.*"seed": null'):
+        prepare(data, tmp_path / "p", size=16, folds=1, progress=False)

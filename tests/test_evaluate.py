@@ -77,10 +77,36 @@ def test_evaluate_end_to_end(run_dir: Path) -> None:
     assert row.iloc[0]["correct_iou@0.1"] == 1 and row.iloc[0]["correct_ior@0.3"] == 0
 
     md = (out / "results.md").read_text()
-    assert "paper ours" in md and "| prior |" in md and "| prior per-T |" in md
+    assert "| prior |" in md and "| prior per-T |" in md
+    # Only 3 of NIH's 8 boxed classes have a test box: the mean is over those 3, and the paper's
+    # 8-class rows are not shown beside it (issue 25); the note says so.
+    assert "'mean' = mean over the 3 boxed classes that have a test box: Atelectasis, Cardiomegaly, Mass." in md
+    assert "paper ours" not in md and "Paper rows not shown" in md and "(NIH's 8)" not in md
+    assert result["averaged_classes"] == ["Atelectasis", "Cardiomegaly", "Mass"] and "paper_table1" not in result
     csv = pd.read_csv(out / "results.csv")
-    paper = csv[(csv.method == "paper ours") & (csv.metric == "iou") & (csv["class"] == "Nodule")]
-    assert paper["mean"].iloc[0] == pytest.approx(0.404)
+    assert not (csv.method == "paper ours").any()
+
+    # The grid geometry (P = 8; boxes rasterised as the public Li et al. code does), worked by hand.
+    # Fold 0, Atelectasis (whole-image region, 64 patches): box [0, .5]^2 -> rows/cols 0..4, 25
+    # patches: IoU 25/64; box [0, .25]^2 -> 0..2, 9 patches: 9/64 (>= 0.1, unlike its exact 1/16);
+    # box [.5, 1]^2 -> 4..8 cut at the border, 16 patches: 16/64 (as exact). Accuracy at
+    # T = .1/.3/.5: 3/3, 1/3, 0 (exact: 2/3, 0, 0).
+    g0 = per_fold[0]["grid"]
+    assert g0["model"]["iou"]["Atelectasis"] == pytest.approx([1, 1 / 3, 0])
+    assert g0["model"]["ior"]["Atelectasis"] == pytest.approx([1, 1 / 3, 0])  # region = whole image: IoR = IoU
+    # Mass (whole image) box [.1, .2]^2 -> 0.8 -> 1, 1.6 -> 2: 4 patches, IoU 4/64 < 0.1.
+    assert g0["model"]["iou"]["Mass"] == pytest.approx([0, 0, 0])
+    # The prior's Atelectasis region [0, .5]^2 (rows/cols 0..3, 16 patches) against the same boxes:
+    # 16/25, 9/16 (the 9 grid patches lie inside it), 1/(16 + 16 - 1) = 1/31.
+    row = per_image[(per_image.fold == 0) & (per_image.image_id == "b") & (per_image.box_index == 0)].iloc[0]
+    assert row["iou_grid"] == pytest.approx(9 / 64) and row["correct_iou_grid@0.1"] == 1
+    assert row["prior_iou_grid"] == pytest.approx(9 / 16)
+    assert g0["prior"]["iou"]["Atelectasis"] == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    sg = result["summary"]["grid"]["model"]["iou"]
+    assert sg["per_class_mean"]["Atelectasis"][0] == pytest.approx(1.0)  # fold 1: box [0, .5]^2, 25/64 >= .1
+    assert "## IOU accuracy (grid geometry, as published tables)" in md
+    grid_rows = csv[(csv.method == "model") & (csv.metric == "iou") & (csv["class"] == "Atelectasis")]
+    assert sorted(grid_rows.geometry.unique()) == ["exact", "grid"]
 
 
 def test_cli_evaluate_and_errors(run_dir: Path) -> None:
@@ -91,7 +117,8 @@ def test_cli_evaluate_and_errors(run_dir: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["evaluate", str(run_dir), "--metric", "iou", "--t", "0.1", "--fold", "1"])
     assert res.exit_code == 0, res.output
-    data = json.loads((run_dir / "eval" / "results.json").read_text())
+    # One fold of two: its own folder, never the one of the evaluation over every fold (issue 25).
+    data = json.loads((run_dir / "eval_fold1" / "results.json").read_text())
     assert data["folds"] == [1] and data["ts"] == [0.1] and data["metrics"] == ["iou"]
 
     from cxrloc.evaluation.evaluate import evaluate
@@ -186,7 +213,62 @@ def test_terminal_tables_fit_80_columns_and_name_one_fold(run_dir: Path) -> None
         assert title in text and "mean over folds" not in text
         lines = text.splitlines()
         assert max(len(line) for line in lines) <= 80
-        # Every method label on one line, beside its numbers (no label folded onto a second line).
-        for label in set(LABELS.values()) | {"paper ours", "paper Li2018"}:
+        for label in set(LABELS.values()):
             assert any(line.startswith(label + " ") for line in lines), label
         assert any(line.rstrip().endswith("mean") for line in lines)  # the last column is not cut
+        assert "paper ours" not in text  # never beside the exact tables
+        # As if every NIH class had a test box: the paper's rows come beside the grid tables only,
+        # each label on one line beside its numbers, in 80 columns.
+        shown = {**result, "paper_table1": {"T": 0.1}}
+        shown.pop("paper_table1_omitted", None)
+        console = Console(width=80, record=True, file=io.StringIO())
+        for table in rich_tables(shown, 80, geometries=("exact", "grid")):
+            console.print(table)
+        text = console.export_text()
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80
+        exact_part, grid_part = text.split("IOU accuracy (grid geometry", 1)
+        assert "paper ours" not in exact_part and "beside the grid tables only" in " ".join(grid_part.split())
+        for label in set(LABELS.values()) | {"paper ours", "paper Li2018"}:
+            assert any(line.startswith(label + " ") for line in grid_part.splitlines()), label
+
+
+def test_cli_geometry_chooses_the_tables_and_both_are_saved(run_dir: Path) -> None:
+    from conftest import one_line, run_cli
+
+    code, text = run_cli("evaluate", run_dir, "--t", "0.1")
+    assert code == 0, text
+    assert "exact geometry" not in text and "grid geometry" not in text  # the default: today's exact tables
+    saved = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert "grid" in saved["summary"] and saved["geometries"] == ["exact", "grid"]
+    code, text = run_cli("evaluate", run_dir, "--t", "0.1", "--geometry", "both")
+    assert code == 0, text
+    flat = one_line(text)
+    assert flat.index("IOU accuracy (exact geometry") < flat.index("IOU accuracy (grid geometry, as published tables")
+    assert flat.count("prior per-T") >= 4  # model and both priors in each of the 4 tables
+    code, text = run_cli("evaluate", run_dir, "--t", "0.1", "--geometry", "grid")
+    assert code == 0 and "exact geometry" not in text and "IOU accuracy (grid geometry" in one_line(text)
+    code, text = run_cli("evaluate", run_dir, "--geometry", "touch")
+    assert code == 2 and "--geometry must be exact, grid or both" in one_line(text)
+
+
+def test_eval_dir_one_folder_per_options(tmp_path: Path) -> None:
+    """RunDir.eval_dir is the one place that names an evaluation's folder; every option that
+    changes the numbers gives another name, in a fixed order (split/data, fold, checkpoint, views)."""
+    from cxrloc.rundir import RunDir
+    from cxrloc.utils import CxrlocError
+
+    run = RunDir(tmp_path)
+    assert run.eval_dir() == tmp_path / "eval"
+    assert run.eval_dir("val") == tmp_path / "eval_val"
+    assert run.eval_dir(data_name="ext") == tmp_path / "eval_on_ext"
+    assert run.eval_dir(fold=0) == tmp_path / "eval_fold0"  # fold 0 is a fold, not "no fold"
+    assert run.eval_dir(which="last") == tmp_path / "eval_last"
+    assert run.eval_dir("val", fold=2, which="last", tta=5) == tmp_path / "eval_val_fold2_last_tta5"
+    assert run.eval_dir(data_name="ext", fold=1, tta=1) == tmp_path / "eval_on_ext_fold1"
+    names = {run.eval_dir(s, data_name=d, fold=f, which=w, tta=t)
+             for s in ("test", "val") for d in (None, "ext") for f in (None, 1) for w in ("best", "last")
+             for t in (1, 3) if not (d and s == "val")}
+    assert len(names) == 2 * 2 * 2 * 3  # (test, val, ext) x fold x checkpoint x views: all distinct
+    with pytest.raises(CxrlocError, match="Unknown checkpoint"):
+        run.eval_dir(which="final")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HAND_SIZE, one_line, run_cli, write_hand_run
+from conftest import HAND_SIZE, nih_subset, one_line, run_cli, write_hand_run
 from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES, LABEL_ALIASES
@@ -114,20 +114,38 @@ def test_hand_run_on_an_external_table_dataset_by_hand(tmp_path: Path) -> None:
 
 
 def test_external_fold_and_cli(tmp_path: Path) -> None:
+    """An external set is all test: --fold N picks fold N's model, never a subset of the images, and
+    the numbers of fold N's model are the same whatever --fold says (issue 25)."""
     run = write_hand_run(tmp_path)
     ext = _write_external(tmp_path)
-    splits = json.loads((ext / "splits.json").read_text())
+    code, text = run_cli("evaluate", run, "--data", ext, "--t", "0.1")
+    assert code == 0, text
+    every = json.loads((run / "eval_on_ext" / "results.json").read_text())
     code, text = run_cli("evaluate", run, "--data", ext, "--fold", "1", "--t", "0.1")
     assert code == 0, text
-    assert f"Results saved to {run / 'eval_on_ext'}" in one_line(text)
+    assert f"Results saved to {run / 'eval_on_ext_fold1'}" in one_line(text)  # its own folder
     assert "n/a" in text and "Lesion" in text
-    result = json.loads((run / "eval_on_ext" / "results.json").read_text())
-    assert result["folds"] == [1] and result["data_fold"] == 1
-    test = set(splits["folds"][1]["test"])
-    boxed = sorted(n for n, _, bs in EXTERNAL if n in test and bs)
-    assert result["per_fold"][0]["test_images"] == len(boxed)
-    known = sorted(n for n, _, bs in EXTERNAL if n in test and any(b[0] != "Lesion" for b in bs))
-    assert sorted(set(pd.read_csv(run / "eval_on_ext" / "per_image.csv")["image_id"])) == known
+    result = json.loads((run / "eval_on_ext_fold1" / "results.json").read_text())
+    assert result["folds"] == [1] and "data_fold" not in result
+    # Every boxed image of the external set (4 of 6: x4 and x5 have no box), whatever its folds.
+    boxed = sorted(n for n, _, bs in EXTERNAL if bs)
+    assert result["per_fold"][0]["test_images"] == len(boxed) == 4
+    known = sorted(n for n, _, bs in EXTERNAL if any(b[0] != "Lesion" for b in bs))
+    assert sorted(set(pd.read_csv(run / "eval_on_ext_fold1" / "per_image.csv")["image_id"])) == known
+    # Fold 1's model: the same numbers as in the evaluation of every fold's model.
+    assert result["per_fold"][0]["model"] == every["per_fold"][1]["model"]
+    assert result["per_fold"][0]["grid"] == every["per_fold"][1]["grid"]
+    # The evaluation of every fold was not replaced; another T into the same folder is refused.
+    assert json.loads((run / "eval_on_ext" / "results.json").read_text()) == every
+    code, text = run_cli("evaluate", run, "--data", ext, "--t", "0.3")
+    assert code == 2 and "holds an evaluation made with other options" in one_line(text)
+    assert "ts [0.1] -> [0.3]" in one_line(text) and "--out" in one_line(text)
+    assert json.loads((run / "eval_on_ext" / "results.json").read_text()) == every
+    code, text = run_cli("evaluate", run, "--data", ext, "--t", "0.3", "--out", tmp_path / "t03")
+    assert code == 0, text
+    # The same options again refresh the folder.
+    code, text = run_cli("evaluate", run, "--data", ext, "--t", "0.1")
+    assert code == 0, text
 
     code, text = run_cli("evaluate", run, "--data", ext, "--split", "val")
     assert code == 2 and "use one or the other" in one_line(text)
@@ -154,18 +172,6 @@ def test_external_cache_of_another_size_is_refused_with_the_command_that_fixes_i
     assert result["per_fold"][0]["model"]["iou"]["Atelectasis"] == pytest.approx([1])
 
 
-def _nih_subset(root: Path, names: list[str]) -> Path:
-    """A folder with the real NIH images ``names`` (linked) and the rows of both CSVs that name them."""
-    (root / "images").mkdir(parents=True)
-    for name in names:
-        (root / "images" / name).symlink_to(NIH / "images" / name)
-    keep = set(names)
-    for table in ("Data_Entry_2017.csv", "BBox_List_2017.csv"):
-        lines = (NIH / table).read_text().splitlines()
-        (root / table).write_text("\n".join([lines[0], *(x for x in lines[1:] if x.split(",", 1)[0] in keep)]) + "\n")
-    return root
-
-
 def test_nih_run_on_a_second_prepared_nih_folder(tmp_path: Path) -> None:
     if not (NIH / "BBox_List_2017.csv").is_file():
         pytest.skip(f"{NIH} not present (the real NIH images live in ../shared/data)")
@@ -173,8 +179,8 @@ def test_nih_run_on_a_second_prepared_nih_folder(tmp_path: Path) -> None:
         rows = list(csv.reader(fh))[1:]
     names = sorted({r[0] for r in rows})
     own_names, other_names = names[:30], names[30:50]
-    own = prepare(_nih_subset(tmp_path / "nih_a", own_names), tmp_path / "prep_a", size=64, folds=2, progress=False)
-    other = prepare(_nih_subset(tmp_path / "nih_b", other_names), tmp_path / "prep_b", size=64, folds=2,
+    own = prepare(nih_subset(tmp_path / "nih_a", own_names), tmp_path / "prep_a", size=64, folds=2, progress=False)
+    other = prepare(nih_subset(tmp_path / "nih_b", other_names), tmp_path / "prep_b", size=64, folds=2,
                     progress=False)
     run = tmp_path / "run"
     code, text = run_cli("train", own, "--out", run, "--fold", "0", "--preset", "tiny", "--epochs", "1",
@@ -200,14 +206,18 @@ def test_nih_run_on_a_second_prepared_nih_folder(tmp_path: Path) -> None:
     # The prior beside it is the run's own (fitted on the run's training boxes).
     assert result["per_fold"][0]["prior_fit"] == own_eval["per_fold"][0]["prior_fit"]
 
-    # The run's own folder as "external" data with --fold 0 is the run's own fold-0 test set: same numbers.
-    same = evaluate(run, ts=(0.1, 0.5), data=own, fold=0, progress=False)
-    assert Path(same["out_dir"]) == run / "eval_on_prep_a"
-    for method in ("model", "prior", "prior_t"):
-        for m in ("iou", "ior"):
-            assert same["summary"][method][m]["per_class_mean"] == own_eval["summary"][method][m]["per_class_mean"]
-    assert same["summary"]["auroc"] == own_eval["summary"]["auroc"]
-    assert same["per_fold"][0]["test_images"] == own_eval["per_fold"][0]["test_images"]
+    # The run has one fold: --fold 0 is the evaluation of every fold, the same folder and numbers.
+    again = evaluate(run, ts=(0.1, 0.5), data=other, fold=0, progress=False)
+    assert Path(again["out_dir"]) == run / "eval_on_prep_b"
+    assert again["per_fold"][0]["test_images"] == len(other_names)
+    for geometry in ("exact", "grid"):
+        for method in ("model", "prior", "prior_t"):
+            s1 = result["summary"] if geometry == "exact" else result["summary"]["grid"]
+            s2 = again["summary"] if geometry == "exact" else again["summary"]["grid"]
+            assert s1[method] == s2[method]
+    # The run's own folder as external data: every boxed image of it (train images included), not fold 0's test.
+    whole = evaluate(run, ts=(0.1, 0.5), data=own, fold=0, progress=False)
+    assert whole["per_fold"][0]["test_images"] == len(own_names) > own_eval["per_fold"][0]["test_images"]
 
 
 def test_external_data_without_a_boxed_image_is_one_message(tmp_path: Path) -> None:

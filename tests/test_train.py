@@ -379,3 +379,42 @@ def test_stage_all_chains_unary_crf_joint_with_their_epochs_and_resumes(prep: Pa
         run_training(prep, tmp_path / "x", folds="1", preset="tiny", stage="all", init_from=out / "unary")
     with pytest.raises(CxrlocError, match="crf_epochs and joint_epochs must be >= 0"):
         make_config("tiny", ["crf_epochs=-1"])
+
+
+def test_log_written_to_a_file_has_one_line_per_epoch_and_stage(prep: Path, tmp_path: Path) -> None:
+    """A batch job (output to a file, not a terminal): no wrapping, no live bars, one line per epoch
+    and per stage with loss, validation accuracy and time; with --quiet still one line per stage."""
+    out = tmp_path / ("a_long_folder_name_that_a_cluster_job_would_use_" * 3) / "recipe"
+    args = [str(prep), "--out", str(out), "--fold", "1", "--preset", "tiny", "--epochs", "2", "--stage", "all",
+            "--set", "max_steps_per_epoch=1", "--set", "width=4", "--set", "crf_epochs=1", "--set", "joint_epochs=1",
+            "--set", "device=cpu", "--set", "workers=0"]
+    env = {k: v for k, v in _env().items() if k not in ("COLUMNS", "LINES")}
+    log = tmp_path / "train.log"
+    with open(log, "w") as fh:
+        done = subprocess.run(_cli(*args), env=env, stdout=fh, stderr=subprocess.STDOUT)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    lines = text.splitlines()
+    assert "\r" not in text and "\x1b[" not in text  # no redrawn bar, no colour codes
+    # paths of about 200 characters, each on the one line of its message
+    assert f"Results saved to {out / 'joint' / 'fold_1'}; use {out / 'joint'} (the last stage) with" in text
+    assert any(x.startswith(f"Results saved to {out / 'joint' / 'fold_1'}; use {out / 'joint'} ") for x in lines)
+    for stage, epochs in (("unary", 2), ("crf", 1), ("joint", 1)):
+        for e in range(1, epochs + 1):
+            # epochs of the stage: "epoch e/N  loss ...  val IoU acc@T ...  IoR acc ...  1.2s" on one line
+            hits = [x for x in lines if x.startswith(f"epoch {e}/{epochs} ") and " loss " in x and "val IoU acc" in x]
+            assert hits, (stage, e, text)
+        done_line = [x for x in lines if x.startswith(f"Fold 1, stage {stage} done: {epochs} epoch(s), last loss ")]
+        assert len(done_line) == 1 and " s (" in done_line[0] and str(out / stage / "fold_1") in done_line[0], text
+    assert sum(1 for x in lines if x.startswith("epoch ")) == 4
+
+    quiet_log = tmp_path / "quiet.log"
+    with open(quiet_log, "w") as fh:
+        done = subprocess.run(_cli(*[a if a != str(out) else str(out) + "_q" for a in args], "--quiet"), env=env,
+                              stdout=fh, stderr=subprocess.STDOUT)
+    quiet = quiet_log.read_text().splitlines()
+    assert done.returncode == 0, quiet
+    for stage in ("unary", "crf", "joint"):
+        assert any(x.startswith(f"Fold 1, stage {stage} (") for x in quiet), quiet
+        assert any(x.startswith(f"Fold 1, stage {stage} done: ") for x in quiet), quiet
+    assert not any(x.startswith("epoch ") for x in quiet)

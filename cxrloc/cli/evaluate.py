@@ -19,6 +19,8 @@ Example:
   cxrloc evaluate runs/paper --tta 5          # average 5 shifted views per image
 
   cxrloc evaluate runs/paper --data prepared/other_site   # an external test set -> runs/paper/eval_on_other_site/
+
+  cxrloc evaluate runs/paper --geometry both  # also the patch-grid tables, beside the paper's Table 1
 """
 
 
@@ -28,8 +30,9 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "evaluate",
         help="Localization accuracy on each fold's test images (or an external test set, --data) beside the "
-        "data-free prior and, on NIH data, the paper's Table 1; writes RUN_DIR/eval/ (results.csv/.json/.md, "
-        "per_image.csv; eval_val/ for --split val, eval_on_NAME/ for --data).\n"
+        "data-free prior and, on NIH data, the paper's Table 1 (beside the grid tables); writes RUN_DIR/eval/ "
+        "(results.csv/.json/.md, per_image.csv; eval_val/ for --split val, eval_on_NAME/ for --data; a folder holding "
+        "an evaluation with other options is never replaced: use --out).\n"
         + EXAMPLE,
     )
     def evaluate(
@@ -45,8 +48,16 @@ def register(app: typer.Typer) -> None:
         tta: int = typer.Option(1, "--tta", help="Test-time views averaged per image (1: none; up to 9)."),
         data: Path | None = typer.Option(
             None, "--data", help="An external test set: a PREPARED_DIR (same --size as the run's). Every fold's model "
-            "scores every boxed image of it (with --fold N: fold N's model on its fold N test images); classes are "
-            "matched by name. Writes RUN_DIR/eval_on_NAME/."
+            "(with --fold N: fold N's) scores every boxed image of it, whatever its folds; classes are matched by "
+            "name. Writes RUN_DIR/eval_on_NAME/."
+        ),
+        geometry: str = typer.Option(
+            "exact", "--geometry", help="Tables shown: exact (box areas exactly, the default), grid (the box rounded "
+            "onto the patch grid as in the public Li et al. code: compare these with published tables) or both. "
+            "Both are always saved."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", help="Evaluation folder (default RUN_DIR/eval, eval_val, eval_on_NAME, +_ttaN)."
         ),
     ) -> None:
         from cxrloc.evaluation.evaluate import evaluate as run_evaluate
@@ -55,10 +66,13 @@ def register(app: typer.Typer) -> None:
         choices = {"iou": ("iou",), "ior": ("ior",), "both": ("iou", "ior")}
         if metric not in choices:
             raise CxrlocError(f"--metric must be iou, ior or both, got {metric!r}.")
+        geometries = {"exact": ("exact",), "grid": ("grid",), "both": ("exact", "grid")}
+        if geometry not in geometries:
+            raise CxrlocError(f"--geometry must be exact, grid or both, got {geometry!r}.")
         result = run_evaluate(
             run_dir, metrics=choices[metric], ts=t, fold=fold, device=device, which=which, batch_size=batch_size,
-            split=split, tta=tta, data=data,
+            split=split, tta=tta, data=data, out_dir=out,
         )
-        for table in rich_tables(result, console.width):
+        for table in rich_tables(result, console.width, geometries=geometries[geometry]):
             console.print(table)
         console.print(f"Results saved to {result['out_dir']}")

@@ -82,12 +82,17 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the unannotated sampling."),
         workers: int = typer.Option(1, "--workers", "-j", help="Decoding processes."),
+        labels_from_boxes: bool = typer.Option(
+            True, "--labels-from-boxes/--no-labels-from-boxes", help="Give an image the label of each class it has "
+            "a box of when its table lacks it (default; the summary counts them per class). --no-labels-from-boxes "
+            "keeps the table's labels as they are (AUROC and labels per image then use them)."
+        ),
         strict: bool = typer.Option(
             False, "--strict", help="Fail (exit 2, nothing written) instead of dropping or changing any input: "
             "missing or unreadable annotated images, skipped, duplicate or clipped box rows."
         ),
     ) -> None:
-        from cxrloc.data.prepare import StrictError, prepare, problems_table, summary_line
+        from cxrloc.data.prepare import StrictError, labels_line, prepare, problems_table, summary_line
 
         try:
             result = prepare(
@@ -107,6 +112,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 workers=workers,
                 strict=strict,
+                labels_from_boxes=labels_from_boxes,
             )
         except StrictError as exc:
             table = problems_table(exc.problems)
@@ -120,5 +126,8 @@ def register(app: typer.Typer) -> None:
         for note in fingerprint.get("notes", []):
             console.print(f"[yellow]Note:[/] {note}")
         console.print(summary_line(result))
+        line = labels_line(result)
+        if line:
+            console.print(line)
         console.print(f"Results saved to {result} (images.u8, manifest.csv, classes.json, fingerprint.json, "
                       "splits.json)")

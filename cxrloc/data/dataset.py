@@ -59,6 +59,7 @@ def split_train_val(prepared: Prepared, fold: int, val_fraction: float, seed: in
     Returns:
         ``(train_ids, val_ids)``, each in manifest order.
     """
+    prepared.check_splits()  # the check prepare runs: an edited splits.json is checked before training
     lists = prepared.fold(fold)
     annotated = set(lists["train_annotated"])
     train_all = list(dict.fromkeys(lists["train_annotated"] + lists["train_unannotated"]))

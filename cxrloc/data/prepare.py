@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +48,9 @@ from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
 from cxrloc.data.prepared import CACHE_VERSION, CLASSES_FILE, ClassList, manifest_columns
 from cxrloc.data.source import Columns
 from cxrloc.data.splits import (
-    SPLIT_KEYS,
+    HAND_MADE_HINT,
     check_splits,
+    is_hand_made,
     load_splits,
     make_splits,
     sample_unannotated,
@@ -463,6 +464,7 @@ def prepare(
     workers: int = 1,
     progress: bool = True,
     strict: bool = False,
+    labels_from_boxes: bool = True,
 ) -> Path:
     """Prepare a dataset for training; see the module docstring and docs/data.md.
 
@@ -491,6 +493,10 @@ def prepare(
             of the tables stop it before anything is written; unreadable images stop it after the
             decoding pass, before the manifest, fingerprint and splits are written (a folder that
             did not exist before is removed again).
+        labels_from_boxes: give an image the label of each class it has a box of, where its table
+            lacks that label (counted per class in ``fingerprint.json`` and the summary); ``False``
+            keeps the table's labels as they are (the AUROC and "labels per image" of ``evaluate``
+            then use them; training still treats a boxed class as present on that image).
 
     Everything dropped or changed is listed in ``fingerprint.json`` under ``problems``
     (:func:`problems_table` shows it); the class list goes to ``classes.json``.
@@ -518,15 +524,13 @@ def prepare(
         raise CxrlocError(f"--workers must be at least 1, got {workers}")
     if not 0.0 <= unannotated_fraction <= 1.0:
         raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
-    if folds < 2:
-        raise CxrlocError(f"--folds must be at least 2, got {folds}")
     column_names = Columns.parse(columns)
     check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
     source = open_source(data_format, data_dir, SourceOptions(data_entry=data_entry, bbox_list=bbox_list,
                                                               labels=labels, boxes=boxes, columns=column_names,
                                                               classes=classes))
     command = _command(data_dir, data_format, data_entry, bbox_list, labels, boxes, column_names, classes, images,
-                       folds, unannotated_fraction, seed)
+                       folds, unannotated_fraction, seed, size=size, out=out, labels_from_boxes=labels_from_boxes)
 
     entries = source.entries
     class_names = list(source.classes)
@@ -579,6 +583,11 @@ def prepare(
                 "fix it or delete it to recompute the folds"
             )
     else:
+        if folds < 2:
+            raise CxrlocError(
+                f"--folds must be at least 2 to make cross-validation folds, got {folds}; for one hand-made split "
+                f'write {splits_path} yourself with "seed": null (docs/data.md, "Hand-made splits")'
+            )
         pool = sample_unannotated(unannotated_ids, unannotated_fraction, seed)
         wanted = annotated_ids | set(pool)
 
@@ -626,16 +635,18 @@ def prepare(
             usable_annotated, pool_ok, folds=folds, seed=seed, unannotated_fraction=unannotated_fraction
         )
 
-    # Labels: the tables', plus the class of every box (a box is a positive finding).
+    # Labels: the tables', plus (labels_from_boxes) the class of every box (a box is a positive finding).
     label_matrix = entries.loc[present, class_names].to_numpy(dtype=np.uint8).copy()
     row_of = {i: n for n, i in enumerate(ids[present])}
-    added = 0
+    added_per_class = np.zeros(len(class_names), dtype=np.int64)
     for image_id, bs in boxes_of.items():
-        if image_id in row_of:
-            for k, *_ in bs:
+        if image_id in row_of and image_id not in failed_ids:
+            for k in sorted({int(b[0]) for b in bs}):
                 if label_matrix[row_of[image_id], k] == 0:
-                    label_matrix[row_of[image_id], k] = 1
-                    added += 1
+                    added_per_class[k] += 1
+                    if labels_from_boxes:
+                        label_matrix[row_of[image_id], k] = 1
+    added = int(added_per_class.sum())
     manifest = entries.loc[present, ["image_id", "patient_id", "follow_up", "view_position"]].copy()
     manifest[class_names] = label_matrix
     manifest["annotated"] = [int(i in boxes_of) for i in manifest["image_id"]]
@@ -671,9 +682,11 @@ def prepare(
         "parameters": {
             "size": size,
             "folds": len(splits["folds"]),
-            "unannotated_fraction": splits["unannotated_fraction"],
-            "seed": splits["seed"],
+            "unannotated_fraction": splits.get("unannotated_fraction"),
+            "seed": splits.get("seed"),
             "splits_reused": reused,
+            "splits_hand_made": is_hand_made(splits),
+            "labels_from_boxes": labels_from_boxes,
             "command": command,
         },
         "classes": {"names": class_names, "boxed": list(class_list.boxed),
@@ -694,7 +707,11 @@ def prepare(
             "boxes": sum(len(boxes_of[i]) for i in usable_annotated),
             "boxes_clipped": len(box_list.clipped),
             "box_rows_skipped": len(box_skipped),
-            "labels_added_from_boxes": added,
+            "labels_added_from_boxes": added if labels_from_boxes else 0,
+            "labels_added_from_boxes_per_class": {
+                c: int(n) for c, n in zip(class_names, added_per_class, strict=True) if n and labels_from_boxes},
+            "labels_missing_for_boxes": {
+                c: int(n) for c, n in zip(class_names, added_per_class, strict=True) if n and not labels_from_boxes},
             "problems": {k: n for k in PROBLEM_KINDS if (n := sum(p.kind == k for p in problems))},
         },
         "skipped": [{"image_id": i, "reason": reason} for i, reason in sorted({**failed_ids, **no_size}.items())],
@@ -721,9 +738,13 @@ def _command(
     folds: int,
     fraction: float,
     seed: int,
+    *,
+    size: int,
+    out: Path,
+    labels_from_boxes: bool = True,
 ) -> list[str]:
-    """The ``cxrloc prepare`` arguments that read the same data (paths as given, without --out,
-    --size and --workers): :func:`prepare_command` makes a copy at another size from them."""
+    """The ``cxrloc prepare`` command that makes this folder again (paths as given, without --workers):
+    :func:`prepare_command` makes a copy at another size from it."""
     args = ["cxrloc", "prepare", str(data_dir)]
     if data_format != "nih":
         args += ["--format", data_format]
@@ -736,7 +757,14 @@ def _command(
         args += ["--classes", ",".join(classes)]
     for folder in images:
         args += ["--images", str(folder)]
-    return args + ["--folds", str(folds), "--unannotated-fraction", f"{fraction:g}", "--seed", str(seed)]
+    if not labels_from_boxes:
+        args += ["--no-labels-from-boxes"]
+    args += ["--folds", str(folds), "--unannotated-fraction", f"{fraction:g}", "--seed", str(seed)]
+    return args + ["--size", str(size), "--out", str(out)]
+
+
+_OWN_OPTIONS: tuple[str, ...] = ("--size", "--out", "-o")
+"""Options of a recorded command that :func:`prepare_command` replaces."""
 
 
 def prepare_command(prepared: str | os.PathLike[str], *, size: int, out: str | os.PathLike[str]) -> str:
@@ -757,7 +785,16 @@ def prepare_command(prepared: str | os.PathLike[str], *, size: int, out: str | o
         folders = inputs.get("image_folders") if isinstance(inputs, dict) else None
         folders = [str(f) for f in folders] if isinstance(folders, list) and folders else ["DATA_DIR"]
         args = ["cxrloc", "prepare", folders[0], *[a for f in folders[1:] for a in ("--images", f)]]
-    return shlex.join([*args, "--size", str(size), "--out", str(out)])
+    kept: list[str] = []
+    skip = False
+    for a in args:  # a command recorded since 0.x carries its own --size and --out
+        if skip:
+            skip = False
+        elif a in _OWN_OPTIONS:
+            skip = True
+        else:
+            kept.append(a)
+    return shlex.join([*kept, "--size", str(size), "--out", str(out)])
 
 
 def _cache_bytes_needed(out: Path, count: int, size: int) -> int:
@@ -772,29 +809,60 @@ def _cache_bytes_needed(out: Path, count: int, size: int) -> int:
 
 
 def _check_parameters(splits: dict[str, Any], path: Path, *, folds: int, seed: int, fraction: float) -> None:
+    """A reused cxrloc-made ``splits.json`` must match the options; a hand-made one (``"seed": null``)
+    is reused whatever they say."""
+    if is_hand_made(splits):
+        return
     have = (len(splits["folds"]), splits.get("seed"), float(splits.get("unannotated_fraction", -1)))
     if have != (folds, seed, float(fraction)):
         raise CxrlocError(
-            f"{path} was made with --folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]}, "
-            f"not --folds {folds} --seed {seed} --unannotated-fraction {fraction}; "
-            "pass the same options to reuse it, or delete it to recompute the folds"
+            f"{path} was made with --folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]:g}, "
+            f"not --folds {folds} --seed {seed} --unannotated-fraction {fraction:g}; pass "
+            f"--folds {have[0]} --seed {have[1]} --unannotated-fraction {have[2]:g} to reuse it, {HAND_MADE_HINT}, "
+            "or delete it to recompute the folds"
         )
-    for f in splits["folds"]:
-        for key in SPLIT_KEYS:
-            if len(set(f[key])) != len(f[key]):
-                raise CxrlocError(f"{path}: fold {f['fold']} {key} lists an image twice; fix it or delete it")
+
+
+def _per_class(counts: Mapping[str, int], limit: int = 20) -> str:
+    items = [f"{c} {n}" for c, n in counts.items()]
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 def summary_line(out: Path) -> str:
-    """One line describing a prepared folder (for the CLI's closing message)."""
+    """One line describing a prepared folder (for the CLI's closing message): the images, and the
+    classes with the number of boxes each has in this data (not the classes that may carry boxes)."""
     fp = read_json(out / "fingerprint.json", "fingerprint")
     c = fp["counts"]
     classes = fp.get("classes") or {}
-    names, boxed = classes.get("names", []), classes.get("boxed", [])
-    shown = ", ".join(names) if len(names) <= 20 else ", ".join(names[:20]) + ", ..."
-    return (
+    names = classes.get("names", [])
+    boxes = {k: int(v) for k, v in (classes.get("boxes") or {}).items() if int(v) > 0}
+    if not boxes and classes.get("boxed"):  # a folder prepared before the counts were recorded
+        boxes = {k: 0 for k in classes["boxed"]}
+    without = [n for n in names if n not in boxes]
+    text = (
         f"{c['cached']} images cached ({c['annotated']} annotated, {c['unannotated_pool']} unannotated in the pool), "
         f"{c['missing']} missing, {c['skipped']} skipped"
         + (f"; {sum(c['problems'].values())} input(s) dropped or changed" if c.get("problems") else "")
-        + (f"; {len(names)} classes ({len(boxed)} with boxes): {shown}" if names else "")
     )
+    if names:
+        text += f"; {len(names)} classes ({len(boxes)} with boxes): boxes per class {_per_class(boxes) or 'none'}"
+        if without:
+            text += f"; no box: {', '.join(without[:20])}{', ...' if len(without) > 20 else ''}"
+    return text
+
+
+def labels_line(out: Path) -> str | None:
+    """The labels that boxes added (per class), or that the table lacks for a box when
+    ``--no-labels-from-boxes`` kept the table's labels; ``None`` when the table labels every box."""
+    fp = read_json(out / "fingerprint.json", "fingerprint")
+    c = fp.get("counts", {})
+    added = c.get("labels_added_from_boxes_per_class") or {}
+    missing = c.get("labels_missing_for_boxes") or {}
+    if added:
+        return (f"Labels added from boxes (the table lacked them): {sum(added.values())} image labels, "
+                f"{_per_class(added)}; they count in AUROC and labels per image; --no-labels-from-boxes keeps "
+                "the table's labels")
+    if missing:
+        return (f"Boxes without the table's label, kept unlabelled (--no-labels-from-boxes): "
+                f"{sum(missing.values())} image labels, {_per_class(missing)}")
+    return None

@@ -262,6 +262,30 @@ class Prepared:
         """Whether the image carries at least one box."""
         return bool(self.manifest["annotated"].iat[self._pos(image_id)])
 
+    def check_splits(self) -> None:
+        """Check ``splits.json`` against this folder's cached images, with the one check ``prepare``
+        runs too (:func:`cxrloc.data.splits.check_splits`; a hand-made split, ``"seed": null``, needs
+        only the rules of every split).
+
+        Raises:
+            CxrlocError: the first rule broken, naming the file, the fold and the image.
+        """
+        from cxrloc.data.splits import check_splits, check_structure
+
+        path = self.root / "splits.json"
+        check_structure(self.splits, path)
+        m = self.manifest
+        cached = m["cache_index"].to_numpy() >= 0
+        annotated = m["annotated"].to_numpy().astype(bool)
+        patients = m["patient_id"].tolist()
+        ids = list(m.index)
+        check_splits(
+            self.splits,
+            {i: p for i, p, a, c in zip(ids, patients, annotated, cached, strict=True) if a and c},
+            {i: p for i, p, a, c in zip(ids, patients, annotated, cached, strict=True) if not a and c},
+            where=str(path),
+        )
+
     def fold(self, k: int) -> dict[str, list[str]]:
         """Fold ``k``'s lists: ``{"test": [...], "train_annotated": [...], "train_unannotated": [...]}``."""
         if not 0 <= k < self.num_folds:

@@ -5,9 +5,16 @@ Format (a file users may read and edit; ``cxrloc prepare`` reuses it when it exi
     {"version": 1, "seed": S, "group_by": "patient", "unannotated_fraction": F,
      "folds": [{"fold": 0, "test": [ids], "train_annotated": [ids], "train_unannotated": [ids]}, ...]}
 
-Rules (checked by :func:`check_splits`):
+Rules of every splits file, hand-made or not (checked by :func:`check_splits`, the one check that
+``cxrloc prepare`` and ``cxrloc train`` both run):
+- every id is a usable image of the prepared folder: test and ``train_annotated`` ids annotated,
+  ``train_unannotated`` ids unannotated; no list names an image twice;
+- a fold's training lists contain no image and no patient of that fold's test set.
+
+Rules of the cross-validation ``prepare`` makes (``"seed"`` an integer), checked too unless the file
+says ``"seed": null`` (a **hand-made** split, e.g. train on one set of patients, test on another:
+``prepare`` then reuses it whatever ``--folds``, ``--seed`` and ``--unannotated-fraction`` say):
 - the folds' test sets partition the annotated images;
-- a fold's training lists contain no patient of that fold's test set;
 - ``train_annotated`` of fold k is every annotated image outside fold k's test set;
 - ``train_unannotated`` of fold k is the unannotated pool minus the images of fold k's test patients,
   where the pool is a seed-sampled fraction F of the usable unannotated images.
@@ -136,10 +143,25 @@ def write_splits(path: str | os.PathLike[str], splits: Mapping[str, Any]) -> Pat
     return write_text_atomic(path, dumps_splits(splits))
 
 
+HAND_MADE_HINT = 'or set "seed": null in it to use it as a hand-made split (docs/data.md, "Hand-made splits")'
+"""The advice that makes an edited ``splits.json`` usable as it is."""
+
+
+def is_hand_made(splits: Mapping[str, Any]) -> bool:
+    """Whether a splits file is marked hand-made (``"seed": null``): not a cxrloc cross-validation."""
+    return splits.get("seed", 0) is None
+
+
 def load_splits(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``splits.json`` and check its structure (not its content; see :func:`check_splits`)."""
     path = Path(path)
     obj = read_json(path, "splits", hint="fix it or delete it to recompute")
+    check_structure(obj, path)
+    return obj
+
+
+def check_structure(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Check the structure of a parsed splits file (version, folds numbered 0.., lists of ids)."""
     if not isinstance(obj, dict) or obj.get("version") != SPLITS_VERSION or not isinstance(obj.get("folds"), list):
         raise CxrlocError(f"{path}: not a version-{SPLITS_VERSION} splits file; fix it or delete it to recompute")
     for k, f in enumerate(obj["folds"]):
@@ -148,7 +170,10 @@ def load_splits(path: str | os.PathLike[str]) -> dict[str, Any]:
         for key in SPLIT_KEYS:
             if not isinstance(f.get(key), list) or not all(isinstance(i, str) for i in f[key]):
                 raise CxrlocError(f"{path}: folds[{k}][{key!r}] must be a list of image ids")
-    return obj
+    if not obj["folds"]:
+        raise CxrlocError(f"{path}: no fold; fix it or delete it to recompute")
+    if not (obj.get("seed") is None or isinstance(obj.get("seed"), int)):
+        raise CxrlocError(f'{path}: "seed" must be an integer, or null for a hand-made split')
 
 
 def check_splits(
@@ -160,6 +185,9 @@ def check_splits(
 ) -> None:
     """Check splits against the usable images; raise :class:`CxrlocError` on the first violation.
 
+    The rules of every split, and those of a cross-validation unless the file is hand-made
+    (``"seed": null``; see the module docstring). ``cxrloc prepare`` and ``cxrloc train`` both call it.
+
     Args:
         splits: parsed splits.
         annotated: usable annotated image id -> patient id.
@@ -167,20 +195,29 @@ def check_splits(
         where: name used in messages.
     """
     hint = "; fix it or delete it to recompute the folds"
+    cv_hint = f"; fix it, {HAND_MADE_HINT}, or delete it to recompute the folds"
+    hand_made = is_hand_made(splits)
     seen: dict[str, int] = {}
     for f in splits["folds"]:
         k = f["fold"]
+        for key in SPLIT_KEYS:
+            if len(set(f[key])) != len(f[key]):
+                raise CxrlocError(f"{where}: fold {k} {key} lists an image twice{hint}")
         for i in f["test"]:
             if i not in annotated:
                 raise CxrlocError(f"{where}: fold {k} test image {i!r} is not a usable annotated image{hint}")
-            if i in seen:
-                raise CxrlocError(f"{where}: image {i!r} is in the test sets of folds {seen[i]} and {k}{hint}")
+            if i in seen and not hand_made:
+                raise CxrlocError(f"{where}: image {i!r} is in the test sets of folds {seen[i]} and {k}{cv_hint}")
             seen[i] = k
     missing = sorted(set(annotated) - set(seen))
-    if missing:
-        raise CxrlocError(f"{where}: {len(missing)} annotated image(s) are in no test set (first {missing[0]!r}){hint}")
+    if missing and not hand_made:
+        raise CxrlocError(
+            f"{where}: {len(missing)} annotated image(s) are in no test set (first {missing[0]!r}){cv_hint}"
+        )
     for f in splits["folds"]:
         k = f["fold"]
+        if not f["test"]:
+            raise CxrlocError(f"{where}: fold {k} has no test image{hint}")
         test_patients = {annotated[i] for i in f["test"]}
         for i in f["train_annotated"]:
             if i not in annotated:
@@ -198,7 +235,7 @@ def check_splits(
                 raise CxrlocError(
                     f"{where}: fold {k} {key} image {leak[0]!r} belongs to a test patient of that fold{hint}"
                 )
-        overlap = set(f["test"]) & set(f["train_annotated"])
+        overlap = set(f["test"]) & (set(f["train_annotated"]) | set(f["train_unannotated"]))
         if overlap:
             raise CxrlocError(f"{where}: fold {k} image {sorted(overlap)[0]!r} is both test and train{hint}")
 

@@ -10,15 +10,21 @@ the number of labelled findings. Then mean and standard deviation over folds. Th
 (``results.{json,csv,md}``, ``per_image.csv``, ``per_image_classes.csv`` and the terminal tables) are
 made by :mod:`cxrloc.evaluation.report` from the ``results.json`` content built here.
 
-**An external test set** (``data=PREPARED_DIR``): each fold's model scores every boxed image of
-another prepared folder (or that folder's fold-k test images when one fold k is asked for), with
-the same metrics; the priors are still fitted on the run's own training boxes. Classes are matched
+**An external test set** (``data=PREPARED_DIR``): each fold's model (or the one fold asked for)
+scores every boxed image of another prepared folder, whatever its folds (an external set is all
+test), with the same metrics; the priors are still fitted on the run's own training boxes. Classes are matched
 by name: the report's classes are the run's, then the test data's classes the run does not know;
 a class the run does not know, or that has no box (no label) in the test data, is n/a.
 
-The "mean" column averages the *boxed classes*: NIH's 8 (the paper's) for NIH data, else the
-classes that carry boxes in the run's or the test data (``classes.json``); the paper's Table 1
-is added beside NIH results only.
+The "mean" column averages the *boxed classes* that have a test box: NIH's 8 (the paper's) for NIH
+data, else the classes that carry boxes in the run's or the test data (``classes.json``). The
+paper's Table 1 is kept beside NIH results only when every fold's test boxes cover all of NIH's 8
+classes (the set its means are over), and is shown beside the ``grid`` tables only.
+
+**Two geometries** (:data:`cxrloc.geometry.GEOMETRIES`): every box is scored ``exact`` (today's
+default) and ``grid`` (the box rasterised onto the patch grid as in the public Li et al. code, the
+geometry of published tables); both are in every file. Threshold fitting and the priors' choice of
+q stay on the exact geometry (they are cxrloc's, not the paper's).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from cxrloc.evaluation.metrics import (
 )
 from cxrloc.evaluation.prior import boxes_by_class, fit_prior, fit_prior_per_t
 from cxrloc.evaluation.report import METHODS, PAPER_T, PAPER_TABLE1, nan_to_none, write_reports
+from cxrloc.geometry import GEOMETRIES
 from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.thresholds import Thresholds
-from cxrloc.utils import CxrlocError, check_writable_dir
+from cxrloc.utils import CxrlocError, check_writable_dir, read_json
 
 DEFAULT_TS: tuple[float, ...] = (0.1, 0.3, 0.5)
 SPLITS: tuple[str, ...] = ("test", "val")
@@ -146,7 +153,6 @@ def evaluate_fold(
     split: str = "test",
     tta: int = 1,
     data: Prepared | None = None,
-    data_fold: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model and both priors on one fold's test (or validation) images.
 
@@ -154,16 +160,17 @@ def evaluate_fold(
     split, ``train_ids`` alone for the validation split (never a box of the images scored).
 
     Args:
-        data: an external test set (another prepared folder): every boxed image of it, or its fold
-            ``data_fold``'s test images. Its cache must have the image size of the run's. The
-            priors stay those of the run's own training boxes.
+        data: an external test set (another prepared folder): every boxed image of it, whatever its
+            folds. Its cache must have the image size of the run's. The priors stay those of the
+            run's own training boxes.
 
     Returns:
         dict with ``fold``, ``checkpoint``, ``test_images``, ``classes`` (the K classes of every array:
         the run's, then the test data's classes the run does not know), ``not_in_run`` and
         ``not_in_data`` (class names), ``count`` (K,), ``model``, ``prior`` and ``prior_t`` (each
-        ``{"iou": (K, T), "ior": (K, T)}`` accuracy, NaN for a class without boxes or unknown to the
-        run), ``auroc`` (K,), ``rows`` (per-box dicts with ``image_id``, ``fold``, and the ``score``,
+        ``{"iou": (K, T), "ior": (K, T)}`` accuracy in the exact geometry, NaN for a class without boxes or
+        unknown to the run), ``grid`` (the same three under the grid geometry), ``auroc`` (K,), ``rows``
+        (per-box dicts with ``image_id``, ``fold``, and the ``score``,
         ``probability`` and ``present`` of the box's class), ``prior_info``, ``prior_t_q``,
         ``classification`` (:func:`classification`), ``operating_point`` and ``class_rows`` (one dict
         per image and class: ``label``, ``score``, ``probability``, ``present``).
@@ -187,11 +194,9 @@ def evaluate_fold(
     else:
         test = data
         check_external(tf.prepared, data, tf.fold_dir.path.parent)
-        pool = data.ids if data_fold is None else data.fold(data_fold)["test"]
-        ids = [i for i in pool if data.is_annotated(i)]
+        ids = [i for i in data.ids if data.is_annotated(i)]
         if not ids:
-            where = "" if data_fold is None else f" in fold {data_fold}'s test set"
-            raise CxrlocError(f"{data.root} holds no image with a box{where}; nothing to evaluate.")
+            raise CxrlocError(f"{data.root} holds no image with a box; nothing to evaluate.")
     # Classes by name: the run's (model outputs), then the test data's the run does not know.
     data_classes = list(test.classes)
     not_in_run = [c for c in data_classes if c not in run_classes]
@@ -240,6 +245,7 @@ def evaluate_fold(
         row["image_id"] = ids[i]
         row["fold"] = tf.fold
         row["prior_iou"], row["prior_ior"] = prow["iou"], prow["ior"]
+        row["prior_iou_grid"], row["prior_ior_grid"] = prow["iou_grid"], prow["ior_grid"]
         row["score"] = float(scores[i, k])
         row["probability"] = None if probs is None else float(probs[i, k])
         row["present"] = bool(present[i, k])
@@ -274,6 +280,11 @@ def evaluate_fold(
         "model": {m: _extend(v, extra) for m, v in table["accuracy"].items()},
         "prior": {m: _extend(v, extra) for m, v in prior_table["accuracy"].items()},
         "prior_t": {m: _extend(v, extra) for m, v in prior_t["accuracy"].items()},
+        "grid": {
+            "model": {m: _extend(v, extra) for m, v in table["grid"]["accuracy"].items()},
+            "prior": {m: _extend(v, extra) for m, v in prior_table["grid"]["accuracy"].items()},
+            "prior_t": {m: _extend(v, extra) for m, v in prior_t["grid"].items()},
+        },
         "auroc": cls["auroc"],
         "rows": rows,
         "prior_info": prior.to_json(run_classes),
@@ -315,38 +326,44 @@ def per_t_prior_accuracy(
     """Accuracy of the per-T prior (q chosen on the training boxes for each T) on ``boxes``.
 
     Returns:
-        ``{"accuracy": {"iou": (K, T), "ior": (K, T)}, "q": {T: [q_k or None]}}``: column j of each
-        array is the prior fitted for ``ts[j]``, scored at ``ts[j]``.
+        ``{"accuracy": {"iou": (K, T), "ior": (K, T)}, "grid": {...the same in the grid geometry},
+        "q": {T: [q_k or None]}}``: column j of each array is the prior fitted for ``ts[j]`` (q chosen
+        in the exact geometry), scored at ``ts[j]``.
     """
     priors = fit_prior_per_t(train_boxes, patch_grid, ts, num_classes=num_classes)
     acc = {m: np.full((num_classes, len(ts)), np.nan) for m in METRICS}
+    grid = {m: np.full((num_classes, len(ts)), np.nan) for m in METRICS}
     for j, t in enumerate(ts):
         table = localization_table(priors[float(t)].predict(len(boxes)), boxes, [t])
         for m in METRICS:
             acc[m][:, j] = table["accuracy"][m][:, 0]
+            grid[m][:, j] = table["grid"]["accuracy"][m][:, 0]
     q = {f"{t:g}": [nan_to_none(float(v)) for v in priors[float(t)].q] for t in ts}
-    return {"accuracy": acc, "q": q}
+    return {"accuracy": acc, "grid": grid, "q": q}
 
 
 def summarise(folds: list[dict[str, Any]], ts: Sequence[float], boxed: Sequence[int]) -> dict[str, Any]:
     """Mean and std over folds of per-class accuracies, of the boxed-class means (``boxed``: class
     indices), of the AUROC and of the sensitivity and specificity at the operating point; classes called
     present and labelled findings per image pooled over every fold's images."""
-    out: dict[str, Any] = {}
-    for method in METHODS:
-        out[method] = {}
-        for m in METRICS:
-            per = np.stack([f[method][m] for f in folds])  # (F, K, T)
-            means = np.stack([_boxed_mean(f[method][m], f["count"], boxed) for f in folds])  # (F, T)
-            pc_mean, pc_std = _mean_std(per)
-            b_mean, b_std = _mean_std(means)
-            out[method][m] = {
-                "per_class_mean": pc_mean,
-                "per_class_std": pc_std,
-                "boxed_mean": b_mean,
-                "boxed_mean_std": b_std,
-                "per_fold_boxed_mean": means,
-            }
+    out: dict[str, Any] = {"grid": {}}
+    for geometry in GEOMETRIES:
+        where = out if geometry == "exact" else out["grid"]
+        for method in METHODS:
+            where[method] = {}
+            for m in METRICS:
+                accs = [f[method][m] if geometry == "exact" else f["grid"][method][m] for f in folds]
+                per = np.stack(accs)  # (F, K, T)
+                means = np.stack([_boxed_mean(a, f["count"], boxed) for a, f in zip(accs, folds, strict=True)])
+                pc_mean, pc_std = _mean_std(per)
+                b_mean, b_std = _mean_std(means)
+                where[method][m] = {
+                    "per_class_mean": pc_mean,
+                    "per_class_std": pc_std,
+                    "boxed_mean": b_mean,
+                    "boxed_mean_std": b_std,
+                    "per_fold_boxed_mean": means,
+                }
     a_mean, a_std = _mean_std(np.stack([f["auroc"] for f in folds]))
     out["auroc"] = {"mean": a_mean, "std": a_std}
     for key in ("sensitivity", "specificity"):
@@ -384,17 +401,22 @@ def results_json(
     def counts(arr: np.ndarray) -> dict[str, int]:
         return dict(zip(names, [int(c) for c in arr], strict=True))
 
-    summ: dict[str, Any] = {}
-    for method in METHODS:
-        summ[method] = {
-            m: {
-                "per_class_mean": per_class(summary[method][m]["per_class_mean"]),
-                "per_class_std": per_class(summary[method][m]["per_class_std"]),
-                "boxed_mean": vec(summary[method][m]["boxed_mean"]),
-                "boxed_mean_std": vec(summary[method][m]["boxed_mean_std"]),
+    def methods(source: dict[str, Any]) -> dict[str, Any]:
+        return {
+            method: {
+                m: {
+                    "per_class_mean": per_class(source[method][m]["per_class_mean"]),
+                    "per_class_std": per_class(source[method][m]["per_class_std"]),
+                    "boxed_mean": vec(source[method][m]["boxed_mean"]),
+                    "boxed_mean_std": vec(source[method][m]["boxed_mean_std"]),
+                }
+                for m in source[method]
             }
-            for m in summary[method]
+            for method in METHODS
         }
+
+    summ: dict[str, Any] = methods(summary)  # the exact geometry, at the top level as before
+    summ["grid"] = methods(summary["grid"])
     summ["auroc"] = {"mean": by_class(summary["auroc"]["mean"]), "std": by_class(summary["auroc"]["std"])}
     summ["classification"] = {
         "operating_points": [f["operating_point"]["description"] for f in folds],
@@ -417,6 +439,11 @@ def results_json(
             "model_boxed_mean": {m: vec(_boxed_mean(f["model"][m], f["count"], boxed)) for m in METRICS},
             "prior_boxed_mean": {m: vec(_boxed_mean(f["prior"][m], f["count"], boxed)) for m in METRICS},
             "prior_t_boxed_mean": {m: vec(_boxed_mean(f["prior_t"][m], f["count"], boxed)) for m in METRICS},
+            "grid": {
+                **{method: {m: per_class(f["grid"][method][m]) for m in METRICS} for method in METHODS},
+                **{f"{method}_boxed_mean": {m: vec(_boxed_mean(f["grid"][method][m], f["count"], boxed))
+                                            for m in METRICS} for method in METHODS},
+            },
             "auroc": by_class(f["auroc"]),
             "classification": {
                 "operating_point": f["operating_point"],
@@ -431,9 +458,13 @@ def results_json(
         }
         for f in folds
     ]
+    averaged = [names[k] for k in boxed if any(int(f["count"][k]) > 0 and not np.all(np.isnan(f["model"]["iou"][k]))
+                                              for f in folds)]
     out: dict[str, Any] = {
         "classes": names,
         "boxed_classes": [names[k] for k in boxed],
+        "averaged_classes": averaged,
+        "geometries": list(GEOMETRIES),
         "summary": summ,
         "per_fold": per_fold,
     }
@@ -476,12 +507,15 @@ def evaluate(
         progress: progress bars.
         batch_size: images per forward pass.
         out_dir: where to write (default ``RUN_DIR/eval``, ``RUN_DIR/eval_val`` for ``split="val"``,
-            ``RUN_DIR/eval_on_NAME`` for an external test set ``data`` named NAME; with ``_ttaN``
-            appended for test-time augmentation).
+            ``RUN_DIR/eval_on_NAME`` for an external test set ``data`` named NAME; then ``_foldN`` when
+            one fold of several is evaluated, ``_last`` for the last checkpoint, ``_ttaN`` for test-time
+            augmentation, so evaluations with other options never share a folder). A folder that holds
+            an evaluation made with other options (:data:`SETTINGS`) is never replaced:
+            :func:`check_same_settings`.
         split: ``test`` (the fold's test images) or ``val`` (its validation images).
         tta: test-time views averaged (1 = none; :func:`cxrloc.inference.batch.forward_tta`).
-        data: an external test set, a prepared folder: each fold's model on every boxed image of
-            it, or, with one ``fold`` k, on its fold k's test images (see the module docstring).
+        data: an external test set, a prepared folder: each fold's model (or fold ``fold``'s) on every
+            boxed image of it, whatever its folds (see the module docstring).
 
     Returns:
         The content of ``results.json`` plus ``"out_dir"`` and ``"rows"`` (per-box results).
@@ -499,31 +533,37 @@ def evaluate(
     run = RunDir(Path(run_dir))
     fold_dirs = run.folds(fold)
     test_data = Prepared.open(data) if data is not None else None
-    data_fold = None if test_data is None or fold in (None, "all") else fold_dirs[0].read_run().get("fold")
     if out_dir is None:
         data_name = None if test_data is None else _safe_name(test_data.root)
-        out = run.eval_dir(split, data_name=data_name, tta=tta)
+        subset = fold not in (None, "all") and len(run.folds("all")) > 1
+        out = run.eval_dir(split, data_name=data_name, tta=tta,
+                           fold=fold_dirs[0].read_run().get("fold") if subset else None, which=which)
     else:
         out = Path(out_dir)
     check_writable_dir(out, "evaluation folder")
+    settings = {"split": split, "data": None if test_data is None else str(test_data.root.resolve()),
+                "folds": [d.read_run().get("fold") for d in fold_dirs], "which": which, "tta": tta, "ts": list(ts)}
+    check_same_settings(out, settings, explicit=out_dir is not None)
     folds = [
         evaluate_fold(d, ts=ts, device=device, which=which, progress=progress, batch_size=batch_size, split=split,
-                      tta=tta, data=test_data, data_fold=None if data_fold is None else int(data_fold))
+                      tta=tta, data=test_data)
         for d in fold_dirs
     ]
     classes = folds[0]["classes"]
     boxed_names = boxed_class_names(classes, folds[0]["data_format"], folds[0]["boxed_classes"])
     boxed = [classes.index(c) for c in boxed_names]
-    paper = folds[0]["data_format"] == "nih" and is_nih(classes)
+    nih = folds[0]["data_format"] == "nih" and is_nih(classes)
+    # The paper's means are over NIH's 8 classes: its rows are comparable only where every fold's mean is too.
+    short = sorted({classes[k] for k in boxed for f in folds
+                    if int(f["count"][k]) == 0 or np.all(np.isnan(f["model"]["iou"][k]))}, key=classes.index)
+    paper = nih and not short
     summary = summarise(folds, ts, boxed)
-    if test_data is not None and data_fold is None and len(folds) > 1:
+    if test_data is not None and len(folds) > 1:
         # Every fold's model scored the same images: their boxes and positives are counted once.
         summary["count"] = np.asarray(folds[0]["count"])
         summary["positives"] = np.asarray(folds[0]["classification"]["positives"])
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    images = f"{split} images" if test_data is None else (
-        f"external test set `{test_data.root}` ("
-        + ("every boxed image" if data_fold is None else f"fold {data_fold}'s test images") + ")")
+    images = f"{split} images" if test_data is None else f"external test set `{test_data.root}` (every boxed image)"
     info = (f"Run `{run.path}`, checkpoint `{which}`, {images}, folds {[f['fold'] for f in folds]}, "
             f"T = {list(ts)}{f', {tta} test-time views' if tta > 1 else ''}, {date}.")
     result = {
@@ -531,7 +571,6 @@ def evaluate(
         "which": which,
         "split": split,
         "data": None if test_data is None else str(test_data.root),
-        "data_fold": data_fold,
         "not_in_run": folds[0]["not_in_run"],
         "not_in_data": folds[0]["not_in_data"],
         "tta": tta,
@@ -540,13 +579,66 @@ def evaluate(
         "metrics": list(metrics),
         "date": date,
         "region_rule": "z >= 0.5",
+        "geometry_rule": {
+            "exact": "exact rectangle areas of the region (a union of patches) and the box",
+            "grid": "the box rasterised as in the public Li et al. code (romanovar/evaluation_MIL, "
+                    "translate_on_patches + make_label_matrix_localization_v2: corners rounded to the nearest "
+                    "grid line, the row and column at the max corner included), IoU / IoR counted in patches",
+            "fitting": "threshold fitting and the priors' q use the exact geometry",
+        },
+        "settings": settings,
         "std": "sample standard deviation over folds (ddof=1); null with one fold",
         **results_json(summary, folds, ts, classes, boxed, paper),
     }
+    if nih and not paper:
+        result["paper_table1_omitted"] = (
+            f"the paper's Table 1 means are over NIH's 8 boxed classes; {', '.join(short)} "
+            f"{'has' if len(short) == 1 else 'have'} no test box in {'this' if len(folds) == 1 else 'some'} "
+            "fold, so its rows are not shown beside these means")
     rows = [r for f in folds for r in f["rows"]]
     class_rows = [r for f in folds for r in f["class_rows"]]
     write_reports(result, rows, out, info, class_rows=class_rows)
     return {**result, "out_dir": str(out), "rows": rows}
+
+
+SETTINGS: tuple[str, ...] = ("split", "data", "folds", "which", "tta", "ts")
+"""The options that change what an evaluation folder holds (``--metric`` and ``--geometry`` only
+choose the tables shown: both metrics and both geometries are always saved)."""
+
+
+def check_same_settings(out: Path, settings: dict[str, Any], *, explicit: bool = False) -> None:
+    """Refuse to replace an evaluation in ``out`` that was made with other options (:data:`SETTINGS`).
+
+    Running the same evaluation again replaces it (e.g. after more training). Another one (other
+    folds, T, checkpoint, test-time views or test set) must not silently take its place.
+
+    Raises:
+        CxrlocError: the folder's ``results.json`` records other options; the message names them and
+            says how to keep both (``--out``) or replace it (delete the folder).
+    """
+    path = out / "results.json"
+    if not path.is_file():
+        return
+    try:
+        old = read_json(path, "evaluation results")
+    except CxrlocError:
+        return  # not an evaluation we can read: write_reports replaces its files as a set
+    if not isinstance(old, dict):
+        return
+    recorded = old.get("settings") or {
+        "split": old.get("split", "test"), "data": old.get("data"), "folds": old.get("folds"),
+        "which": old.get("which"), "tta": old.get("tta", 1), "ts": old.get("ts"),
+    }
+    if recorded.get("data") and settings.get("data") and "settings" not in old:
+        recorded["data"] = settings["data"] if Path(recorded["data"]).resolve() == Path(settings["data"]) else \
+            recorded["data"]
+    diffs = [f"{k} {recorded.get(k)!r} -> {settings[k]!r}" for k in SETTINGS if recorded.get(k) != settings[k]]
+    if diffs:
+        hint = "choose another --out" if explicit else "pass --out DIR to keep both"
+        raise CxrlocError(
+            f"{out} holds an evaluation made with other options ({'; '.join(diffs)}); {hint}, or delete {out} "
+            "to replace it."
+        )
 
 
 def _safe_name(root: Path) -> str:

@@ -10,6 +10,11 @@ Protocol (``docs/evaluation.md``; the paper's protocol as restated in its METHOD
 - a box is correctly localized at T when IoU >= T (IoU accuracy) or IoR >= T (IoR accuracy);
 - per-class accuracy = correct boxes / boxes of that class. An image with two boxes of one
   class contributes two boxes, each compared with the same region.
+
+Every box is also scored under the ``grid`` geometry (:func:`cxrloc.geometry.grid_region_box_iou_ior`:
+the box rasterised onto the patch grid as in the public Li et al. code, IoU / IoR counted in
+patches), the geometry of the published tables; rows carry both (``iou``, ``ior`` exact;
+``iou_grid``, ``ior_grid``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from cxrloc.classes import CLASSES, NUM_CLASSES
 from cxrloc.data.boxes import Box
 from cxrloc.decision import detected_regions
-from cxrloc.geometry import region_box_iou_ior
+from cxrloc.geometry import GEOMETRIES, grid_region_box_iou_ior, region_box_iou_ior
 
 METRICS: tuple[str, ...] = ("iou", "ior")
 
@@ -43,7 +48,8 @@ def box_rows(
 
     Returns:
         One dict per box: ``image_index``, ``box_index`` (within the image), ``class_index``,
-        ``class``, ``x0``, ``y0``, ``x1``, ``y1``, ``iou``, ``ior``, ``region_patches``.
+        ``class``, ``x0``, ``y0``, ``x1``, ``y1``, ``iou``, ``ior`` (exact geometry), ``iou_grid``,
+        ``ior_grid`` (grid geometry), ``region_patches``.
     """
     z = np.asarray(z)
     if z.ndim != 4 or z.shape[2] != z.shape[3]:
@@ -59,6 +65,7 @@ def box_rows(
             if not 0 <= k < z.shape[1]:
                 raise ValueError(f"box class index {k} outside 0..{z.shape[1] - 1}")
             iou, ior = region_box_iou_ior(regions[i, k], (x0, y0, x1, y1))
+            iou_grid, ior_grid = grid_region_box_iou_ior(regions[i, k], (x0, y0, x1, y1))
             rows.append(
                 {
                     "image_index": i,
@@ -71,6 +78,8 @@ def box_rows(
                     "y1": float(y1),
                     "iou": iou,
                     "ior": ior,
+                    "iou_grid": iou_grid,
+                    "ior_grid": ior_grid,
                     "region_patches": int(regions[i, k].sum()),
                 }
             )
@@ -90,10 +99,17 @@ def is_correct(value: float | np.ndarray, t: float) -> bool | np.ndarray:
     return np.asarray(value) >= t - _EPS
 
 
+def row_key(metric: str, geometry: str = "exact") -> str:
+    """The per-box row's column of ``metric`` under ``geometry``: ``iou`` / ``iou_grid``..."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    return metric if geometry == "exact" else f"{metric}_{geometry}"
+
+
 def accuracy_from_rows(
-    rows: Sequence[dict[str, Any]], ts: Sequence[float], num_classes: int = NUM_CLASSES
+    rows: Sequence[dict[str, Any]], ts: Sequence[float], num_classes: int = NUM_CLASSES, geometry: str = "exact"
 ) -> dict[str, Any]:
-    """Per-class accuracy at each T from per-box rows (see :func:`box_rows`).
+    """Per-class accuracy at each T from per-box rows (see :func:`box_rows`), under ``geometry``.
 
     Returns:
         ``{"ts": [...], "count": (K,) int, "accuracy": {"iou": (K, len(ts)), "ior": (K, len(ts))}}``
@@ -106,8 +122,9 @@ def accuracy_from_rows(
         k = int(row["class_index"])
         count[k] += 1
         for m in METRICS:
+            value = row[row_key(m, geometry)]
             for j, t in enumerate(ts):
-                correct[m][k, j] += bool(is_correct(row[m], t))
+                correct[m][k, j] += bool(is_correct(value, t))
     denom = np.maximum(count[:, None], 1)
     accuracy = {m: np.where(count[:, None] > 0, correct[m] / denom, np.nan) for m in METRICS}
     return {"ts": ts, "count": count, "correct": correct, "accuracy": accuracy}
@@ -127,10 +144,13 @@ def localization_table(
     Returns:
         dict with ``ts``; ``count`` ``(K,)`` boxes per class; ``correct`` and ``accuracy``:
         ``{"iou": (K, len(ts)), "ior": (K, len(ts))}`` (accuracy NaN for a class with no box);
-        ``rows``: per-box dicts from :func:`box_rows`.
+        ``rows``: per-box dicts from :func:`box_rows`; ``grid``: ``count``, ``correct`` and ``accuracy``
+        under the grid geometry.
     """
     rows = box_rows(z, boxes, classes)
-    table = accuracy_from_rows(rows, ts, num_classes=np.asarray(z).shape[1])
+    k_all = np.asarray(z).shape[1]
+    table = accuracy_from_rows(rows, ts, num_classes=k_all)
+    table["grid"] = accuracy_from_rows(rows, ts, num_classes=k_all, geometry="grid")
     table["rows"] = rows
     return table
 

@@ -75,6 +75,37 @@ def _paper(result: dict[str, Any], metric: str) -> dict[str, list[float]]:
     """The paper's Table 1 rows of ``metric`` when the result is on NIH data, else none."""
     return PAPER_TABLE1[metric] if result.get("paper_table1") else {}
 
+
+GEOMETRY_TITLES: dict[str, str] = {
+    "exact": "exact geometry",
+    "grid": "grid geometry, as published tables",
+}
+
+
+def _summary(result: dict[str, Any], geometry: str = "exact") -> dict[str, Any]:
+    """The summary of one geometry (``exact``: the top level, as in every earlier results.json)."""
+    return result["summary"] if geometry == "exact" else result["summary"]["grid"]
+
+
+def geometries_of(result: dict[str, Any], wanted: Sequence[str] = ("exact", "grid")) -> list[str]:
+    """The geometries of ``wanted`` the result holds (a results.json from before 0.x holds exact only)."""
+    have = {"exact", *(["grid"] if "grid" in result.get("summary", {}) else [])}
+    return [g for g in wanted if g in have]
+
+
+def paper_note(result: dict[str, Any], geometries: Sequence[str]) -> str:
+    """One line on the paper's Table 1 rows: where they are, and why only there (or why not shown)."""
+    if result.get("paper_table1_omitted"):
+        return f"Paper rows not shown: {result['paper_table1_omitted']}."
+    if not result.get("paper_table1"):
+        return ""
+    if "grid" in geometries:
+        return ("Paper rows: Rozenberg et al. 2019 Table 1 (T = 0.1, 0% unannotated), beside the grid tables only: "
+                "published localization accuracies count IoU on the patch grid, with each box rounded onto it "
+                "(docs/evaluation.md), not with exact areas.")
+    return ("The paper's Table 1 rows are shown beside the grid tables only (--geometry grid or both): they count "
+            "IoU on the patch grid, not with exact areas (docs/evaluation.md).")
+
 WIDE_TERMINAL: int = 150
 """Terminal width from which the tables show "mean±std" cells (about 150 columns); narrower: means."""
 
@@ -94,10 +125,12 @@ def _fmt(v: float | None, std: float | None = None) -> str:
     return f"{v:.3f}±{std:.3f}"
 
 
-def accuracy_rows(result: dict[str, Any], metric: str, with_std: bool = True) -> list[tuple[str, str, list[str]]]:
-    """``(method, T, cells for the boxed classes + mean)`` for one metric; on NIH data, the paper's rows
-    at T = 0.1."""
-    summary = result["summary"]
+def accuracy_rows(
+    result: dict[str, Any], metric: str, with_std: bool = True, geometry: str = "exact"
+) -> list[tuple[str, str, list[str]]]:
+    """``(method, T, cells for the boxed classes + mean)`` for one metric in one geometry; beside the
+    ``grid`` rows on NIH data, the paper's rows at T = 0.1 (never beside the exact ones)."""
+    summary = _summary(result, geometry)
     _, boxed = _classes(result)
     rows: list[tuple[str, str, list[str]]] = []
     for j, t in enumerate(result["ts"]):
@@ -106,7 +139,7 @@ def accuracy_rows(result: dict[str, Any], metric: str, with_std: bool = True) ->
             cells = [_fmt(s["per_class_mean"][c][j], s["per_class_std"][c][j] if with_std else None) for c in boxed]
             cells.append(_fmt(s["boxed_mean"][j], s["boxed_mean_std"][j] if with_std else None))
             rows.append((LABELS[method], f"{t:g}", cells))
-        if abs(t - PAPER_T) < 1e-9:
+        if abs(t - PAPER_T) < 1e-9 and geometry == "grid":
             for label, values in _paper(result, metric).items():
                 rows.append((label, f"{t:g}", [f"{v:.3f}" for v in values] + [f"{np.mean(values):.3f}"]))
     return rows
@@ -116,8 +149,14 @@ def columns_note(result: dict[str, Any]) -> str:
     """What the "mean" column averages, the abbreviated class names, and the classes matched by name."""
     _, boxed = _classes(result)
     short = short_names(boxed)
-    parts = [f"'mean' = mean over the {len(boxed)} boxed classes that have a test box"
-             + (" (NIH's 8)" if result.get("paper_table1") else "") + "."]
+    averaged = result.get("averaged_classes")
+    if averaged is None:  # a results.json from before the averaged classes were recorded
+        parts = [f"'mean' = mean over the {len(boxed)} boxed classes that have a test box"
+                 + (" (NIH's 8)" if result.get("paper_table1") else "") + "."]
+    else:
+        parts = [f"'mean' = mean over the {len(averaged)} boxed classes that have a test box"
+                 + (" (NIH's 8)" if len(averaged) == 8 and result.get("paper_table1") else
+                    f": {', '.join(averaged) or 'none'}") + "."]
     unknown = set(result.get("not_in_run") or ())
     if unknown:  # an external test set: say which columns the mean can use
         boxes = result["summary"].get("boxes", {})
@@ -142,16 +181,20 @@ def markdown(result: dict[str, Any], info: str) -> str:
     buf = io.StringIO()
     buf.write(f"# Evaluation\n\n{info}\n\nMean ± sample std over {n_folds} fold(s); {columns_note(result)} ")
     buf.write("'prior' chooses one coverage level q for all T, 'prior per-T' the best q for each ")
-    buf.write("T (both on the training boxes).")
-    if result.get("paper_table1"):
-        buf.write(" Paper rows: Rozenberg et al. 2019 Table 1 (T = 0.1, 0% unannotated).")
+    buf.write("T (both on the training boxes, in the exact geometry).")
+    geometries = geometries_of(result)
+    note = paper_note(result, geometries)
+    if note:
+        buf.write(" " + note)
     buf.write("\n\n")
     head = ["method", "T", *[short[c] for c in boxed], "mean"]
-    for m in result["metrics"]:
-        buf.write(f"## {m.upper()} accuracy\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-        for method, t, cells in accuracy_rows(result, m):
-            buf.write(f"| {method} | {t} | " + " | ".join(cells) + " |\n")
-        buf.write("\n")
+    for geometry in geometries:
+        for m in result["metrics"]:
+            title = f"## {m.upper()} accuracy" + (f" ({GEOMETRY_TITLES[geometry]})" if len(geometries) > 1 else "")
+            buf.write(f"{title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+            for method, t, cells in accuracy_rows(result, m, geometry=geometry):
+                buf.write(f"| {method} | {t} | " + " | ".join(cells) + " |\n")
+            buf.write("\n")
     buf.write("## Classification (model)\n\n")
     buf.write(classification_note(result) + "\n\n")
     buf.write("| class | positives | AUROC of 1'z | sensitivity | specificity |\n|---|---|---|---|---|\n")
@@ -194,8 +237,11 @@ def classification_note(result: dict[str, Any]) -> str:
     return note
 
 
-def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
-    """The terminal tables (means only below :data:`WIDE_TERMINAL` columns), then the operating point's line."""
+def rich_tables(
+    result: dict[str, Any], width: int, geometries: Sequence[str] = ("exact",)
+) -> list[Table | Text]:
+    """The terminal tables of ``geometries`` (means only below :data:`WIDE_TERMINAL` columns; the paper's
+    rows beside the grid tables only), then the notes and the operating point's line."""
     tables: list[Table | Text] = []
     folds = list(result.get("folds", []))
     with_std = width >= WIDE_TERMINAL and len(folds) > 1
@@ -203,9 +249,11 @@ def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
         over = f"fold {folds[0]}"
     else:
         over = f"{'mean ± std' if with_std else 'mean'} over {len(folds)} folds"
-    for m in result["metrics"]:
+    shown = geometries_of(result, geometries) or ["exact"]
+    for geometry, m in [(g, m) for g in shown for m in result["metrics"]]:
+        where = over if geometry == "exact" and "grid" not in geometries else f"{GEOMETRY_TITLES[geometry]}, {over}"
         t = Table(
-            title=f"{m.upper()} accuracy ({over})",
+            title=f"{m.upper()} accuracy ({where})",
             box=box.SIMPLE_HEAD,
             padding=(0, 1),
             collapse_padding=True,
@@ -219,7 +267,7 @@ def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
                 t.add_column(col, justify="left", no_wrap=True)
             else:  # numbers are never cut: an 80-column terminal fits them
                 t.add_column(col, justify="right", no_wrap=True, min_width=3 if col == "T" else 5)
-        for method, tt, cells in accuracy_rows(result, m, with_std):
+        for method, tt, cells in accuracy_rows(result, m, with_std, geometry=geometry):
             style = "bold" if method == "model" else ("dim" if method.startswith("paper") else None)
             t.add_row(method, tt, *cells, style=style)
         tables.append(t)
@@ -230,7 +278,8 @@ def rich_tables(result: dict[str, Any], width: int) -> list[Table | Text]:
     for c, positives, cells in classification_rows(result, with_std):
         a.add_row(c, positives, *cells)
     tables.append(a)
-    tables.append(Text(columns_note(result) + " " + classification_note(result)))
+    note = paper_note(result, shown)
+    tables.append(Text(columns_note(result) + (" " + note if note else "") + " " + classification_note(result)))
     return tables
 
 
@@ -239,46 +288,54 @@ def _nan(v: float | None) -> float:
 
 
 def csv_text(result: dict[str, Any]) -> str:
-    """``results.csv``: one row per (method, metric, T, class), long format."""
+    """``results.csv``: one row per (method, metric, T, class, geometry), long format; the localization
+    rows in both geometries, the paper's rows as ``grid`` (the geometry they were counted in), the
+    classification rows with an empty geometry."""
     summary, ts, n_folds = result["summary"], result["ts"], len(result["folds"])
     classes, boxed = _classes(result)
     boxes = summary["boxes"]
     records = []
-    for method in METHODS:
-        for m in result["metrics"]:
-            s = summary[method][m]
-            for j, t in enumerate(ts):
-                for c in boxed:
+    for geometry in geometries_of(result):
+        for method in METHODS:
+            for m in result["metrics"]:
+                s = _summary(result, geometry)[method][m]
+                for j, t in enumerate(ts):
+                    for c in boxed:
+                        records.append(
+                            (method, m, t, c, _nan(s["per_class_mean"][c][j]), _nan(s["per_class_std"][c][j]),
+                             n_folds, int(boxes[c]), geometry)
+                        )
                     records.append(
-                        (method, m, t, c, _nan(s["per_class_mean"][c][j]), _nan(s["per_class_std"][c][j]),
-                         n_folds, int(boxes[c]))
+                        (method, m, t, "mean", _nan(s["boxed_mean"][j]), _nan(s["boxed_mean_std"][j]), n_folds,
+                         int(sum(boxes[c] for c in boxed)), geometry)
                     )
-                records.append(
-                    (method, m, t, "mean", _nan(s["boxed_mean"][j]), _nan(s["boxed_mean_std"][j]), n_folds,
-                     int(sum(boxes[c] for c in boxed)))
-                )
     for m in result["metrics"]:
         for label, values in _paper(result, m).items():
             for c, v in zip(BOXED_CLASSES, values, strict=True):
-                records.append((label, m, PAPER_T, c, v, np.nan, np.nan, np.nan))
-            records.append((label, m, PAPER_T, "mean", float(np.mean(values)), np.nan, np.nan, np.nan))
+                records.append((label, m, PAPER_T, c, v, np.nan, np.nan, np.nan, "grid"))
+            records.append((label, m, PAPER_T, "mean", float(np.mean(values)), np.nan, np.nan, np.nan, "grid"))
     auroc = summary["auroc"]
     for c in classes:
-        records.append(("model", "auroc", np.nan, c, _nan(auroc["mean"][c]), _nan(auroc["std"][c]), n_folds, np.nan))
+        records.append(("model", "auroc", np.nan, c, _nan(auroc["mean"][c]), _nan(auroc["std"][c]), n_folds, np.nan,
+                        ""))
     cls = summary["classification"]
     for key in ("sensitivity", "specificity"):
         for c in classes:
             records.append(("model", key, np.nan, c, _nan(cls[key]["mean"][c]), _nan(cls[key]["std"][c]), n_folds,
-                            np.nan))
-    records.append(("model", "present_per_image", np.nan, "all", cls["present_per_image"], np.nan, n_folds, np.nan))
-    records.append(("labels", "labels_per_image", np.nan, "all", cls["labels_per_image"], np.nan, n_folds, np.nan))
-    df = pd.DataFrame(records, columns=["method", "metric", "T", "class", "mean", "std", "folds", "boxes"])
+                            np.nan, ""))
+    records.append(("model", "present_per_image", np.nan, "all", cls["present_per_image"], np.nan, n_folds, np.nan,
+                    ""))
+    records.append(("labels", "labels_per_image", np.nan, "all", cls["labels_per_image"], np.nan, n_folds, np.nan,
+                    ""))
+    df = pd.DataFrame(records, columns=["method", "metric", "T", "class", "mean", "std", "folds", "boxes",
+                                        "geometry"])
     return df.to_csv(index=False, float_format="%.6g")
 
 
 def per_image_csv(rows: Sequence[dict[str, Any]], ts: Sequence[float]) -> str:
-    """``per_image.csv``: one row per test box, with IoU, IoR, correctness at each T and the prior's, and the
-    image's score, probability and present/absent decision for the box's class."""
+    """``per_image.csv``: one row per test box, with IoU, IoR, correctness at each T and the prior's, in the
+    exact geometry then the grid one (``*_grid``), and the image's score, probability and present/absent
+    decision for the box's class."""
     cols = ["fold", "image_id", "box_index", "class", "x0", "y0", "x1", "y1", "region_patches", "iou", "ior"]
     records = []
     for r in rows:
@@ -287,6 +344,12 @@ def per_image_csv(rows: Sequence[dict[str, Any]], ts: Sequence[float]) -> str:
             for t in ts:
                 rec[f"correct_{m}@{t:g}"] = int(bool(is_correct(r[m], t)))
         rec["prior_iou"], rec["prior_ior"] = r["prior_iou"], r["prior_ior"]
+        if "iou_grid" in r:
+            rec["iou_grid"], rec["ior_grid"] = r["iou_grid"], r["ior_grid"]
+            for m in METRICS:
+                for t in ts:
+                    rec[f"correct_{m}_grid@{t:g}"] = int(bool(is_correct(r[f"{m}_grid"], t)))
+            rec["prior_iou_grid"], rec["prior_ior_grid"] = r.get("prior_iou_grid"), r.get("prior_ior_grid")
         rec["score"], rec["probability"] = r.get("score"), r.get("probability")
         rec["present"] = int(r["present"]) if "present" in r else None
         records.append(rec)

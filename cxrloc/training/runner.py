@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +18,37 @@ from cxrloc.rundir import FoldDir, RunDir, parse_fold
 from cxrloc.training.loop import STAGES, train
 from cxrloc.training.runtime import resolve_device
 from cxrloc.utils import CxrlocError, console
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def stage_line(fold_dir: Path, fold: int, stage: str) -> str:
+    """One line for a finished stage of one fold, from its ``metrics.csv``: epochs, last loss, best
+    validation IoU / IoR accuracy and its epoch, time. Printed even with ``--quiet``, so a log written
+    to a file shows every stage."""
+    try:
+        with open(FoldDir(Path(fold_dir)).metrics_csv, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        rows = []
+    if not rows:
+        return f"Fold {fold}, stage {stage}: no epoch trained ({fold_dir})."
+
+    def num(row: dict[str, str], key: str) -> float:
+        try:
+            return float(row.get(key) or "nan")
+        except ValueError:
+            return math.nan
+
+    scored = [r for r in rows if not math.isnan(num(r, "val_iou_acc"))]
+    best = max(scored, key=lambda r: num(r, "val_iou_acc")) if scored else None
+    val = (f"best val IoU acc {num(best, 'val_iou_acc'):.3f}, IoR acc {num(best, 'val_ior_acc'):.3f} "
+           f"(epoch {best['epoch']})" if best else "no validation box")
+    seconds = sum(num(r, "time_s") for r in rows if not math.isnan(num(r, "time_s")))
+    return (f"Fold {fold}, stage {stage} done: {len(rows)} epoch(s), last loss {num(rows[-1], 'loss'):.4f}, "
+            f"{val}, {seconds:.1f} s ({fold_dir})")
 
 
 def _has_run(out_dir: Path, fold: int) -> bool:
@@ -108,12 +141,13 @@ def run_training(
         # With --fold all, the folds an interrupted run had not reached yet start now.
         resume_fold = resume and _has_run(out, fold)
         if alternate == 0:
-            results.append(
-                train(
-                    prepared_dir, out, fold=fold, cfg=cfg, stage=stage, resume=resume_fold, init_from=init_from,
-                    progress=progress,
-                )
+            fold_dir = train(
+                prepared_dir, out, fold=fold, cfg=cfg, stage=stage, resume=resume_fold, init_from=init_from,
+                progress=progress,
             )
+            if _main_process():
+                console.print(stage_line(fold_dir, fold, stage))
+            results.append(fold_dir)
             continue
         per_round = cfg.epochs
         start = 0
@@ -127,6 +161,7 @@ def run_training(
                 init_from=init_from, progress=progress,
             )
             fit_thresholds(fold_dir, device=resolve_device(cfg, 0).type, which="best", progress=progress)
+            console.print(stage_line(fold_dir, fold, stage))
             console.print(f"Fold {fold}: alternation round {r + 1}/{alternate} done (thresholds fitted).")
         results.append(fold_dir)
     return results
@@ -159,7 +194,9 @@ def _run_all_stages(
     results: list[Path] = []
     for fold in fold_list:
         cfg = _fold_config(RunDir(out).stage("unary").path, fold, resume=resume, preset=preset, extra=extra)
-        results.append(train_stages(prepared_dir, out, fold, cfg, resume=resume, progress=progress))
+        results.append(
+            train_stages(prepared_dir, out, fold, cfg, resume=resume, progress=progress, stage_lines=True)
+        )
     return results
 
 
@@ -177,6 +214,7 @@ def train_stages(
     progress: bool = True,
     stage_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     after_stage: StageHook | None = None,
+    stage_lines: bool | None = None,
 ) -> Path:
     """The whole recipe for one fold: ``unary`` -> ``crf`` -> ``joint`` into ``out/<stage>/fold_K``
     (:meth:`RunDir.stage`), each starting from the one before (what ``--stage all`` and the demo run).
@@ -184,12 +222,15 @@ def train_stages(
     The epochs of the stages are ``cfg.epochs``, ``cfg.crf_epochs`` and ``cfg.joint_epochs`` (0
     skips a stage; ``crf=false`` skips the CRF stage). ``stage_overrides``: config fields that differ
     in one stage (e.g. ``{"crf": {"lr": 1e-3}}``); ``after_stage``: run after each stage (e.g. fit the
-    thresholds and calibrate, so the next stage starts from fitted thresholds).
+    thresholds and calibrate, so the next stage starts from fitted thresholds). ``stage_lines``: print
+    where each stage starts and one line when it ends (:func:`stage_line`), by default with ``progress``;
+    ``train --stage all`` prints them also with ``--quiet``, so a log written to a file shows every stage.
 
     Returns:
         The fold folder of the last stage trained.
     """
     run = RunDir(Path(out))
+    show = (progress if stage_lines is None else stage_lines) and _main_process()
     prev: Path | None = None
     prev_dir: Path | None = None
     for stage in STAGES:  # also the sub-folders of the run, in training order
@@ -197,13 +238,15 @@ def train_stages(
         if stage_epochs == 0 or (stage == "crf" and not cfg.crf):
             continue
         sub = run.stage(stage).path
-        if progress:
+        if show:
             console.print(f"Fold {fold}, stage {stage} ({stage_epochs} epochs): {sub / f'fold_{fold}'}")
         changes = {"epochs": stage_epochs, **dict((stage_overrides or {}).get(stage, {}))}
         prev_dir = train(
             prepared_dir, sub, fold=fold, cfg=dataclasses.replace(cfg, **changes), stage=stage,
             resume=resume and _has_run(sub, fold), init_from=prev, progress=progress,
         )
+        if show:
+            console.print(stage_line(Path(prev_dir), fold, stage))
         if after_stage is not None:
             after_stage(stage, FoldDir(Path(prev_dir)))
         prev = sub
