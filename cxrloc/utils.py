@@ -133,8 +133,8 @@ def check_writable_dir(path: str | os.PathLike[str], what: str = "output folder"
         free = shutil.disk_usage(base).free
         if free < need_bytes:
             raise OutputError(
-                f"cannot write {what} {path}: disk full: it needs about {need_bytes / 1e9:.2f} GB and "
-                f"{base} has {free / 1e9:.2f} GB free; free some space or write to another disk"
+                f"cannot write {what} {path}: disk full: it needs about {need_bytes / 1e9:.3g} GB and "
+                f"{base} has {free / 1e9:.3g} GB free; free some space or write to another disk"
             )
     return path
 
