@@ -79,7 +79,7 @@ def check_prepared_identity(
             f"images at {now['size']} px (prepared again since); its numbers would be on other pixels. Prepare it "
             f"again at the run's size: {command} (or prepare the new size into another folder)"
         )
-    for key, what in (("ids_sha256", "image list"), ("tables_sha256", "tables")):
+    for key, what in (("ids_sha256", "image list"), ("tables_sha256", "set of tables")):
         if key in recorded and key in now and recorded[key] != now[key]:
             raise CxrlocError(
                 f"{run_path} was trained on {prepared_root}, but that folder was prepared again since from another "

@@ -57,6 +57,7 @@ from cxrloc.geometry import class_box_masks
 from cxrloc.inference.batch import predict_prepared
 from cxrloc.model.head import init_position_bias
 from cxrloc.model.net import CXRLocNet, build_model
+from cxrloc.paths import OutputGuard
 from cxrloc.rundir import FoldDir, resolve_checkpoint, start_fold
 from cxrloc.thresholds import Thresholds, box_patch_counts
 from cxrloc.training.losses import compute_gamma, compute_loss
@@ -372,6 +373,7 @@ def train(
     if stage == "crf" and not cfg.crf:
         raise CxrlocError("--stage crf needs a model with a CRF; remove --set crf=false.")
     prepared = Prepared.open(prepared_dir)
+    OutputGuard([prepared_dir, init_from]).folder(out_dir, "--out")
     cfg = dataclasses.replace(cfg, classes=list(prepared.classes))  # the class list comes from the data
     fold_dir = FoldDir.of(out_dir, fold)
     check_writable_dir(fold_dir.path, "run folder")
