@@ -235,3 +235,18 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path):
         torch_save(state, Path("/dev/full"))
     assert info.value.errno == errno.ENOSPC
     assert "disk full" in os_error_message(info.value, tmp_path / "last.pt", "checkpoint")
+
+
+def test_loss_settings_out_of_range_are_refused():
+    # Issue 22, defect 8: lambda_ann=-5 trained with a loss of -2.53 (a reward for wrong boxes).
+    from conftest import one_line, run_cli
+
+    for override in ("lambda_ann=-5", "sigmoid_temperature=0", "rho_hat_box_fraction=-1", "init_prob=1",
+                     "init_prob=-0.1", "eval_threshold=0", "eval_threshold=1.5"):
+        key = override.split("=")[0]
+        with pytest.raises(CxrlocError, match=f"Invalid {key}=.*--set {key}=VALUE"):
+            make_config("tiny", [override])
+        code, text = run_cli("train", "/nonexistent-prepared", "--out", "/tmp/x", "--set", override)
+        assert code == 2 and f"Invalid {key}=" in one_line(text) and "Traceback" not in text, (override, text)
+    for fine in ("lambda_ann=0", "lambda_ann=70", "init_prob=0.5", "eval_threshold=1", "rho_hat_box_fraction=0"):
+        make_config("tiny", [fine])
