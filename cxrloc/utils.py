@@ -64,6 +64,11 @@ def os_error_message(exc: OSError, path: str | os.PathLike[str] | None = None, w
     return f"cannot write {what} {target}{culprit}: {reason}; {hint}"
 
 
+def flat(text: object) -> str:
+    """``str(text)`` on one line (a library's message may hold newlines; every cxrloc message is one line)."""
+    return " ".join(str(text).split())
+
+
 def write_error(exc: OSError, path: str | os.PathLike[str] | None = None, what: str = "output") -> OutputError:
     """The :class:`OutputError` for an ``OSError`` met while writing ``path`` (see :func:`os_error_message`)."""
     return OutputError(os_error_message(exc, path, what))

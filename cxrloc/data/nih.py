@@ -25,7 +25,7 @@ import pandas as pd
 from cxrloc.classes import BOXED_CLASSES, CLASS_INDEX, CLASSES, NO_FINDING, canonical_label
 from cxrloc.data.boxes import BoxKey, BoxList, add_box
 from cxrloc.data.source import Source, file_input
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, flat
 
 NIH_SIDE: float = 1024.0
 """Side in pixels of the released NIH PNGs, the frame of ``BBox_List_2017.csv``."""
@@ -129,7 +129,7 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
             f"{path}: the file is empty (no header, no rows); is this NIH's Data_Entry_2017.csv?"
         ) from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError) as exc:
-        raise CxrlocError(f"{path}: cannot read as a CSV table ({exc})") from None
+        raise CxrlocError(f"{path}: cannot read as a CSV table ({flat(exc)})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     raw = raw.loc[:, [c for c in raw.columns if c and not c.startswith("Unnamed:")]]
     for col in ("Image Index", "Finding Labels", "Patient ID"):
@@ -218,7 +218,7 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
     try:
         _read_bbox_rows(path, result, side)
     except (OSError, UnicodeDecodeError, csv.Error, EOFError) as exc:
-        raise CxrlocError(f"{path}: cannot read the box list as a CSV table ({exc})") from None
+        raise CxrlocError(f"{path}: cannot read the box list as a CSV table ({flat(exc)})") from None
     return result
 
 
