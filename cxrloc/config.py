@@ -229,7 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _unknown_key_message(key: str, names: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(names), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(names - {'extra', 'classes'}))}."
+    return f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(sorted(names - {'extra', 'classes'}))}."
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
@@ -266,7 +266,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         items = []
         for item in overrides:
             if "=" not in item:
-                raise CxrlocError(f"Bad --set '{item}': use key=value, e.g. --set epochs=5.")
+                raise CxrlocError(f"Bad --set {item!r}: use key=value, e.g. --set epochs=5.")
             key, raw = item.split("=", 1)
             items.append((key.strip(), raw))
     for key, value in items:

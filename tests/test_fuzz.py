@@ -60,3 +60,11 @@ def test_the_seeds_are_valid_inputs() -> None:
     boxes = ("Image Index,Finding Label,x,y,w,h\n"
              + "".join(f"{n},Mass,100,100,300,300\n" for n in fuzzing.IMAGE_NAMES)).encode()
     assert fuzzing.run_nih(entry, boxes) == "ok"
+
+
+def test_what_the_long_run_found_stays_fixed() -> None:
+    """bench/fuzz_long.py found two messages of two lines: pandas' parser error (it ends in a
+    newline) and a --set item holding a newline echoed as it was."""
+    assert fuzzing.run_set(["\n"]) == "refused" and fuzzing.run_set(["a\nb=1"]) == "refused"
+    ragged = b"Image Index,Finding Labels,Follow-up #,Patient ID\n00000001_000.png,Mass,0,1\n" + b"a,b,c,d,e,f,g\n" * 3
+    assert fuzzing.run_nih(ragged, b"") == "refused"
