@@ -101,7 +101,7 @@ def soak_resume(root: Path, cycles: int, seed: int) -> bool:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     prep = write_prepared(root / "prepared")
-    epochs = cycles + 3
+    epochs = 3 * cycles + 10  # an epoch is one step: a start may run several before its kill
     t0 = time.perf_counter()
     ref = subprocess.run(_train_cmd(prep, root / "ref", epochs, False), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
@@ -120,7 +120,7 @@ def soak_resume(root: Path, cycles: int, seed: int) -> bool:
             deadline = time.time() + 300
             while proc.poll() is None and time.time() < deadline:
                 if last.exists() and last.stat().st_mtime_ns != before:
-                    time.sleep(rng.uniform(0.0, 0.4))  # anywhere in the next epoch, or a checkpoint write
+                    time.sleep(rng.uniform(0.0, 0.15))  # in the next epochs, or during a checkpoint write
                     break
                 time.sleep(0.005)
             if proc.poll() is None:
