@@ -84,8 +84,8 @@ def add_box(
 
     The one rule of every box reader (NIH's list, a plain box table, COCO): a box with a
     non-finite coordinate (``non_numeric``) or without area is skipped, an exact repeat of an
-    earlier row is dropped, a box entirely outside the image is skipped, one reaching past an edge is clipped to it (kept); each
-    case is recorded in ``result.problems`` with its kind and line.
+    earlier row is dropped, a box entirely outside the image is skipped, one reaching past an edge
+    is clipped to it (kept); each case is recorded in ``result.problems`` with its kind and line.
 
     Args:
         result: the box list being filled.

@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, read_json
 
 
 def _tables(inputs: Any) -> dict[str, Any]:
@@ -71,8 +72,6 @@ def check_prepared_identity(
         return
     now = prepared_identity(prepared_root)
     if "size" in recorded and "size" in now and int(recorded["size"]) != int(now["size"]):
-        from cxrloc.data.prepare import prepare_command
-
         command = prepare_command(prepared_root, size=int(recorded["size"]), out=prepared_root) + " --rebuild"
         raise CxrlocError(
             f"{run_path} was trained on {prepared_root} at {recorded['size']} px, but that folder now caches its "
@@ -140,8 +139,6 @@ def check_prepared_for_run(prepared: Any, cfg: Any, fold_dir: Any = None) -> Non
             a blurred copy, not the data), or the folder changed since the resumed run was trained.
     """
     if prepared.size < cfg.image_size:
-        from cxrloc.data.prepare import prepare_command
-
         target = Path(prepared.root).parent / f"{Path(prepared.root).name}_{cfg.image_size}px"
         raise CxrlocError(
             f"{prepared.root} caches its images at {prepared.size} px, smaller than the network's input "
@@ -152,3 +149,24 @@ def check_prepared_for_run(prepared: Any, cfg: Any, fold_dir: Any = None) -> Non
     if fold_dir is not None and fold_dir.run_json.is_file():
         run = fold_dir.read_run()
         check_prepared_identity(prepared.root, run.get("prepared"), fold_dir.path)
+
+
+def prepare_command(prepared: str | os.PathLike[str], *, size: int, out: str | os.PathLike[str]) -> str:
+    """The shell command that prepares the data of the folder ``prepared`` again at ``size`` into ``out``.
+
+    Made from the arguments recorded in its ``fingerprint.json`` (paths as they were given when it
+    was prepared); a folder prepared before they were recorded gets its image folders and NIH's
+    default tables.
+    """
+    try:
+        fp = read_json(Path(prepared) / "fingerprint.json", "fingerprint")
+    except CxrlocError:
+        fp = {}
+    params = fp.get("parameters") if isinstance(fp, dict) else None
+    args = params.get("command") if isinstance(params, dict) else None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        inputs = fp.get("inputs") if isinstance(fp, dict) else None
+        folders = inputs.get("image_folders") if isinstance(inputs, dict) else None
+        folders = [str(f) for f in folders] if isinstance(folders, list) and folders else ["DATA_DIR"]
+        args = ["cxrloc", "prepare", folders[0], *[a for f in folders[1:] for a in ("--images", f)]]
+    return shlex.join([*args, "--size", str(size), "--out", str(out)])

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -760,27 +759,6 @@ def _command(
     for folder in images:
         args += ["--images", str(folder)]
     return args + ["--folds", str(folds), "--unannotated-fraction", f"{fraction:g}", "--seed", str(seed)]
-
-
-def prepare_command(prepared: str | os.PathLike[str], *, size: int, out: str | os.PathLike[str]) -> str:
-    """The shell command that prepares the data of the folder ``prepared`` again at ``size`` into ``out``.
-
-    Made from the arguments recorded in its ``fingerprint.json`` (paths as they were given when it
-    was prepared); a folder prepared before they were recorded gets its image folders and NIH's
-    default tables.
-    """
-    try:
-        fp = read_json(Path(prepared) / "fingerprint.json", "fingerprint")
-    except CxrlocError:
-        fp = {}
-    params = fp.get("parameters") if isinstance(fp, dict) else None
-    args = params.get("command") if isinstance(params, dict) else None
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        inputs = fp.get("inputs") if isinstance(fp, dict) else None
-        folders = inputs.get("image_folders") if isinstance(inputs, dict) else None
-        folders = [str(f) for f in folders] if isinstance(folders, list) and folders else ["DATA_DIR"]
-        args = ["cxrloc", "prepare", folders[0], *[a for f in folders[1:] for a in ("--images", f)]]
-    return shlex.join([*args, "--size", str(size), "--out", str(out)])
 
 
 def _cache_bytes_needed(out: Path, count: int, size: int) -> int:

@@ -303,7 +303,7 @@ def check_external(own: Prepared, data: Prepared, run_dir: Path) -> None:
     """
     if data.size == own.size:
         return
-    from cxrloc.data.prepare import prepare_command
+    from cxrloc.data.identity import prepare_command
 
     target = data.root.parent / f"{data.root.name}_{own.size}px"
     raise CxrlocError(
