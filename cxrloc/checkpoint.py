@@ -15,6 +15,7 @@ plain Python types only). Keys:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -85,8 +86,35 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     """Write ``state`` atomically (temporary name, then rename)."""
     state = {"format": FORMAT, "version": __version__, **state}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
     return Path(path)
+
+
+def torch_save(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` into ``path`` through a Python file object, so that a failed write is the ``OSError``
+    it is (``ENOSPC`` for a full disk), which the caller turns into its one-line message.
+
+    Given a file name, PyTorch's zip writer reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos ...``; should such an error still come, it becomes
+    ``OSError(ENOSPC)`` when the disk has (almost) no space left, else ``OSError(EIO)``.
+    """
+    try:
+        with open(path, "wb") as fh:
+            torch.save(state, fh)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(s in text for s in ("unexpected pos", "write failed", "PytorchStreamWriter", "enforce fail")):
+            raise
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = 0
+        code = errno.ENOSPC if free < DISK_FULL_BYTES else errno.EIO
+        raise OSError(code, os.strerror(code)) from None
+
+
+DISK_FULL_BYTES = 64 << 20
+"""Free space below which a failed checkpoint write is reported as a full disk."""
 
 
 def _cpu_snapshot(value: Any) -> Any:
@@ -162,7 +190,7 @@ class CheckpointWriter:
         self._error_path = paths[0]
         try:
             first = paths[0]
-            self._to_place(first, lambda tmp: torch.save(state, tmp))
+            self._to_place(first, lambda tmp: torch_save(state, tmp))
             for other in paths[1:]:
                 self._error_path = other
                 self._to_place(other, lambda tmp, src=first: _link_or_copy(src, tmp))
@@ -200,10 +228,46 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt, truncated or unsafe pickle
-        raise CxrlocError(f"Cannot read checkpoint {path}: {exc}. Is it a cxrloc checkpoint?") from None
+        raise CxrlocError(_unreadable(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CxrlocError(f"{path} is not a cxrloc checkpoint (no '{FORMAT}' marker).")
     return state
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """One line for a checkpoint ``torch.load(weights_only=True)`` refused (never PyTorch's advice to
+    set ``weights_only=False``: that would run whatever the file holds)."""
+    import pickle
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    if size == 0:
+        return f"Cannot read checkpoint {path}: the file is empty (0 bytes); use another checkpoint or retrain."
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        return (
+            f"Cannot read checkpoint {path}: refused, it holds pickled Python objects (code that would run on "
+            "loading), not only weights; cxrloc loads weights only. Use a checkpoint written by 'cxrloc train'."
+        )
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"Cannot read checkpoint {path}: {first[:200]}. Is it a cxrloc checkpoint (truncated, or another file)?"
+
+
+def check_finite_weights(weights: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Refuse weights holding NaN or infinity: such a network scores every image NaN, which would
+    read as "no finding" (a diverged run, a damaged file).
+
+    Raises:
+        CxrlocError: one line naming the file, the first bad tensor and how many are bad.
+    """
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise _damaged(
+            Path(path), f"{len(bad)} weight tensor(s) hold NaN or infinite values (first {bad[0]}): the training "
+            "diverged or the file is damaged"
+        )
 
 
 TRAINING_KEYS: tuple[str, ...] = ("optimizer", "scheduler", "rng", "epoch", "best_metric")
@@ -289,6 +353,7 @@ def checkpoint_weights(
         problems.append(f"{len(wrong)} of the wrong shape (first {wrong[0]})")
     if problems:
         raise _damaged(path, f"its weights do not fit the network of its config: {'; '.join(problems)}")
+    check_finite_weights(weights, path)
     return weights
 
 

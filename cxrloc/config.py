@@ -229,7 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _unknown_key_message(key: str, names: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(names), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(names - {'extra', 'classes'}))}."
+    return f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(sorted(names - {'extra', 'classes'}))}."
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
@@ -266,7 +266,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         items = []
         for item in overrides:
             if "=" not in item:
-                raise CxrlocError(f"Bad --set '{item}': use key=value, e.g. --set epochs=5.")
+                raise CxrlocError(f"Bad --set {item!r}: use key=value, e.g. --set epochs=5.")
             key, raw = item.split("=", 1)
             items.append((key.strip(), raw))
     for key, value in items:
@@ -395,6 +395,26 @@ def validate(cfg: Config) -> None:
         raise CxrlocError("aug_scale must be in [0, 1) and aug_translate in [0, 0.5).")
     if cfg.workers < 0 or cfg.max_steps_per_epoch < 0:
         raise CxrlocError("workers and max_steps_per_epoch must be >= 0.")
+    _check_loss_ranges(cfg)
+
+
+LOSS_RANGES: dict[str, tuple[float, float, str]] = {
+    "lambda_ann": (0.0, math.inf, "a weight >= 0 (a negative one rewards wrong boxes)"),
+    "sigmoid_temperature": (0.0, math.inf, "a temperature > 0"),
+    "rho_hat_box_fraction": (0.0, math.inf, "a share >= 0 (0: the default of 1 patch)"),
+    "init_prob": (0.0, 1.0, "a probability in [0, 1) (0: 1/P^2)"),
+    "eval_threshold": (0.0, 1.0, "a threshold T in (0, 1]"),
+}
+"""Allowed ranges of the loss and selection settings: (low, high, what the value is, for the message)."""
+
+
+def _check_loss_ranges(cfg: Config) -> None:
+    for key, (lo, hi, what) in LOSS_RANGES.items():
+        value = getattr(cfg, key)
+        low_ok = value > lo if key in ("sigmoid_temperature", "eval_threshold") else value >= lo
+        high_ok = value < hi if key == "init_prob" else value <= hi
+        if not (low_ok and high_ok):
+            raise CxrlocError(f"Invalid {key}={value!r}: it must be {what}; set it with --set {key}=VALUE.")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

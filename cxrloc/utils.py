@@ -97,6 +97,11 @@ def os_error_message(exc: OSError, path: str | os.PathLike[str] | None = None, w
     return f"cannot write {what} {target}{culprit}: {reason}; {hint}"
 
 
+def flat(text: object) -> str:
+    """``str(text)`` on one line (a library's message may hold newlines; every cxrloc message is one line)."""
+    return " ".join(str(text).split())
+
+
 def write_error(exc: OSError, path: str | os.PathLike[str] | None = None, what: str = "output") -> OutputError:
     """The :class:`OutputError` for an ``OSError`` met while writing ``path`` (see :func:`os_error_message`)."""
     return OutputError(os_error_message(exc, path, what))
@@ -166,8 +171,8 @@ def check_writable_dir(path: str | os.PathLike[str], what: str = "output folder"
         free = shutil.disk_usage(base).free
         if free < need_bytes:
             raise OutputError(
-                f"cannot write {what} {path}: disk full: it needs about {need_bytes / 1e9:.2f} GB and "
-                f"{base} has {free / 1e9:.2f} GB free; free some space or write to another disk"
+                f"cannot write {what} {path}: disk full: it needs about {need_bytes / 1e9:.3g} GB and "
+                f"{base} has {free / 1e9:.3g} GB free; free some space or write to another disk"
             )
     return path
 

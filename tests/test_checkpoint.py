@@ -176,3 +176,77 @@ def test_background_writer_snapshots_links_and_reports_errors(tmp_path):
     writer.submit([blocked / "last.pt"], {"epoch": 3})
     with pytest.raises(CxrlocError, match="cannot write checkpoint .*a file of that name exists"):
         writer.wait()
+
+
+# --------------------------------------------------------------------------- issue 22 (defects 3, 5, 10)
+
+
+def test_non_finite_weights_are_refused_at_load_in_one_line(tmp_path):
+    from conftest import one_line, run_cli
+    from PIL import Image
+
+    for bad in (float("nan"), float("inf")):
+        fold = tmp_path / f"run_{bad}" / "fold_0"
+        cfg, model = _save_tiny(fold)
+        state = load_checkpoint(fold / "checkpoints" / "best.pt")
+        key = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 1)
+        state["model"][key].view(-1)[1] = bad
+        save_checkpoint(fold / "checkpoints" / "best.pt", {k: v for k, v in state.items() if k != "format"})
+        with pytest.raises(CxrlocError, match=f"NaN or infinite values \\(first {key}\\)"):
+            load_model(fold / "checkpoints" / "best.pt")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 100, np.uint8)).save(image)
+    out = tmp_path / "x.json"
+    code, text = run_cli("predict", image, "--model", fold.parent, "--json", out)
+    assert code == 2 and "Traceback" not in text and "NaN or infinite" in one_line(text), text
+    assert text.count("\n") <= 2 and not out.exists()  # one line; no "no finding" record
+
+
+def test_pickle_and_empty_checkpoints_are_one_line(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "cxrloc-checkpoint", "payload": pickle.PickleError("x")}, evil)
+    with pytest.raises(CxrlocError) as info:
+        load_checkpoint(evil)
+    message = str(info.value)
+    assert "\n" not in message and "weights_only=False" not in message and "pickled Python objects" in message
+    zero = tmp_path / "zero.pt"
+    zero.write_bytes(b"")
+    with pytest.raises(CxrlocError, match=r"the file is empty \(0 bytes\)"):
+        load_checkpoint(zero)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    with pytest.raises(CxrlocError) as info:
+        load_checkpoint(garbage)
+    assert "\n" not in str(info.value) and ": ." not in str(info.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail: disk full)")
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path):
+    """torch.save given a file name says "[enforce fail at inline_container.cc] unexpected pos"; through
+    a file object the write error stays ENOSPC, which every command reports as "disk full"."""
+    import errno
+    from pathlib import Path
+
+    from cxrloc.checkpoint import torch_save
+    from cxrloc.utils import os_error_message
+
+    state = {"w": torch.zeros(100_000)}
+    with pytest.raises(OSError) as info:
+        torch_save(state, Path("/dev/full"))
+    assert info.value.errno == errno.ENOSPC
+    assert "disk full" in os_error_message(info.value, tmp_path / "last.pt", "checkpoint")
+
+
+def test_loss_settings_out_of_range_are_refused():
+    # Issue 22, defect 8: lambda_ann=-5 trained with a loss of -2.53 (a reward for wrong boxes).
+    from conftest import one_line, run_cli
+
+    for override in ("lambda_ann=-5", "sigmoid_temperature=0", "rho_hat_box_fraction=-1", "init_prob=1",
+                     "init_prob=-0.1", "eval_threshold=0", "eval_threshold=1.5"):
+        key = override.split("=")[0]
+        with pytest.raises(CxrlocError, match=f"Invalid {key}=.*--set {key}=VALUE"):
+            make_config("tiny", [override])
+        code, text = run_cli("train", "/nonexistent-prepared", "--out", "/tmp/x", "--set", override)
+        assert code == 2 and f"Invalid {key}=" in one_line(text) and "Traceback" not in text, (override, text)
+    for fine in ("lambda_ann=0", "lambda_ann=70", "init_prob=0.5", "eval_threshold=1", "rho_hat_box_fraction=0"):
+        make_config("tiny", [fine])

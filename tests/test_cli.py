@@ -171,10 +171,11 @@ def test_unexpected_os_error_is_one_line_exit_1(run_dir: Path, monkeypatch: pyte
 def test_usage_json_untouched_after_failure(tiny: Path, tmp_path: Path) -> None:
     """A failed single-image predict leaves an existing --json as it was."""
     existing = tmp_path / "r.json"
-    existing.write_text(json.dumps({"old": True}))
+    old = {"old": True, "model": "m.pt", "backend": "torch"}  # an earlier record (a stranger's file: test_paths.py)
+    existing.write_text(json.dumps(old))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
     code, text = run_cli("predict", bad, "--model", tiny, "--json", existing)
     assert code == 1 and "bad.png" in one_line(text) and "Traceback" not in text
-    assert json.loads(existing.read_text()) == {"old": True}
+    assert json.loads(existing.read_text()) == old
     assert "Nothing was written" in one_line(text)

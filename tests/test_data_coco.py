@@ -138,3 +138,26 @@ def test_coco_categories_may_not_be_set_by_option(tmp_path: Path) -> None:
     ann = write_own_coco(tmp_path, data["records"])
     with pytest.raises(CxrlocError, match="categories"):
         prepare(data["images"], tmp_path / "out", data_format="coco", boxes=ann, classes=list(OWN_CLASSES))
+
+
+def test_coco_frames_that_drop_every_box_but_one_say_why_and_write_nothing(tmp_path: Path) -> None:
+    # Issue 22, defect 9: width/height of 4 x 4 put the boxes outside their frame; the message used
+    # to say "only 1 annotated patient(s) for 2 folds; use --folds 2 or fewer" and leave a folder.
+    data = write_own_dataset(tmp_path, n_patients=3, boxed_patients=2)
+    ann = write_own_coco(tmp_path, data["records"])
+    coco = json.loads(ann.read_text())
+    boxed = [a["image_id"] for a in coco["annotations"]]
+    for image in coco["images"]:
+        if image["id"] in boxed[1:]:  # all but the first boxed image: a frame of 4 x 4 pixels, boxes at (5, 5)
+            image["width"] = image["height"] = 4
+    for a in coco["annotations"]:
+        if a["image_id"] in boxed[1:]:
+            a["bbox"][:2] = [5, 5]
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "p"
+    code, text = run_cli("prepare", data["images"], "--format", "coco", "--boxes", ann, "--out", out,
+                         "--size", "32", "--folds", "2")
+    flat = one_line(text)
+    assert code == 2 and "Traceback" not in text, text
+    assert "only 1 annotated patient(s)" in flat and "need at least 2" in flat and "--folds 2 or fewer" not in flat
+    assert "lies outside the image" in flat and "nothing was written" in flat and not out.exists()

@@ -148,3 +148,29 @@ def test_v2020_gzip_and_errors(tmp_path: Path) -> None:
         read_data_entry(dup)
     with pytest.raises(CxrlocError, match="not found"):
         read_data_entry(tmp_path / "absent.csv")
+
+
+# --------------------------------------------------------------------------- issue 22 (defects 4, 11)
+
+
+def test_empty_tables_are_one_message(tmp_path: Path) -> None:
+    for content in (b"", b"\n", b"\n\n"):
+        path = tmp_path / "Data_Entry_2017.csv"
+        path.write_bytes(content)
+        with pytest.raises(CxrlocError, match="the file is empty"):
+            read_data_entry(path)
+    boxes = tmp_path / "BBox_List_2017.csv"
+    boxes.write_bytes(b"\xff\xfe\x00bad utf-8 \xc3\x28")
+    with pytest.raises(CxrlocError, match="cannot read the box list"):
+        read_bbox_list(boxes)
+
+
+def test_non_finite_box_coordinates_are_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "BBox_List_2017.csv"
+    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                    "00000001_000.png,Mass,nan,10,20,20\n00000001_000.png,Mass,10,inf,20,20\n"
+                    "00000001_000.png,Mass,10,10,0,20\n")
+    result = read_bbox_list(path)
+    kinds = [(p.kind, p.line) for p in result.problems]
+    assert kinds == [("non_numeric", 2), ("non_numeric", 3), ("no_area", 4)]
+    assert "not a finite number" in result.problems[0].detail and "no area" not in result.problems[0].detail

@@ -67,11 +67,22 @@ def test_ensemble_is_a_run_like_any_other(seed_runs: tuple[Path, ...], tmp_path:
 
 
 def test_ensemble_refuses_runs_with_other_images_or_alone(seed_runs: tuple[Path, ...], tmp_path: Path) -> None:
-    _, s0, _, own_val = seed_runs
+    _, s0, s1, own_val = seed_runs
     with pytest.raises(CxrlocError, match="val_seed"):
         make_ensemble([s0, own_val], tmp_path / "bad")
     with pytest.raises(CxrlocError, match="at least two"):
         make_ensemble([s0], tmp_path / "one")
-    make_ensemble([s0, s0], tmp_path / "twice")
+    # A run with itself (also through another spelling of its path) is refused (issue 22, 13) ...
+    for again in (s0, s0 / "fold_0", s0 / ".." / s0.name):
+        with pytest.raises(CxrlocError, match="given twice"):
+            make_ensemble([s0, again], tmp_path / "self")
+    assert not (tmp_path / "self").exists()
+    # ... the output may not be a member, and a finished ensemble is not written over.
+    with pytest.raises(CxrlocError, match="one of this command's inputs"):
+        make_ensemble([s0, s1], s1)
+    make_ensemble([s0, s1], tmp_path / "twice")
     with pytest.raises(CxrlocError, match="already holds"):
-        make_ensemble([s0, s0], tmp_path / "twice")
+        make_ensemble([s0, s1], tmp_path / "twice")
+    # Fold folders ensemble like run folders (they used to look for fold_1/fold_0/run.json: issue 22, 11).
+    written = make_ensemble([s0 / "fold_0", s1 / "fold_0"], tmp_path / "folds")
+    assert written == [tmp_path / "folds" / "fold_0"] and (written[0] / "checkpoints" / "best.pt").is_file()

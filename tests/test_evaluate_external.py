@@ -229,3 +229,23 @@ def test_external_data_without_a_boxed_image_is_one_message(tmp_path: Path) -> N
     manifest.to_csv(ext / "manifest.csv", index=False)
     with pytest.raises(CxrlocError, match="holds no image with a box"):
         evaluate(run, data=ext, progress=False)
+
+
+def test_external_data_with_no_class_in_common_is_refused(tmp_path: Path) -> None:
+    # Issue 22, defect 7: every class n/a used to exit 0 with an empty report.
+    run = write_hand_run(tmp_path)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, size=(S, S), dtype=np.uint8)).save(images / f"y{i}.png")
+    (tmp_path / "labels.csv").write_text("image,labels\n" + "".join(f"y{i}.png,Lesion\n" for i in range(4)))
+    (tmp_path / "boxes.csv").write_text("image,label,x,y,w,h\n" + "".join(f"y{i}.png,Lesion,4,4,20,20\n"
+                                                                          for i in range(4)))
+    code, text = run_cli("prepare", images, "--format", "table", "--labels", tmp_path / "labels.csv", "--boxes",
+                         tmp_path / "boxes.csv", "--out", tmp_path / "ext", "--size", S, "--folds", "2")
+    assert code == 0, text
+    code, text = run_cli("evaluate", run, "--data", tmp_path / "ext")
+    flat = one_line(text)
+    assert code == 2 and "no class in common" in flat and "Lesion" in flat and "Atelectasis" in flat, text
+    assert not list(run.glob("eval_on_*"))

@@ -82,12 +82,34 @@ def test_thresholds_from_buffers_when_meta_has_none(tmp_path: Path, tiny_run_fac
     assert props["thresholds"]["classes"]["Mass"]["tau_hat"] == 5.0  # from the model's buffers
 
 
-def test_check_failure_leaves_no_file(tmp_path: Path, tiny_run_factory) -> None:
+def test_check_failure_leaves_no_file(tmp_path: Path, tiny_run_factory, monkeypatch) -> None:
+    import cxrloc.inference.backends as backends
+
     run, _ = make_tiny_run(tiny_run_factory, tmp_path / "run")
     out = tmp_path / "out" / "m.onnx"
+    real_open = backends.open_session
+
+    class Shifted:  # the real session, with z off by 0.5: the check must refuse
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def get_providers(self):
+            return self.inner.get_providers()
+
+        def run(self, names, feeds):
+            z, unary = self.inner.run(names, feeds)
+            return z + 0.5, unary
+
+    monkeypatch.setattr(backends, "open_session", Shifted)
     with pytest.raises(CxrlocError, match="differs from torch"):
-        export_onnx(run, out, tolerance=-1.0)  # impossible tolerance: the check must refuse
+        export_onnx(run, out)
     assert not out.exists() and list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+    # An impossible tolerance is refused at once, before anything is exported (issue 22, 8).
+    for bad_tolerance in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(CxrlocError, match="--tolerance must be a finite number above 0"):
+            export_onnx(run, out, tolerance=bad_tolerance)
+    assert not out.exists()
     with pytest.raises(CxrlocError, match="opset"):
         export_onnx(run, out, opset=13)
     bad = tmp_path / "bad.png"

@@ -475,3 +475,95 @@ def test_onnx_metadata_that_disagrees_with_its_graph(tmp_path: Path) -> None:
     assert code == 2 and "Traceback" not in text and len(text.strip().splitlines()) <= 3, text
     assert "m256.onnx" in flat and "image_size=256" in flat and "re-export" in flat
     assert not (tmp_path / "bad.json").exists()
+
+
+# --------------------------------------------------------------------------- issue 22 (defects 5, 11, 12)
+
+
+def test_damaged_onnx_models_are_refused_in_one_line(tiny_run, tmp_path: Path) -> None:
+    import json
+
+    import onnx
+    from conftest import one_line, run_cli
+    from onnx import numpy_helper
+
+    from cxrloc.inference.export import export_onnx
+
+    run, _ = tiny_run
+    img = _png(tmp_path / "x.png", (40, 48))
+    good = export_onnx(run, tmp_path / "m.onnx", check_image=img).path
+    proto = onnx.load(str(good))
+    init = next(i for i in proto.graph.initializer if numpy_helper.to_array(i).dtype == np.float32
+                and numpy_helper.to_array(i).size > 1)
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(tmp_path / "nan.onnx"))
+    code, text = run_cli("predict", img, "--model", tmp_path / "nan.onnx", "--json", tmp_path / "a.json")
+    assert code == 2 and "NaN or infinite" in one_line(text) and init.name in text, text
+    assert not (tmp_path / "a.json").exists()
+    proto = onnx.load(str(good))
+    for entry in proto.metadata_props:
+        if entry.key == "classes":
+            names = json.loads(entry.value)
+            entry.value = json.dumps([names[0], *names[:-1]])  # the first class twice
+    onnx.save(proto, str(tmp_path / "dup.onnx"))
+    code, text = run_cli("predict", img, "--model", tmp_path / "dup.onnx")
+    flat = one_line(text)
+    assert code == 2 and "is listed twice" in flat and "lacks classes" not in flat and "re-export" in flat, text
+
+
+def test_a_non_finite_score_never_reaches_json(tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finite weights can still give NaN (a damaged ONNX graph, an overflow): that image fails, in one line,
+    instead of a record with "score": NaN (not JSON) and "present": [] (a broken model read as "no finding")."""
+    from conftest import one_line, run_cli
+
+    from cxrloc.inference.backends import TorchPredictor
+
+    run, _ = tiny_run
+    a, b = _png(tmp_path / "in" / "a.png", (40, 48)), _png(tmp_path / "in" / "b.png", (40, 48), seed=1)
+    real = TorchPredictor.run
+
+    def nan_for_the_second(self, x):
+        z, unary = real(self, x)
+        z[1:] = np.nan
+        return z, unary
+
+    monkeypatch.setattr(TorchPredictor, "run", nan_for_the_second)
+    code, text = run_cli("predict", a, b, "--model", run, "--out-dir", tmp_path / "out")
+    assert code == 1 and "not finite" in one_line(text), text
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())  # strict JSON: no NaN
+    assert summary["count"] == 1 and summary["failures"][0]["image"] == str(b)
+    assert not (tmp_path / "out" / "b.json").exists() and (tmp_path / "out" / "a.json").exists()
+
+
+def test_symlink_loop_input_says_so(tiny_run, tmp_path: Path) -> None:
+    from conftest import one_line, run_cli
+
+    run, _ = tiny_run
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "gone.png")
+    for link in (loop, dangling):
+        code, text = run_cli("predict", link, "--model", run)
+        assert "symbolic link that leads nowhere" in one_line(text) and "Traceback" not in text, text
+
+
+def test_a_name_at_the_file_system_limit_gets_a_short_output_name(tiny_run, tmp_path: Path) -> None:
+    from cxrloc.inference.inputs import NAME_MAX, fit_name, output_names
+
+    run, _ = tiny_run
+    stem = "x" * (NAME_MAX - len(".png"))  # a 255-byte input name, valid on the file system
+    a = _png(tmp_path / "in" / f"{stem}.png", (40, 48))
+    b = _png(tmp_path / "in" / f"{stem[:-1]}y.png", (40, 48), seed=1)  # shares its first 250 bytes
+    names = output_names([a, b])
+    assert len(set(names)) == 2 and all(len((n + ".overlay.png").encode()) <= NAME_MAX for n in names)
+    assert fit_name("short") == "short" and fit_name("d/" + "é" * 200).startswith("d/é")
+    assert len(fit_name("d/" + "é" * 200).split("/")[1].encode()) <= NAME_MAX - len(".overlay.png")
+    from conftest import run_cli
+
+    code, text = run_cli("predict", a, b, "--model", run, "--out-dir", tmp_path / "out")
+    assert code == 0, text
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(written) == 5 and sum(p.endswith(".overlay.png") for p in written) == 2

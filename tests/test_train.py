@@ -418,3 +418,41 @@ def test_log_written_to_a_file_has_one_line_per_epoch_and_stage(prep: Path, tmp_
         assert any(x.startswith(f"Fold 1, stage {stage} (") for x in quiet), quiet
         assert any(x.startswith(f"Fold 1, stage {stage} done: ") for x in quiet), quiet
     assert not any(x.startswith("epoch ") for x in quiet)
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_dataloader_workers_die_with_a_killed_train(prep: Path, tmp_path: Path) -> None:
+    # Issue 22, defect 14: after kill -9 of train, its two DataLoader workers lived on 10-20 s under PID 1.
+    args = [str(prep), "--fold", "0", "--preset", "tiny", "--epochs", "200", "--out", str(tmp_path / "r"),
+            "--set", "device=cpu", "--set", "workers=2", "--quiet"]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+        time.sleep(0.1)
+        workers = _children(proc.pid)
+    assert len(workers) >= 2, "the workers never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 3.0  # the kernel's PR_SET_PDEATHSIG is immediate; a second of slack
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)]

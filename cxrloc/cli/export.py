@@ -35,12 +35,16 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="onnxruntime device for the check: cpu or cuda."),
         threads: int = typer.Option(DEFAULT_THREADS, "--threads", help="onnxruntime CPU threads."),
         tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="Largest allowed |z_onnx - z_torch|."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace an existing --out file that cxrloc did not write (an input, such as "
+            "the checkpoint or the check image, is never replaced)."
+        ),
     ) -> None:
         from cxrloc.inference.export import export_onnx
 
         report = export_onnx(
             run_dir, out, fold=fold, opset=opset, check_image=check_image, device=device, threads=threads,
-            tolerance=tolerance,
+            tolerance=tolerance, overwrite=overwrite,
         )
         console.print(
             f"Exported {report.checkpoint} (opset {report.opset}, {report.size_bytes / 1e6:.1f} MB) in "

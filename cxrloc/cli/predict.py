@@ -56,6 +56,10 @@ def register(app: typer.Typer) -> None:
         thresholds: Path | None = typer.Option(
             None, "--thresholds", help="thresholds.json overriding the thresholds stored with the model."
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace existing output files that cxrloc did not write (an input, such as "
+            "an image or the model, is never replaced)."
+        ),
     ) -> None:
         from cxrloc.inference.predict import predict_files
 
@@ -63,7 +67,7 @@ def register(app: typer.Typer) -> None:
             inputs, model, out_dir=out_dir, overlay=overlay, json_path=json_out, boxes_csv=boxes,
             save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes, device=device, fold=fold,
             threads=threads,
-            batch_size=batch_size, thresholds_file=thresholds,
+            batch_size=batch_size, thresholds_file=thresholds, overwrite=overwrite,
         )
         n_ok, n_bad = len(summary.records), len(summary.failures)
         status = f"{n_ok} image(s) predicted" + (f", {n_bad} failed" if n_bad else "")

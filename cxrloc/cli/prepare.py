@@ -91,6 +91,15 @@ def register(app: typer.Typer) -> None:
             False, "--strict", help="Fail (exit 2, nothing written) instead of dropping or changing any input: "
             "missing or unreadable annotated images, skipped, duplicate or clipped box rows."
         ),
+        rebuild: bool = typer.Option(
+            False, "--rebuild", help="Replace a finished PREPARED_DIR made with other parameters (--size, --folds, "
+            "--seed, --unannotated-fraction or other tables); without it prepare refuses, as runs trained on it "
+            "would silently read the new images. Runs trained on the old folder then refuse it."
+        ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Write into an --out folder that is not a prepared folder although it holds "
+            "files of the names prepare writes (manifest.csv, splits.json, ...)."
+        ),
     ) -> None:
         from cxrloc.data.prepare import StrictError, labels_line, prepare, problems_table, summary_line
 
@@ -113,6 +122,8 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 strict=strict,
                 labels_from_boxes=labels_from_boxes,
+                rebuild=rebuild,
+                overwrite=overwrite,
             )
         except StrictError as exc:
             table = problems_table(exc.problems)

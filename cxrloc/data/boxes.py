@@ -82,10 +82,10 @@ def add_box(
 ) -> None:
     """Check one box row's geometry, then add it to ``result`` normalised by its pixel frame.
 
-    The one rule of every box reader (NIH's list, a plain box table, COCO): a box without area
-    (also a non-finite coordinate) is skipped, an exact repeat of an earlier row is dropped, a box
-    entirely outside the image is skipped, one reaching past an edge is clipped to it (kept); each
-    case is recorded in ``result.problems`` with its kind and line.
+    The one rule of every box reader (NIH's list, a plain box table, COCO): a box with a
+    non-finite coordinate (``non_numeric``) or without area is skipped, an exact repeat of an
+    earlier row is dropped, a box entirely outside the image is skipped, one reaching past an edge
+    is clipped to it (kept); each case is recorded in ``result.problems`` with its kind and line.
 
     Args:
         result: the box list being filled.
@@ -99,7 +99,12 @@ def add_box(
             x is divided by the width and y by the height.
     """
     x, y, w, h = xywh
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        result.add_problem("non_numeric", line, image_id,
+                           f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has a coordinate that is not a "
+                           "finite number (NaN or infinity)")
+        return
+    if w <= 0 or h <= 0:
         result.add_problem("no_area", line, image_id,
                            f"{where}: {image_id}: box {label} [{x}, {y}, {w}, {h}] has no area")
         return

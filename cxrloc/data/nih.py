@@ -25,7 +25,7 @@ import pandas as pd
 from cxrloc.classes import BOXED_CLASSES, CLASS_INDEX, CLASSES, NO_FINDING, canonical_label
 from cxrloc.data.boxes import BoxKey, BoxList, add_box
 from cxrloc.data.source import Source, file_input
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, flat
 
 NIH_SIDE: float = 1024.0
 """Side in pixels of the released NIH PNGs, the frame of ``BBox_List_2017.csv``."""
@@ -124,8 +124,12 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
             # All columns as text; index_col=False because data rows have one field fewer than the
             # header's trailing comma announces.
             raw = pd.read_csv(fh, dtype=str, index_col=False, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise CxrlocError(
+            f"{path}: the file is empty (no header, no rows); is this NIH's Data_Entry_2017.csv?"
+        ) from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError) as exc:
-        raise CxrlocError(f"{path}: cannot read as a CSV table ({exc})") from exc
+        raise CxrlocError(f"{path}: cannot read as a CSV table ({flat(exc)})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     raw = raw.loc[:, [c for c in raw.columns if c and not c.startswith("Unnamed:")]]
     for col in ("Image Index", "Finding Labels", "Patient ID"):
@@ -211,6 +215,14 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
     if not path.is_file():
         raise CxrlocError(f"{path}: box list not found; pass --bbox-list PATH")
     result = BoxList()
+    try:
+        _read_bbox_rows(path, result, side)
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError) as exc:
+        raise CxrlocError(f"{path}: cannot read the box list as a CSV table ({flat(exc)})") from None
+    return result
+
+
+def _read_bbox_rows(path: Path, result: BoxList, side: float) -> None:
     seen: dict[BoxKey, int] = {}
     with open_text(path) as fh:
         for lineno, row in enumerate(csv.reader(fh), start=1):
@@ -244,7 +256,6 @@ def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> B
                 continue
             add_box(result, seen, line=lineno, where=where, image_id=image_id, k=k, label=label,
                     xywh=(x, y, w, h), frame=(side, side))
-    return result
 
 
 def nih_source(

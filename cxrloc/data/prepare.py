@@ -22,15 +22,10 @@ Same inputs and seed give byte-identical output files, whatever ``workers`` is.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import shlex
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +39,7 @@ from rich.table import Table
 
 from cxrloc.data.boxes import Box, BoxList
 from cxrloc.data.formats import SourceOptions, open_source
+from cxrloc.data.identity import check_reprepare
 from cxrloc.data.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_u8
 from cxrloc.data.prepared import CACHE_VERSION, CLASSES_FILE, ClassList, manifest_columns
 from cxrloc.data.source import Columns
@@ -67,6 +63,7 @@ from cxrloc.utils import (
     write_error,
     write_json_atomic,
 )
+from cxrloc.workers import exit_with_parent
 
 FLUSH_EVERY = 64
 """Entries written between two flushes (a flush also happens every 2 s and on exit)."""
@@ -235,53 +232,12 @@ class _Cache:
             os.fsync(fh.fileno())
 
 
-PR_SET_PDEATHSIG = 1
-"""``prctl`` option (linux/prctl.h): the signal a process receives when its parent dies."""
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Worker initializer: make this decoding process die with the ``prepare`` process.
-
-    A ``kill -9`` of ``prepare`` would otherwise leave every worker blocked for ever on the task
-    queue (each worker holds a writing end of it, so it never sees end-of-file). On Linux the
-    kernel delivers SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere, and as
-    a fallback, a daemon thread polls the parent's process id once a second.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    first_parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != first_parent or not _alive(parent):
-                os._exit(1)
-
-    threading.Thread(target=watch, name="cxrloc-parent-watchdog", daemon=True).start()
-    if not _alive(parent):  # the parent died before the watch started
-        os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _tasks_results(tasks: list[tuple[int, str, int]], workers: int) -> Iterator[tuple[int, np.ndarray | None, str]]:
     if workers <= 1 or len(tasks) < 2:
         for t in tasks:
             yield _decode(t)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         yield from pool.map(_decode, tasks, chunksize=4)
 
 
@@ -465,6 +421,8 @@ def prepare(
     progress: bool = True,
     strict: bool = False,
     labels_from_boxes: bool = True,
+    rebuild: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Prepare a dataset for training; see the module docstring and docs/data.md.
 
@@ -497,6 +455,12 @@ def prepare(
             lacks that label (counted per class in ``fingerprint.json`` and the summary); ``False``
             keeps the table's labels as they are (the AUROC and "labels per image" of ``evaluate``
             then use them; training still treats a boxed class as present on that image).
+        rebuild: replace a finished prepared folder made with other parameters (size, folds,
+            seed, unannotated fraction, tables); without it such a folder is refused
+            (:func:`cxrloc.data.identity.check_reprepare`).
+        overwrite: write into a folder that is not a prepared folder although it holds files of
+            the names prepare writes (:data:`PREPARED_FILES`). An input (a table, an images
+            folder) is never replaced.
 
     Everything dropped or changed is listed in ``fingerprint.json`` under ``problems``
     (:func:`problems_table` shows it); the class list goes to ``classes.json``.
@@ -525,10 +489,15 @@ def prepare(
     if not 0.0 <= unannotated_fraction <= 1.0:
         raise CxrlocError(f"--unannotated-fraction must be in [0, 1], got {unannotated_fraction}")
     column_names = Columns.parse(columns)
+    _guard_out(out, [data_dir, *images, data_entry, bbox_list, labels, boxes], overwrite=overwrite)
     check_writable_dir(out, "--out")  # again below with the cache's size, once it is known
     source = open_source(data_format, data_dir, SourceOptions(data_entry=data_entry, bbox_list=bbox_list,
                                                               labels=labels, boxes=boxes, columns=column_names,
                                                               classes=classes))
+    if check_reprepare(out, size=size, tables={"format": source.data_format, **source.inputs}, folds=folds,
+                       seed=seed, fraction=unannotated_fraction, rebuild=rebuild):
+        for name in PREPARED_FILES:
+            (out / name).unlink(missing_ok=True)
     command = _command(data_dir, data_format, data_entry, bbox_list, labels, boxes, column_names, classes, images,
                        folds, unannotated_fraction, seed, size=size, out=out, labels_from_boxes=labels_from_boxes)
 
@@ -564,10 +533,7 @@ def prepare(
     annotated_ids = {i for i in patient_of if i in boxes_of}
     unannotated_ids = [i for i in patient_of if i not in boxes_of]
     if not annotated_ids:
-        raise CxrlocError(
-            f"{where}: no image with a box in {source.box_name} was found on disk; "
-            "folds are built over annotated images, so nothing usable can be prepared"
-        )
+        raise CxrlocError(_no_annotated_message(where, source.box_name, box_list, box_skipped))
 
     created = not os.path.exists(out)
     splits_path = out / "splits.json"
@@ -591,6 +557,8 @@ def prepare(
         pool = sample_unannotated(unannotated_ids, unannotated_fraction, seed)
         wanted = annotated_ids | set(pool)
 
+    if not reused:
+        _check_enough_patients(annotated_ids, patient_of, folds, box_skipped)
     cache_ids = [str(i) for i in ids[present] if i in wanted]  # table order
     paths = [found[i] for i in cache_ids]
     check_writable_dir(out, "--out", need_bytes=_cache_bytes_needed(out, len(cache_ids), size))
@@ -725,6 +693,60 @@ def prepare(
     return out
 
 
+PREPARED_FILES: tuple[str, ...] = (
+    "fingerprint.json", "cache.json", "images.u8", "done.u8", "manifest.csv", CLASSES_FILE, "splits.json",
+)
+"""The files ``prepare`` writes into ``--out`` (``--rebuild`` removes them first; fingerprint.json first of all,
+so a kill during the removal leaves an unfinished folder, not a finished one with missing files)."""
+
+
+def _check_enough_patients(
+    annotated: set[str], patient_of: dict[str, int], folds: int, skipped: Sequence[str]
+) -> None:
+    """Refuse, before the folder is created, data with fewer annotated patients than folds (the
+    message names the skipped box rows, which are often why)."""
+    from cxrloc.data.splits import make_splits
+
+    n = len({patient_of[i] for i in annotated})
+    if n >= max(folds, 2):
+        return
+    try:
+        make_splits({i: patient_of[i] for i in annotated}, {}, folds=folds, seed=0, unannotated_fraction=0.0)
+    except CxrlocError as exc:
+        why = f" ({len(skipped)} box row(s) were skipped; first: {skipped[0]})" if skipped else ""
+        raise CxrlocError(f"{exc}{why}; nothing was written") from None
+
+
+def _no_annotated_message(where: str, box_name: str, box_list: BoxList, skipped: Sequence[str]) -> str:
+    """Why no annotated image is left: no box row was usable (and the first reason), or none of the
+    boxed images was found on disk."""
+    tail = "folds are built over annotated images, so nothing usable can be prepared"
+    if not box_list.boxes:
+        first = box_list.problems[0].detail if box_list.problems else (skipped[0] if skipped else "")
+        return (f"{box_name}: none of its {box_list.rows} box row(s) is usable"
+                + (f" (first: {first})" if first else "") + f"; {tail}")
+    return f"{where}: no image with a box in {box_name} was found on disk; {tail}"
+
+
+def _guard_out(out: Path, inputs: Sequence[Any], *, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is an input, or a foreign folder holding files of prepare's names."""
+    from cxrloc.paths import OutputGuard
+
+    guard = OutputGuard(inputs, overwrite=overwrite)
+    guard.folder(out, "--out")
+    ours = (out / "cache.json").is_file() or (out / "fingerprint.json").is_file()
+    for name in PREPARED_FILES:
+        target = out / name
+        if guard.is_input(target):
+            raise CxrlocError(f"--out {out}: prepare would write {target}, one of this command's inputs; "
+                              "choose another --out")
+        if target.is_file() and not ours and not overwrite:
+            raise CxrlocError(
+                f"--out {out} is not a prepared folder but holds {name}, which prepare would replace; choose "
+                "another --out, or pass --overwrite"
+            )
+
+
 def _command(
     data_dir: Path,
     data_format: str,
@@ -744,7 +766,7 @@ def _command(
     labels_from_boxes: bool = True,
 ) -> list[str]:
     """The ``cxrloc prepare`` command that makes this folder again (paths as given, without --workers):
-    :func:`prepare_command` makes a copy at another size from it."""
+    :func:`cxrloc.data.identity.prepare_command` makes a copy at another size from it."""
     args = ["cxrloc", "prepare", str(data_dir)]
     if data_format != "nih":
         args += ["--format", data_format]
@@ -763,38 +785,6 @@ def _command(
     return args + ["--size", str(size), "--out", str(out)]
 
 
-_OWN_OPTIONS: tuple[str, ...] = ("--size", "--out", "-o")
-"""Options of a recorded command that :func:`prepare_command` replaces."""
-
-
-def prepare_command(prepared: str | os.PathLike[str], *, size: int, out: str | os.PathLike[str]) -> str:
-    """The shell command that prepares the data of the folder ``prepared`` again at ``size`` into ``out``.
-
-    Made from the arguments recorded in its ``fingerprint.json`` (paths as they were given when it
-    was prepared); a folder prepared before they were recorded gets its image folders and NIH's
-    default tables.
-    """
-    try:
-        fp = read_json(Path(prepared) / "fingerprint.json", "fingerprint")
-    except CxrlocError:
-        fp = {}
-    params = fp.get("parameters") if isinstance(fp, dict) else None
-    args = params.get("command") if isinstance(params, dict) else None
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        inputs = fp.get("inputs") if isinstance(fp, dict) else None
-        folders = inputs.get("image_folders") if isinstance(inputs, dict) else None
-        folders = [str(f) for f in folders] if isinstance(folders, list) and folders else ["DATA_DIR"]
-        args = ["cxrloc", "prepare", folders[0], *[a for f in folders[1:] for a in ("--images", f)]]
-    kept: list[str] = []
-    skip = False
-    for a in args:  # a command recorded since 0.x carries its own --size and --out
-        if skip:
-            skip = False
-        elif a in _OWN_OPTIONS:
-            skip = True
-        else:
-            kept.append(a)
-    return shlex.join([*kept, "--size", str(size), "--out", str(out)])
 
 
 def _cache_bytes_needed(out: Path, count: int, size: int) -> int:

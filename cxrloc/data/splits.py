@@ -76,9 +76,14 @@ def assign_folds(patient_of: Mapping[str, int], folds: int, seed: int) -> list[l
     for image_id in sorted(patient_of):
         groups.setdefault(int(patient_of[image_id]), []).append(image_id)
     patients = sorted(groups)
+    if len(patients) < 2:
+        raise CxrlocError(
+            f"only {len(patients)} annotated patient(s): patient-grouped folds need at least 2 (each fold tests "
+            "patients the others train on); add annotated images"
+        )
     if len(patients) < folds:
         raise CxrlocError(
-            f"only {len(patients)} annotated patient(s) for {folds} folds; use --folds {max(2, len(patients))} or fewer"
+            f"only {len(patients)} annotated patient(s) for {folds} folds; use --folds {len(patients)} or fewer"
         )
     rng = np.random.default_rng([seed, 0])
     order = [patients[i] for i in rng.permutation(len(patients))]

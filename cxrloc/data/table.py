@@ -39,7 +39,7 @@ from cxrloc.classes import check_class_names
 from cxrloc.data.boxes import BoxList, RawBox
 from cxrloc.data.nih import open_text, validate_image_path
 from cxrloc.data.source import Columns, Source, file_input, make_entries, split_labels
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, flat
 
 BOX_TABLE_COLUMNS: tuple[str, ...] = ("image", "label", "x", "y", "w", "h")
 """The keys (and default names) of a boxes table's columns: what ``predict --boxes`` reads too."""
@@ -67,7 +67,7 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         with open_text(path) as fh:
             df = pd.read_csv(fh, dtype=str, keep_default_na=False, index_col=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, EOFError) as exc:
-        raise CxrlocError(f"{path}: cannot read the {what} as a CSV table ({exc})") from None
+        raise CxrlocError(f"{path}: cannot read the {what} as a CSV table ({flat(exc)})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 

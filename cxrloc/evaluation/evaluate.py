@@ -203,6 +203,13 @@ def evaluate_fold(
     not_in_data = [c for c in run_classes if c not in data_classes]
     classes = run_classes + not_in_run
     to_run = {k: run_classes.index(c) for k, c in enumerate(data_classes) if c in run_classes}
+    if data is not None and not to_run:
+        raise CxrlocError(
+            f"{data.root} has no class in common with {tf.fold_dir.path.parent} (test data: "
+            f"{', '.join(data_classes[:8])}{', ...' if len(data_classes) > 8 else ''}; the run's: "
+            f"{', '.join(run_classes[:8])}{', ...' if len(run_classes) > 8 else ''}); classes are matched by name, "
+            "so nothing could be scored: prepare the test data with the run's class names"
+        )
     data_boxes = [test.boxes(i) for i in ids]
     boxes = [[(to_run[b[0]], *b[1:]) for b in bs if b[0] in to_run] for bs in data_boxes]
     extra_count = np.zeros(len(not_in_run), dtype=np.int64)
@@ -307,7 +314,7 @@ def check_external(own: Prepared, data: Prepared, run_dir: Path) -> None:
     """
     if data.size == own.size:
         return
-    from cxrloc.data.prepare import prepare_command
+    from cxrloc.data.identity import prepare_command
 
     target = data.root.parent / f"{data.root.name}_{own.size}px"
     raise CxrlocError(

@@ -10,6 +10,7 @@ import torch
 
 from cxrloc.checkpoint import load_model
 from cxrloc.config import Config
+from cxrloc.data.identity import check_prepared_identity
 from cxrloc.data.prepared import Prepared
 from cxrloc.rundir import FoldDir
 
@@ -32,6 +33,7 @@ class TrainedFold:
         fd = fold_dir if isinstance(fold_dir, FoldDir) else FoldDir(Path(fold_dir))
         run = fd.read_run()
         prepared = Prepared.open(run["prepared_dir"])
+        check_prepared_identity(prepared.root, run.get("prepared"), fd.path)
         ckpt = fd.existing_checkpoint(which)
         model, meta, cfg = load_model(ckpt, device=device)
         return cls(fd, run, prepared, model, meta, cfg, ckpt)

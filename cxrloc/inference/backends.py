@@ -54,6 +54,11 @@ def props_to_meta(props: dict[str, str], source: str | os.PathLike[str]) -> dict
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CxrlocError(f"{source}: cxrloc metadata lacks {', '.join(missing)}; re-export with 'cxrloc export'.")
+    from cxrloc.classes import check_class_names
+
+    if not isinstance(meta["classes"], list):
+        raise CxrlocError(f"{source}: its metadata 'classes' is not a list; re-export with 'cxrloc export'.")
+    check_class_names(meta["classes"], f"{source} (metadata 'classes'; re-export with 'cxrloc export')")
     meta.pop("format")
     return meta
 
@@ -94,6 +99,31 @@ def open_session(path: str | os.PathLike[str], device: str = "cpu", threads: int
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
     except Exception as exc:  # invalid protobuf, unsupported opset, truncated file
         raise CxrlocError(f"onnxruntime cannot load {path}: {exc}") from None
+
+
+def check_finite_initializers(path: str | os.PathLike[str]) -> None:
+    """Refuse an ONNX model whose weights (graph initialisers) hold NaN or infinity.
+
+    Raises:
+        CxrlocError: one line naming the file and the first bad initialiser.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # onnxruntime read it; a second reader failing is a damaged file all the same
+        raise CxrlocError(f"cannot read the weights of {path}: {exc}") from None
+    bad = []
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and not bool(np.isfinite(arr).all()):
+            bad.append(init.name)
+    if bad:
+        raise CxrlocError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first {bad[0]}); the model is "
+            "damaged or was exported from a diverged run: export a good checkpoint again"
+        )
 
 
 def session_meta(session: Any, source: str | os.PathLike[str]) -> dict[str, Any]:
@@ -265,6 +295,7 @@ class OnnxPredictor(Predictor):
         self.provider = self.session.get_providers()[0]
         meta = session_meta(self.session, path)
         check_graph(self.session, meta, path)
+        check_finite_initializers(path)
         self._input = INPUT_NAME
         self._outputs = list(OUTPUT_NAMES)
         if thresholds_file is not None:

@@ -113,6 +113,7 @@ def export_onnx(
     device: str = "cpu",
     threads: int = DEFAULT_THREADS,
     tolerance: float = DEFAULT_TOLERANCE,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export a run's model to ONNX with its metadata, then check onnxruntime against torch.
 
@@ -126,10 +127,14 @@ def export_onnx(
             when present, else a generated synthetic chest).
         device: onnxruntime device for the check (``cpu`` or ``cuda``; CPU when CUDA is missing).
         threads: onnxruntime CPU threads.
-        tolerance: largest allowed absolute difference of ``z`` between torch and onnxruntime.
+        tolerance: largest allowed absolute difference of ``z`` between torch and onnxruntime
+            (a finite number above 0).
+        overwrite: replace an existing ``out_path`` that cxrloc did not write. An output that is
+            one of the inputs (the checkpoint, the check image) is always refused.
 
     Raises:
-        CxrlocError: bad arguments, unreadable checkpoint or image, failed export, or a
+        CxrlocError: bad arguments, an output path that is an input or another program's file,
+            unreadable checkpoint or image, failed export, or a
             difference above ``tolerance`` (the output file is then not created).
     """
     import onnx
@@ -138,16 +143,20 @@ def export_onnx(
     from cxrloc.checkpoint import load_model
     from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
     from cxrloc.inference.inputs import preprocess
+    from cxrloc.paths import OutputGuard
     from cxrloc.rundir import EXPORT_NAME, RunDir, resolve_checkpoint
 
     if opset < MIN_OPSET:
         raise CxrlocError(f"--opset {opset} is too old: use {MIN_OPSET} or newer.")
+    if not (np.isfinite(tolerance) and tolerance > 0):
+        raise CxrlocError(f"--tolerance must be a finite number above 0, got {tolerance:g}.")
     t0 = time.perf_counter()
     ckpt = resolve_checkpoint(run_or_ckpt, fold=fold)
     if out_path is None:
         src = Path(run_or_ckpt)
         out_path = (ckpt.parent / EXPORT_NAME) if src.is_file() else RunDir(src).export_path
     out_path = Path(out_path)
+    OutputGuard([run_or_ckpt, ckpt, check_image], overwrite=overwrite).file(out_path, "--out")
     check_writable_file(out_path, "ONNX file")
     if threads < 1:
         raise CxrlocError(f"--threads must be at least 1, got {threads}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,6 +76,8 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
                     problems.append((str(m), not_regular_message(m, kind)))
             if matched == 0:
                 problems.append((item, f"{item}: pattern matches no image file"))
+        elif os.path.islink(path):
+            problems.append((item, f"{item}: a symbolic link that leads nowhere (a loop, or its target is missing)"))
         else:
             problems.append((item, f"{item}: no such file or folder"))
     seen: set[Path] = set()
@@ -136,4 +139,27 @@ def output_names(files: Sequence[Path], reserved: Sequence[str] = (SUMMARY_NAME,
             candidate = f"{name}~{n}"
         used.add(candidate.casefold())
         names[i] = candidate
-    return names
+    return [fit_name(n) for n in names]
+
+
+LONGEST_OUTPUT_SUFFIX = ".overlay.png"
+"""The longest suffix ``predict`` adds to an output name (``.json``, ``.maps.npy`` are shorter)."""
+
+NAME_MAX = 255
+"""Bytes in one file name on common file systems (ext4, XFS, APFS, NTFS in UTF-16 units)."""
+
+
+def fit_name(name: str, limit: int = NAME_MAX) -> str:
+    """``name`` (``a/b/stem``) with its last part shortened so that it plus any output suffix fits ``limit`` bytes.
+
+    A last part that is too long keeps its first bytes and gets ``~`` and 12 hex digits of its
+    SHA-1, so two long names sharing their first 230 bytes still give distinct outputs.
+    """
+    head, _, last = name.rpartition("/")
+    room = limit - len(LONGEST_OUTPUT_SUFFIX.encode())
+    raw = last.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    short = raw[: room - len(digest) - 1].decode("utf-8", "ignore") + "~" + digest
+    return f"{head}/{short}" if head else short

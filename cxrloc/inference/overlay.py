@@ -309,17 +309,22 @@ def overlay_format(path: str | os.PathLike[str]) -> str:
 def save_overlay(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Save ``image`` atomically as PNG or JPEG (quality 95), as the extension of ``path`` says.
 
-    A PNG keeps the image's text ``info`` (the legend) as text chunks.
+    A PNG keeps the image's text ``info`` (the legend) as text chunks. Both carry the
+    :data:`cxrloc.paths.MARKER` (PNG ``Software`` text, JPEG comment) by which a later run knows
+    the file as its own output (:func:`cxrloc.paths.made_by_cxrloc`).
     """
     from PIL import PngImagePlugin
 
+    from cxrloc.paths import MARKER
+
     fmt = overlay_format(path)
-    options: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {}
+    options: dict[str, object] = {"quality": 95, "comment": MARKER} if fmt == "JPEG" else {}
     if fmt == "PNG":
         text = PngImagePlugin.PngInfo()
         for key, value in image.info.items():
-            if isinstance(value, str):
+            if isinstance(value, str) and key != "Software":
                 text.add_text(key, value)
+        text.add_text("Software", MARKER)
         options["pnginfo"] = text
     with atomic_path(path, "overlay") as tmp:
         image.save(tmp, format=fmt, **options)

@@ -67,6 +67,7 @@ def predict_files(
     batch_size: int = 8,
     thresholds_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PredictSummary:
     """Run a model on image files and write JSON records, overlays and maps.
 
@@ -89,10 +90,18 @@ def predict_files(
     classes that have a ground-truth box on the image (needs ``boxes_csv``), as in the paper's
     Figure 1. The legend gives each class's probability.
 
+    No output ever replaces an input (an image, the model or the checkpoint a run folder stands
+    for, the ``--boxes`` or ``--thresholds`` file), and an existing file that cxrloc did not write
+    is replaced only with ``overwrite`` (:class:`cxrloc.paths.OutputGuard`): ``--json``,
+    ``--overlay`` and the batch summary are checked before the model is loaded, each image's
+    outputs before they are written (a refused one is recorded in ``failures``).
+
     Raises:
-        CxrlocError: bad options, or a model that cannot be loaded.
+        CxrlocError: bad options, an output that is an input or another program's file, or a
+            model that cannot be loaded.
     """
     from cxrloc.data.imageio import read_image
+    from cxrloc.paths import OutputGuard
 
     if overlay_classes not in OVERLAY_CLASSES:
         raise CxrlocError(f"--overlay-classes {overlay_classes!r}: use {', '.join(map(repr, OVERLAY_CLASSES))}.")
@@ -114,12 +123,19 @@ def predict_files(
         raise CxrlocError("--overlay and --json name the outputs of ONE image; for several use --out-dir DIR.")
     if many and out_dir is None:
         out_dir = Path("predictions")
+    guard = OutputGuard([model, boxes_csv, thresholds_file, *files], overwrite=overwrite)
+    guard.add_inputs([_model_checkpoint(model, fold)])
     if out_dir is not None:
+        guard.folder(out_dir, "--out-dir")
         check_writable_dir(out_dir, "--out-dir")
+        guard.file(Path(out_dir) / f"{SUMMARY_NAME}.json", "the batch summary")
     else:
         for option, target in (("--json", json_path), ("--overlay", overlay)):
             if target is not None:
+                guard.file(target, option)
                 check_writable_file(target, option)
+        if save_maps and files:
+            guard.file(_maps_path(files[0], json_path, overlay), "--save-maps")
     for item, msg in problems:
         _fail(summary, item, msg)
     gt_boxes = None
@@ -134,7 +150,6 @@ def predict_files(
     summary.operating_point = predictor.describe_operating_point()
     out = Path(out_dir) if out_dir is not None else None
     names = output_names(files)
-    inputs_resolved = {f.resolve() for f in files}
     with progress_bar(enabled=progress and len(files) > 1, info=True, transient=True) as bar:
         task = bar.add_task("Predicting", total=len(files), info="")
         for start in range(0, len(files), batch_size):
@@ -156,7 +171,7 @@ def predict_files(
                     record = _finish_one(
                         files[i], names[i], img, z, predictor, out=out, overlay=overlay, json_path=json_path,
                         gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
-                        summary=summary, inputs=inputs_resolved,
+                        summary=summary, guard=guard,
                     )
                 except (CxrlocError, MemoryError) as exc:  # an output that cannot be written: go on
                     _fail(summary, str(files[i]), _reason(exc, files[i]))
@@ -211,14 +226,20 @@ def _finish_one(
     overlays: bool,
     overlay_classes: str,
     summary: PredictSummary,
-    inputs: set[Path],
+    guard: Any,
 ) -> dict[str, Any]:
     """Write the outputs of one image and return its record.
 
     Raises:
-        CxrlocError: an output cannot be written, or would replace one of ``inputs``.
+        CxrlocError: an output cannot be written, or ``guard`` refuses it (an input, a stranger's file).
     """
     height, width = img.shape
+    if not bool(np.isfinite(z).all()):
+        # A NaN score would be written as "NaN" (not JSON) and read as "no finding": refuse it.
+        raise CxrlocError(
+            f"{path}: the model's output is not finite (NaN or infinity) for this image; nothing was written for it. "
+            "The model is damaged or the image is extreme; check the model on another image"
+        )
     record = {
         "image": str(path),
         "model": str(predictor.source),
@@ -234,11 +255,13 @@ def _finish_one(
         overlay = out / f"{name}.overlay.png" if overlays else None
         maps_path: Path | None = out / f"{name}.maps.npy"
     else:
-        base = Path(json_path) if json_path is not None else Path(overlay) if overlay is not None else None
-        maps_path = base.with_suffix(".maps.npy") if base is not None else Path(f"{path.stem}.maps.npy")
-    for target in (json_path, overlay, maps_path if save_maps else None):
-        if target is not None and Path(target).resolve() in inputs:
-            raise CxrlocError(f"{path}: its output {target} would replace an input image; choose another --out-dir")
+        maps_path = _maps_path(path, json_path, overlay)
+    for target, what in ((json_path, "prediction"), (overlay, "overlay"), (maps_path if save_maps else None, "maps")):
+        if target is not None:
+            try:
+                guard.file(target, f"{path}: its {what}")
+            except CxrlocError as exc:
+                raise CxrlocError(f"{exc} (--out-dir)" if out is not None else str(exc)) from None
     if save_maps and maps_path is not None:
         with atomic_path(maps_path, "maps") as tmp, open(tmp, "wb") as fh:
             np.save(fh, z.astype(np.float32))
@@ -266,6 +289,26 @@ def _finish_one(
         write_json_atomic(json_path, record, what="prediction")
         summary.outputs.append(Path(json_path))
     return record
+
+
+def _maps_path(
+    image: Path, json_path: str | os.PathLike[str] | None, overlay: str | os.PathLike[str] | None
+) -> Path:
+    """Where ``--save-maps`` writes one image's maps without ``--out-dir``: beside --json / --overlay."""
+    base = Path(json_path) if json_path is not None else Path(overlay) if overlay is not None else None
+    return base.with_suffix(".maps.npy") if base is not None else Path(f"{image.stem}.maps.npy")
+
+
+def _model_checkpoint(model: str | os.PathLike[str], fold: int | None) -> Path | None:
+    """The checkpoint a run folder stands for (an input to protect); None when it cannot be told yet."""
+    if Path(model).suffix.lower() == ".onnx" or not Path(model).is_dir():
+        return None
+    from cxrloc.rundir import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(model, fold=fold)
+    except CxrlocError:
+        return None  # load_predictor says why, below
 
 
 def _short_rule(predictor: Predictor) -> str:

@@ -41,15 +41,47 @@ def make_ensemble(
             different images or with a different input size / patch grid, or an existing ``out_dir``
             fold.
     """
+    from cxrloc.paths import OutputGuard
+
     if len(runs) < 2:
         raise CxrlocError("An ensemble needs at least two runs.")
+    OutputGuard(runs).folder(out_dir, "--out")
     first = RunDir(Path(runs[0])).folds(fold)
     written = []
     for fd in first:
         k = fd.read_run().get("fold")
-        members = [fd] + [RunDir(Path(r)).fold(int(k)) for r in runs[1:]]
+        members = [fd] + [_member_fold(Path(r), int(k), fd) for r in runs[1:]]
+        _check_distinct(members)
         written.append(_ensemble_fold(members, FoldDir.of(out_dir, int(k)), which))
     return written
+
+
+def _member_fold(path: Path, k: int, first: FoldDir) -> FoldDir:
+    """Fold ``k`` of the run folder ``path``, or ``path`` itself when it is a fold folder of fold ``k``."""
+    if (path / "run.json").is_file():  # a fold folder, like the first member may be
+        got = FoldDir(path).read_run().get("fold")
+        if got != k:
+            raise CxrlocError(
+                f"{path} is fold {got}, but {first.path} is fold {k}: give fold folders of the same fold, or run "
+                "folders"
+            )
+        return FoldDir(path)
+    fd = RunDir(path).fold(k)
+    if not fd.run_json.is_file():
+        raise CxrlocError(f"{path} has no trained fold {k} ({fd.run_json} not found), which {first.path} has")
+    return fd
+
+
+def _check_distinct(members: list[FoldDir]) -> None:
+    """Refuse a member listed twice (``ensemble run run``: the mean of one model with itself)."""
+    from cxrloc.paths import same_file
+
+    for i, a in enumerate(members):
+        for b in members[:i]:
+            if same_file(a.path, b.path):
+                raise CxrlocError(
+                    f"{a.path} is given twice: an ensemble of a run with itself is that run; list distinct runs"
+                )
 
 
 def _ensemble_fold(members: list[FoldDir], out: FoldDir, which: str) -> Path:

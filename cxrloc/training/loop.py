@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -49,12 +50,14 @@ from cxrloc.data.dataset import (
     split_train_val,
     warp_batch,
 )
+from cxrloc.data.identity import check_prepared_for_run, prepared_identity
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
 from cxrloc.geometry import class_box_masks
 from cxrloc.inference.batch import predict_prepared
 from cxrloc.model.head import init_position_bias
 from cxrloc.model.net import CXRLocNet, build_model
+from cxrloc.paths import OutputGuard
 from cxrloc.rundir import FoldDir, resolve_checkpoint, start_fold
 from cxrloc.thresholds import Thresholds, box_patch_counts
 from cxrloc.training.losses import compute_gamma, compute_loss
@@ -69,6 +72,7 @@ from cxrloc.training.runtime import (
     setup_distributed,
 )
 from cxrloc.utils import CxrlocError, check_writable_dir, console, progress_bar
+from cxrloc.workers import exit_with_parent
 
 STAGES: tuple[str, ...] = ("unary", "crf", "joint")
 
@@ -369,6 +373,7 @@ def train(
     if stage == "crf" and not cfg.crf:
         raise CxrlocError("--stage crf needs a model with a CRF; remove --set crf=false.")
     prepared = Prepared.open(prepared_dir)
+    OutputGuard([prepared_dir, init_from]).folder(out_dir, "--out")
     cfg = dataclasses.replace(cfg, classes=list(prepared.classes))  # the class list comes from the data
     fold_dir = FoldDir.of(out_dir, fold)
     check_writable_dir(fold_dir.path, "run folder")
@@ -377,6 +382,7 @@ def train(
             f"--resume: there is no run to resume in {fold_dir.path} (no checkpoints/last.pt, no config.json); "
             "drop --resume to start a new run there, or check --out and --fold."
         )
+    check_prepared_for_run(prepared, cfg, fold_dir if resume else None)
     resume_state = _check_resume(fold_dir, cfg, stage, resume)
     if resume and int(os.environ.get("RANK", "0")) == 0:
         # A kill during an atomic write leaves its temporary file; a resumed run removes them.
@@ -496,6 +502,7 @@ def _train_fold(
         fold_dir.write_run(
             {
                 "prepared_dir": str(Path(prepared.root).resolve()),
+                "prepared": prepared_identity(prepared.root),
                 "fold": fold,
                 "stage": stage,
                 "init_from": str(init_ckpt.resolve()) if init_ckpt else None,
@@ -531,6 +538,8 @@ def _train_fold(
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
+        # A kill -9 of train must not leave the workers running under PID 1 (issue 22, 14).
+        worker_init_fn=functools.partial(exit_with_parent, os.getpid()) if cfg.workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed * LOADER_SEED_STRIDE + start_epoch),
     )
     writer = CheckpointWriter()
