@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cxrloc.data.identity as identity
 import cxrloc.data.prepare as prep_mod
 from cxrloc.classes import CLASS_INDEX, CLASSES
 from cxrloc.data.prepare import prepare
@@ -559,6 +560,6 @@ def test_summary_counts_the_classes_boxed_here_and_the_labels_added_from_boxes(t
     for name in OUT_FILES:  # the same --out: every file byte for byte, fingerprint.json included
         assert (tmp_path / "kept_before" / name).read_bytes() == (kept / name).read_bytes(), name
     # prepare_command (the advice of evaluate --data) replaces them.
-    again = shlex.split(prep_mod.prepare_command(kept, size=32, out=tmp_path / "k32"))
+    again = shlex.split(identity.prepare_command(kept, size=32, out=tmp_path / "k32"))
     assert again.count("--size") == 1 and again[again.index("--size") + 1] == "32"
     assert again.count("--out") == 1 and again[again.index("--out") + 1] == str(tmp_path / "k32")
