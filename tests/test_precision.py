@@ -256,3 +256,45 @@ def test_training_loop_puts_the_model_in_channels_last_on_a_cpu(
     loop.train(prep, tmp_path / "off", fold=0, cfg=make_config("tiny", [*base, "channels_last=off"]),
                progress=False)
     assert layouts == [True, False]
+
+
+# --------------------------------------------------------------------------- inference on a CPU
+def test_checkpoint_inference_on_a_cpu_follows_the_runs_precision(
+    nih_batch: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    """``predict`` / ``evaluate`` with a checkpoint: bf16 + channels-last on a CPU when the run's config
+    says so (close to float32: the same bounds as training's z), float32 exactly as before with ``amp=off``."""
+    from cxrloc.checkpoint import make_meta, save_checkpoint
+    from cxrloc.inference.backends import TorchPredictor
+    from cxrloc.inference.batch import predict_prepared
+    from cxrloc.thresholds import Thresholds
+
+    x = torch.nn.functional.interpolate(nih_batch[0], size=(64, 64), mode="area")
+    torch.manual_seed(0)
+    model = build_model(make_config("tiny")).eval()
+    with torch.no_grad():  # non-trivial outputs: logits spread over the classes, a CRF that changes them
+        model.unary.head.conv2.bias.copy_(torch.linspace(-3, 3, model.unary.head.conv2.bias.numel()))
+        model.crf.compat.copy_(0.3 * torch.randn(model.crf.compat.shape, generator=torch.Generator().manual_seed(1)))
+        ref = model(x)[0]
+    z = {}
+    for amp in ("off", "bf16"):
+        cfg = make_config("tiny", [f"amp={amp}", "channels_last=auto"])
+        th = Thresholds.initial(cfg.patch_grid)
+        path = tmp_path / amp / "best.pt"
+        meta = make_meta(cfg, th.to_json())
+        save_checkpoint(path, {"config": cfg.to_dict(), "model": model.state_dict(), "meta": meta})
+        z[amp] = torch.from_numpy(TorchPredictor(path).run(x.numpy())[0])
+    torch.testing.assert_close(z["off"], ref, rtol=0, atol=1e-5)  # channels-last float32: float rounding only
+    diff = (z["bf16"] - ref).abs()
+    assert float(diff.max()) < 0.03 and float(diff.max()) > 0
+
+    class Images:  # what batched inference reads of a prepared folder
+        def image(self, image_id: str) -> np.ndarray:
+            return ((x[int(image_id), 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+
+    ids = [str(i) for i in range(len(x))]
+    z32 = predict_prepared(model, Images(), ids, image_size=64, batch_size=3, progress=False)
+    z16 = predict_prepared(model, Images(), ids, image_size=64, batch_size=3, progress=False,
+                           amp=torch.bfloat16, channels_last=True)
+    assert z16.dtype == np.float32 and z16.shape == z32.shape
+    assert 0 < np.abs(z16 - z32).max() < 0.03
