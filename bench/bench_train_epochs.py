@@ -10,7 +10,8 @@ so that the loader's work is in the measured process too. The subprocess times e
 jobs that share the machine) from the start of one epoch to the start of the next (the last epoch
 ends when ``train`` returns, after its checkpoint is written), and separately the training steps
 alone (``train_one_epoch``). Epochs after the first are summed (the first pays for warm-up and for
-any compilation; ``--first`` reports it too).
+any compilation; ``--first`` reports it too). Last, the FLOPs of a unary-stage step per image
+(``torch.utils.flop_counter``) and what each version's steps reach in GFLOP/s.
 
 Each row is the median over rounds of images/s per core; the ratio column is the median over rounds of
 each round's ratio to the first version, so that a change of machine load between rounds cancels.
@@ -167,6 +168,28 @@ def main() -> None:
               f"{statistics.median(row['steps']):.2f} | {statistics.median(ratio_s):.2f} |{extra}")
     for label, res in last.items():
         print(f"{label} last round, metrics.csv: {res['metrics'][-1]}")
+    gflop = _unary_step_gflop(args)
+    print(f"unary-stage training step: {gflop:.2f} GFLOP per image (torch.utils.flop_counter, forward + backward); "
+          + ", ".join(f"{label} {gflop * statistics.median(rates[label]['steps']):.0f} GFLOP/s in its steps"
+                      for label, _, _ in versions))
+
+
+def _unary_step_gflop(args: argparse.Namespace) -> float:
+    """FLOPs per image of one unary-stage training step (no CRF forward), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cxrloc.config import make_config
+    from cxrloc.model.net import build_model
+
+    cfg = make_config(args.preset, args.overrides)
+    model = build_model(cfg).train()
+    model.use_crf = False
+    x = torch.zeros(2, 1, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter:
+        z, unary = model(x)
+        (z.sum() + unary.sum()).backward()
+    return counter.get_total_flops() / 2 / 1e9
 
 
 if __name__ == "__main__":
