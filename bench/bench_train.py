@@ -23,6 +23,8 @@ Example:
     OMP_NUM_THREADS=1 python bench/bench_train.py --variants --size 256 --batch 2 --steps 2 --rounds 5 --clock process
     python bench/bench_train.py --device cuda --amp bf16 --batch 32 --steps 15 --warmup 3 --variants
     python bench/bench_train.py --device cuda --amp bf16 --batch 32 --steps 3 --profile 3   # top kernels
+    OMP_NUM_THREADS=1 python bench/bench_train.py --preset cpu --size 128 --batch 8 --steps 3 --rounds 5 \
+        --clock process --amp bf16 --channels-last on --profile 3     # the CPU fast path (docs/results.md)
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", action="store_true", help="the five rows of issue 10 (see above)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the cxrloc networks (as compile=true)")
+    ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                    help="memory format of networks and input (auto: on CUDA only, as this script always did; "
+                         "training's channels_last=auto also uses it on x86 CPUs)")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="wall time, or this process's CPU time (CPU only; see above)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -112,7 +117,7 @@ def main() -> None:
     b, s = args.batch, args.size
     x = (torch.rand(b, 1, s, s, generator=gen) * 2 - 1).to(device)
     labels = (torch.rand(b, NUM_CLASSES, generator=gen) < 0.2).float().to(device)
-    channels_last = device.type == "cuda"
+    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "on"
     xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     gamma = torch.full((NUM_CLASSES,), 0.2, device=device)
 
@@ -187,7 +192,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device={device} ({where}) torch={torch.__version__} threads={torch.get_num_threads()} "
           f"size={s} batch={b} steps={args.steps} rounds={max(1, args.rounds)} amp={args.amp} "
-          f"preset={args.preset} compile={args.compile} clock={args.clock}")
+          f"preset={args.preset} compile={args.compile} channels_last={channels_last} clock={args.clock}")
     if not args.variants:
         print(f"{rows['base'].label}: {ips['base']:8.2f} images/s")
         print(f"{rows['ours'].label}: {ips['ours']:8.2f} images/s")

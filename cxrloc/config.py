@@ -131,9 +131,12 @@ class Config:
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
     amp: str = "auto"
-    """``auto`` (bf16 on CUDA when supported, off on CPU), ``bf16``, ``fp16`` or ``off``."""
-    channels_last: bool = True
-    """channels_last memory format on CUDA."""
+    """``auto`` (bf16 on CUDA when supported, fp16 otherwise; bf16 on a CPU with native bf16 instructions,
+    AVX-512 BF16 or AMX, float32 on other CPUs), ``bf16``, ``fp16`` (CUDA only) or ``off`` (float32).
+    The PAC-CRF's mean field and the losses are float32 in every case (``cxrloc.precision``)."""
+    channels_last: str = "auto"
+    """Channels-last memory format: ``auto`` (on CUDA and on CPUs with oneDNN, i.e. x86), ``on`` or
+    ``off``. Configs written before it took a value read ``true`` as ``auto`` and ``false`` as ``off``."""
     compile: bool = False
     """Run the training forward through ``torch.compile`` (default mode). Off by default: compiling
     takes minutes at the first step and its gain is to be measured on each GPU (``bench/bench_train.py
@@ -151,6 +154,14 @@ class Config:
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into the run folder (not used by the code)."""
+
+    def __post_init__(self) -> None:
+        # channels_last was a bool (true: the default, then CUDA only): old config.json files and
+        # checkpoints keep loading, and --set channels_last=true/false keeps working.
+        if isinstance(self.channels_last, bool):
+            self.channels_last = "auto" if self.channels_last else "off"
+        elif isinstance(self.channels_last, str) and self.channels_last.strip().lower() in _BOOL_WORDS:
+            self.channels_last = _BOOL_WORDS[self.channels_last.strip().lower()]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +182,12 @@ class Config:
         cfg = cls(**data)
         validate(cfg)
         return cfg
+
+
+_BOOL_WORDS: dict[str, str] = {
+    "true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off",
+}
+"""Boolean spellings a ``--set channels_last=...`` may still use (it was a bool)."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -308,6 +325,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("auto", "bf16", "fp16", "off"),
+    "channels_last": ("auto", "on", "off"),
 }
 
 

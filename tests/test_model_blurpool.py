@@ -120,6 +120,48 @@ def test_blurpool_matches_the_padded_formulation(
         assert g.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("size", "h", "w"), [(3, 16, 15), (5, 9, 8)])
+def test_blurpool_bf16_on_cpu_runs_its_depthwise_kernels_in_float32(
+    channels_last: bool, size: int, h: int, w: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16 on a CPU (training under autocast): the backward's transposed depthwise convolutions (and
+    the forward's border strips) get float32 channels-last operands (torch's bf16 CPU kernels for these are
+    10 to 60 times slower), and the results are the float64 reference's within bf16 rounding.
+
+    Bound: the main convolution rounds its output to bf16 once and each border correction adds one more
+    rounding, so at most 3 roundings of u = 2^-8 of the largest value."""
+    seen: list[tuple[torch.dtype, bool]] = []
+    for name in ("conv2d", "conv_transpose2d"):
+        op = getattr(F, name)
+
+        def recording(x: torch.Tensor, *args: object, _op: object = op, **kw: object) -> torch.Tensor:
+            seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+            return _op(x, *args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(F, name, recording)
+    gen = torch.Generator().manual_seed(size * 10 + h)
+    x = torch.randn(2, 6, h, w, generator=gen).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_new = x.clone().requires_grad_()
+    x_ref = x.double().requires_grad_()
+    pool = BlurPool2d(6, size, 2)
+    y = pool(x_new)
+    y_ref = _padded_reference(x_ref, size, 2, "reflect")
+    assert y.dtype == torch.bfloat16
+    u = 2.0**-8
+    assert float((y.double() - y_ref).abs().max()) <= 3 * u * float(y_ref.abs().max())
+    upstream = torch.randn(y.shape, generator=gen).bfloat16()
+    seen.clear()
+    (g,) = torch.autograd.grad(y, x_new, upstream)
+    (g_ref,) = torch.autograd.grad(y_ref, x_ref, upstream.double())
+    assert g.dtype == torch.bfloat16 and g.shape == x.shape
+    assert float((g.double() - g_ref).abs().max()) <= 3 * u * float(g_ref.abs().max())
+    # every depthwise operation of the backward ran on float32 channels-last operands
+    assert seen and all(dtype == torch.float32 and cl for dtype, cl in seen)
+
+
 def test_folded_reflect_blurpool_gradcheck() -> None:
     """The hand-written backward of the folded reflect padding is the exact adjoint (float64 gradcheck)."""
     gen = torch.Generator().manual_seed(0)

@@ -55,6 +55,7 @@ def calibrate_fold(
     """
     from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import predict_prepared
+    from cxrloc.precision import inference_options
 
     check_options(sensitivity, min_positives)
     rule = "youden" if sensitivity is None else "sensitivity"
@@ -69,7 +70,8 @@ def calibrate_fold(
             return np.zeros((0, len(classes))), np.zeros((0, len(classes)))
         z = predict_prepared(tf.model, tf.prepared, ids, image_size=tf.cfg.image_size, device=device,
                              batch_size=batch_size, progress=progress,
-                             description=f"Calibrating {tf.fold_dir.name} ({what})")
+                             description=f"Calibrating {tf.fold_dir.name} ({what})",
+                             **inference_options(tf.cfg, device))
         return image_scores(z), tf.prepared.label_matrix(ids)
 
     val_scores, val_labels = scores_of(val_ids, "validation")

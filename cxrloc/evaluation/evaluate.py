@@ -177,6 +177,7 @@ def evaluate_fold(
     """
     from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import predict_prepared
+    from cxrloc.precision import inference_options
 
     if split not in SPLITS:
         raise CxrlocError(f"Unknown split {split!r}: use {' or '.join(SPLITS)}.")
@@ -233,6 +234,7 @@ def evaluate_fold(
         progress=progress,
         description=f"Evaluating {tf.fold_dir.name}",
         tta=tta,
+        **inference_options(tf.cfg, device),
     )
     table = localization_table(z, boxes, ts, classes=run_classes)
 

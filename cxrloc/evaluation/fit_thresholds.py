@@ -202,6 +202,7 @@ def fit_thresholds(
     """
     from cxrloc.evaluation.trained_fold import TrainedFold
     from cxrloc.inference.batch import iter_predictions
+    from cxrloc.precision import inference_options
 
     tf = TrainedFold.open(fold_dir, device=device, which=which)
     check_writable_file(tf.fold_dir.thresholds_json, "thresholds file")
@@ -221,6 +222,7 @@ def fit_thresholds(
         batch_size=batch_size,
         progress=progress,
         description=f"Thresholds {fold_dir.name}",
+        **inference_options(cfg, device),
     ):
         stats.add(z, np.stack([prepared.labels(i) for i in chunk]), [prepared.boxes(i) for i in chunk])
     fitted = thresholds_from_stats(

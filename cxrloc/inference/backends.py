@@ -257,6 +257,7 @@ class TorchPredictor(Predictor):
         import torch
 
         from cxrloc.checkpoint import load_model
+        from cxrloc.precision import inference_options
         from cxrloc.rundir import resolve_checkpoint
 
         if device == "cuda" and not torch.cuda.is_available():
@@ -264,16 +265,22 @@ class TorchPredictor(Predictor):
             device = "cpu"
         ckpt = resolve_checkpoint(path, fold=fold)
         # Thresholds by the one rule of cxrloc.rundir (explicit file > fitted file > checkpoint).
-        model, meta, _cfg = load_model(ckpt, device=device, thresholds_file=thresholds_file)
+        model, meta, cfg = load_model(ckpt, device=device, thresholds_file=thresholds_file)
         self.model = model
         self.device = device
+        # On a CPU, the run's precision and layout (bf16 where the CPU has it, channels-last).
+        self.options = inference_options(cfg, device)
         super().__init__(ckpt, meta, meta["thresholds"])
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        with torch.inference_mode():
-            z, unary = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
+        amp = self.options["amp"]
+        batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        if self.options["channels_last"]:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            z, unary = self.model(batch)
         return z.float().cpu().numpy(), unary.float().cpu().numpy()
 
 

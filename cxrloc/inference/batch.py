@@ -94,6 +94,8 @@ def iter_predictions(
     progress: bool = True,
     description: str = "Predicting",
     tta: int = 1,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield ``(ids, z)`` batch by batch, so callers can reduce without holding every ``z``.
 
@@ -110,7 +112,10 @@ def iter_predictions(
             chunk = ids[start : start + batch_size]
             images = np.stack([np.asarray(prepared.image(i)) for i in chunk])
             x = cache_to_input(images, image_size).to(device)
-            z = forward_tta(model, x, tta)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                z = forward_tta(model, x, tta).float()
             yield chunk, z.cpu().numpy()
             bar.advance(task, len(chunk))
 
@@ -126,6 +131,8 @@ def predict_prepared(
     progress: bool = True,
     description: str = "Predicting",
     tta: int = 1,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Run ``model`` on cached images and return its output probabilities ``z``.
 
@@ -140,6 +147,9 @@ def predict_prepared(
         progress: show a progress bar on stderr.
         description: label of the progress bar.
         tta: test-time views averaged (:func:`forward_tta`; 1 = none).
+        amp: autocast dtype of the network (``None``: float32); ``z`` is float32 in any case.
+            :func:`cxrloc.precision.inference_options` gives this and ``channels_last`` from a run's config.
+        channels_last: give the network its input in the channels-last memory format.
 
     Returns:
         ``(N, 14, P, P)`` float32 array of ``z``.
@@ -156,6 +166,8 @@ def predict_prepared(
             progress=progress,
             description=description,
             tta=tta,
+            amp=amp,
+            channels_last=channels_last,
         )
     ]
     if not outputs:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,13 +107,13 @@ class _ReflectBlurPool(torch.autograd.Function):
             # D_y X A_r,x^T: the mirrored rows, blurred along x with reflect padding (a thin strip).
             src = _sources(rows)
             strip = F.pad(_gather(x, 2, src), (r, r, 0, 0), mode="reflect")
-            blurred = F.conv2d(strip, row, stride=(1, stride), groups=c)
+            blurred = _depthwise(F.conv2d, strip, row, stride=(1, stride), groups=c)
             for i, j, d in rows:
                 out[:, :, i].add_(blurred[:, :, src.index(j)], alpha=d)
         if cols:
             # A_0,y X D_x^T: the mirrored columns, blurred along y with zero padding.
             src = _sources(cols)
-            blurred = F.conv2d(_gather(x, 3, src), col, stride=(stride, 1), padding=(r, 0), groups=c)
+            blurred = _depthwise(F.conv2d, _gather(x, 3, src), col, stride=(stride, 1), padding=(r, 0), groups=c)
             for i, j, d in cols:
                 out[:, :, :, i].add_(blurred[:, :, :, src.index(j)], alpha=d)
         return out
@@ -157,7 +159,23 @@ def _conv_adjoint(
     """Adjoint of the depthwise ``F.conv2d(., filt, stride, pad, groups=c)`` on an input of spatial ``size``."""
     k = filt.shape[-2:]
     extra = tuple(size[d] - ((grad.shape[2 + d] - 1) * stride[d] - 2 * pad[d] + k[d]) for d in range(2))
-    return F.conv_transpose2d(grad, filt, stride=stride, padding=pad, output_padding=extra, groups=c)
+    return _depthwise(F.conv_transpose2d, grad, filt, stride=stride, padding=pad, output_padding=extra, groups=c)
+
+
+def _depthwise(op: Callable[..., torch.Tensor], x: torch.Tensor, filt: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """``op(x, filt, **kw)`` (a depthwise ``F.conv2d`` or ``F.conv_transpose2d``), in float32 and
+    channels-last for a bfloat16 / float16 input on a CPU, cast back to the input's dtype.
+
+    torch's CPU kernels have no fast path for these in reduced precision: a depthwise transposed
+    convolution (blur-pool's backward) and the thin border strips took 10 to 60 times as long in
+    bfloat16 as in float32 (``bench/bench_layers.py --amp bf16 --clock process``; docs/results.md), so
+    under CPU autocast they alone were a quarter of a training step. Float32 is also at least as exact.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # channels-last: torch's CPU depthwise kernels are several times faster in that layout.
+        x32 = x.float().contiguous(memory_format=torch.channels_last)
+        return op(x32, filt.float(), **kw).to(x.dtype)
+    return op(x, filt, **kw)
 
 
 def _combine(grad: torch.Tensor, dim: int, entries: tuple[tuple[int, int, float], ...], j: int) -> torch.Tensor:

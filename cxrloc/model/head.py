@@ -72,7 +72,11 @@ class PatchHead(nn.Module):
         if self.coords:
             grid = self.coord_grid.to(feats.dtype).expand(feats.shape[0], -1, -1, -1)
             feats = torch.cat([feats, grid], dim=1)
-        logits = self.conv2(self.relu(self.bn1(self.conv1(feats))))
+        hidden = self.relu(self.bn1(self.conv1(feats)))
+        # The last 1x1 convolution in float32 under autocast (a few thousand FLOPs per patch): logits sit
+        # near logit(1 / P^2) ~ -5.5, where a bfloat16 output would be rounded to steps of 0.03.
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = self.conv2(hidden.float())
         if self.position_bias is not None:
             logits = logits + self.position_bias
         return logits

@@ -58,12 +58,14 @@ from cxrloc.inference.batch import predict_prepared
 from cxrloc.model.head import init_position_bias
 from cxrloc.model.net import CXRLocNet, build_model
 from cxrloc.paths import OutputGuard
+from cxrloc.precision import inference_options
 from cxrloc.rundir import FoldDir, resolve_checkpoint, start_fold
 from cxrloc.thresholds import Thresholds, box_patch_counts
 from cxrloc.training.losses import compute_gamma, compute_loss
 from cxrloc.training.runtime import (
     DistInfo,
     amp_dtype,
+    channels_last,
     deterministic,
     isolated_rng,
     resolve_device,
@@ -77,7 +79,8 @@ from cxrloc.workers import exit_with_parent
 STAGES: tuple[str, ...] = ("unary", "crf", "joint")
 
 RESUME_CHANGEABLE: tuple[str, ...] = (
-    "epochs", "workers", "device", "max_steps_per_epoch", "compile", "crf_epochs", "joint_epochs"
+    "epochs", "workers", "device", "max_steps_per_epoch", "compile", "crf_epochs", "joint_epochs", "amp",
+    "channels_last",
 )
 """Config fields that ``--resume`` may change; any other difference is an error."""
 
@@ -174,6 +177,8 @@ class Trainer:
     device: torch.device
     amp: torch.dtype | None
     dist: DistInfo
+    channels_last: bool = False
+    """Inputs (and the model) in the channels-last memory format (``cfg.channels_last``, CUDA and CPU)."""
 
     @property
     def loss_cfg(self) -> Config:
@@ -206,7 +211,7 @@ def train_one_epoch(
             x = batch["image"][part].to(tr.device, non_blocking=True)
             if "theta" in batch:  # the augmentation's zoom/shift, on the training device for the whole batch
                 x = warp_batch(x, batch["theta"][part].to(tr.device, non_blocking=True))
-            if tr.device.type == "cuda" and cfg.channels_last:
+            if tr.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = s == cfg.accum_steps - 1 or not ddp
             with contextlib.nullcontext() if sync else tr.net.no_sync():  # type: ignore[operator]
@@ -307,7 +312,8 @@ def validate(
     if not ids:
         return math.nan, math.nan
     z = predict_prepared(
-        model, prepared, ids, image_size=cfg.image_size, device=device, batch_size=cfg.batch_size, progress=False
+        model, prepared, ids, image_size=cfg.image_size, device=device, batch_size=cfg.batch_size, progress=False,
+        **inference_options(cfg, device),
     )
     table = localization_table(z, [prepared.boxes(i) for i in ids], [cfg.eval_threshold])
     return float(mean_localization_accuracy(table, "iou")[0]), float(mean_localization_accuracy(table, "ior")[0])
@@ -436,7 +442,7 @@ def _train_fold(
     if not params:
         raise CxrlocError(f"Stage {stage} has no parameter to train with this config.")
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
     if dd.world_size > 1 and device.type == "cuda" and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -466,6 +472,7 @@ def _train_fold(
         device=device,
         amp=dtype,
         dist=dd,
+        channels_last=channels_last(cfg, device),
     )
     dataset = LocalizationDataset(prepared, train_ids, cfg, augment=True)
     sampler = AnnotatedBatchSampler(

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cxrloc.config import Config
+from cxrloc.precision import autocast_dtype, use_channels_last
 from cxrloc.utils import CxrlocError
 
 
@@ -61,14 +62,14 @@ def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``auto`` = bf16 on CUDA when supported (fp16 otherwise), off on CPU."""
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise CxrlocError("amp=fp16 needs CUDA; on CPU use amp=bf16 or amp=off.")
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    """Autocast dtype of training: ``cfg.amp`` on ``device`` (:func:`cxrloc.precision.autocast_dtype`:
+    ``auto`` = bf16 on CUDA when supported, fp16 otherwise; bf16 on a CPU with native bf16; else off)."""
+    return autocast_dtype(cfg.amp, device)
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """Whether training runs in the channels-last format (:func:`cxrloc.precision.use_channels_last`)."""
+    return use_channels_last(cfg.channels_last, device)
 
 
 @contextlib.contextmanager
