@@ -57,6 +57,7 @@ from cxrloc.model.head import init_position_bias
 from cxrloc.model.net import CXRLocNet, build_model
 from cxrloc.rundir import FoldDir, resolve_checkpoint, start_fold
 from cxrloc.thresholds import Thresholds, box_patch_counts
+from cxrloc.training.curves import earlier_history, write_curves
 from cxrloc.training.losses import compute_gamma, compute_loss
 from cxrloc.training.runtime import (
     DistInfo,
@@ -516,7 +517,7 @@ def _train_fold(
             f"Fold {fold}: {fold_dir.path} already has {start_epoch} epoch(s), --epochs is {cfg.epochs}: nothing "
             "was trained. Pass a larger --epochs to train more."
         )
-    if show:
+    if show and start_epoch < cfg.epochs:
         console.print(
             f"Fold {fold}, stage {stage}: {len(train_ids)} training images "
             f"({int(dataset.is_annotated().sum())} annotated), {len(val_ids)} validation, device {device}, "
@@ -533,6 +534,7 @@ def _train_fold(
         persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed * LOADER_SEED_STRIDE + start_epoch),
     )
+    earlier = earlier_history(fold_dir.read_run()) if dd.main else []
     writer = CheckpointWriter()
     with progress_bar(enabled=show, info=True, elapsed=True) as bar, writer:
         for epoch in range(start_epoch, cfg.epochs):
@@ -546,7 +548,7 @@ def _train_fold(
             if dd.main:
                 best_metric = _end_epoch(
                     tr, prepared, fold_dir, val_ids, epoch, means, lr_used, t0, best_metric, history,
-                    thresholds_source, show, writer,
+                    thresholds_source, show, writer, earlier,
                 )
             dd.barrier()
     return fold_dir.path
@@ -566,8 +568,10 @@ def _end_epoch(
     thresholds_source: str,
     show: bool,
     writer: CheckpointWriter,
+    earlier: Sequence[dict[str, Any]] = (),
 ) -> float:
-    """Validate, log the epoch to ``metrics.csv`` and write the checkpoints (rank 0); return the best metric."""
+    """Validate, log the epoch to ``metrics.csv`` and ``curves.png`` (after the ``earlier`` stages' epochs) and
+    write the checkpoints (rank 0); return the best metric."""
     cfg, model = tr.cfg, tr.model
     iou, ior = validate(model, prepared, val_ids, cfg, tr.device)
     set_train_mode(model, tr.stage)
@@ -603,6 +607,7 @@ def _end_epoch(
         "thresholds_source": thresholds_source,
     }
     fold_dir.write_metrics(history)
+    write_curves(fold_dir.curves_png, [*earlier, *history], title=f"{fold_dir.path.name}, stage {tr.stage}")
     # Written in the background (a CPU snapshot is taken now); best.pt, when this epoch is the best,
     # is the same file as last.pt (a hard link, else a copy).
     best = [fold_dir.checkpoint("best")] if is_best else []
