@@ -251,15 +251,16 @@ def _finish_one(
         if overlay_classes == "gt":
             names = {label for label, *_ in gts or []}
             shown = [k for k, c in enumerate(predictor.classes) if c in names]
-            empty = "No ground-truth box on this image"
         elif overlay_classes == "all":
-            shown, empty = list(range(len(predictor.classes))), NO_FINDING
+            shown = list(range(len(predictor.classes)))
         else:
             shown = [k for k, c in enumerate(record["classes"]) if c["present"]]
-            empty = f"{NO_FINDING} ({_short_rule(predictor)})"
+        empty = f"{NO_FINDING} ({_short_rule(predictor)})"
         probabilities = None if predictor.calibration is None else [c["probability"] for c in record["classes"]]
+        called = [k for k, c in enumerate(record["classes"]) if c["present"]]
+        limits = [c["threshold"] if probabilities is not None else c["tau_hat"] for c in record["classes"]]
         save_overlay(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities,
-                                    gt_boxes=gts, empty_message=empty), overlay)
+                                    gt_boxes=gts, empty_message=empty, called=called, thresholds=limits), overlay)
         record["overlay"] = str(overlay)
         summary.outputs.append(Path(overlay))
     if json_path is not None:
