@@ -249,7 +249,6 @@ def test_percent_never_rounds_to_a_false_certainty() -> None:
 
 
 def test_overlay_without_a_present_class_says_so(tmp_path: Path) -> None:
-    from PIL import ImageDraw, ImageFont
 
     img = np.full((512, 600), 0.5, np.float32)
     z = np.zeros((len(CLASSES), 4, 4), np.float32)
