@@ -34,6 +34,7 @@ from cxrloc.calibration import Calibration
 from cxrloc.classes import BOXED_CLASSES, NUM_CLASSES, is_nih
 from cxrloc.data.prepared import Prepared
 from cxrloc.decision import image_scores, operating_point, presence
+from cxrloc.evaluation.html_report import class_limits, html_report
 from cxrloc.evaluation.metrics import (
     METRICS,
     auroc_per_class,
@@ -281,6 +282,9 @@ def evaluate_fold(
         "classification": cls,
         "operating_point": op,
         "class_rows": class_rows,
+        # For report.html's gallery only (not in results.json):
+        "z": z, "ids": ids, "data": test, "run_classes": run_classes, "scores": scores, "probs": probs,
+        "present": present, "limits": class_limits(tf.meta, len(run_classes)),
     }
 
 
@@ -545,7 +549,8 @@ def evaluate(
     }
     rows = [r for f in folds for r in f["rows"]]
     class_rows = [r for f in folds for r in f["class_rows"]]
-    write_reports(result, rows, out, info, class_rows=class_rows)
+    page = html_report(result, rows, class_rows, folds, info)
+    write_reports(result, rows, out, info, class_rows=class_rows, extra={out / "report.html": page})
     return {**result, "out_dir": str(out), "rows": rows}
 
 
