@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
+from cxrloc.data.domain import check_image, describe, synthetic_warning
+from cxrloc.data.prepared import to_network_range
 from cxrloc.inference.backends import DEFAULT_THREADS, Predictor, load_predictor
-from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess
+from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess_u8
 from cxrloc.inference.postprocess import make_record
 from cxrloc.utils import (
     CxrlocError,
@@ -48,6 +51,8 @@ class PredictSummary:
     """Where the outputs are, for the closing line."""
     operating_point: str = ""
     """Which operating point decided "present", for the output line."""
+    warning: str = ""
+    """The run's warning (a model trained on synthetic images), empty when none."""
 
 
 def predict_files(
@@ -132,6 +137,10 @@ def predict_files(
 
     predictor = load_predictor(model, device=device, fold=fold, threads=threads, thresholds_file=thresholds_file)
     summary.operating_point = predictor.describe_operating_point()
+    domain = predictor.meta.get("training_data")
+    summary.warning = synthetic_warning(domain) or ""
+    if summary.warning:  # once per run
+        console.print(f"[bold yellow]Warning:[/] {escape(summary.warning)}", highlight=False, soft_wrap=True)
     out = Path(out_dir) if out_dir is not None else None
     names = output_names(files)
     inputs_resolved = {f.resolve() for f in files}
@@ -148,13 +157,19 @@ def predict_files(
                     bar.advance(task)
             if not loaded:
                 continue
-            x = np.stack([preprocess(img, predictor.image_size) for _, img in loaded])
+            u8 = [preprocess_u8(img, predictor.image_size) for _, img in loaded]
+            x = np.stack([to_network_range(u)[None] for u in u8])
             z_all, _ = predictor.run(x)
-            for (i, img), z in zip(loaded, z_all, strict=True):
+            for (i, img), z, u in zip(loaded, z_all, u8, strict=True):
                 bar.update(task, info=files[i].name)
+                warnings = [w for w in (summary.warning, check_image(u, domain)) if w]
+                if len(warnings) > int(bool(summary.warning)):  # per image: out of domain
+                    console.print(f"[bold yellow]Warning:[/] {escape(f'{files[i]}: {warnings[-1]}')}",
+                                  highlight=False, soft_wrap=True)
                 try:
                     record = _finish_one(
-                        files[i], names[i], img, z, predictor, out=out, overlay=overlay, json_path=json_path,
+                        files[i], names[i], img, z, predictor, warnings=warnings, out=out, overlay=overlay,
+                        json_path=json_path,
                         gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
                         summary=summary, inputs=inputs_resolved,
                     )
@@ -170,6 +185,7 @@ def predict_files(
         write_json_atomic(summary_path, {
             "model": str(predictor.source), "backend": predictor.backend,
             "operating_point": predictor.operating_point(),
+            "training_data": describe(domain), "warning": summary.warning or None,
             "count": len(summary.records), "failed": len(summary.failures),
             "predictions": summary.records, "failures": summary.failures,
         }, what="batch summary")
@@ -203,6 +219,7 @@ def _finish_one(
     z: np.ndarray,
     predictor: Predictor,
     *,
+    warnings: list[str],
     out: Path | None,
     overlay: str | os.PathLike[str] | None,
     json_path: str | os.PathLike[str] | None,
@@ -226,6 +243,7 @@ def _finish_one(
         "image_size": predictor.image_size,
         "patch_grid": predictor.patch_grid,
         "operating_point": predictor.operating_point(),
+        "warnings": warnings,
         **make_record(z, predictor.tau_hat, width=width, height=height, classes=predictor.classes,
                       calibration=predictor.calibration),
     }

@@ -49,6 +49,7 @@ from cxrloc.data.dataset import (
     split_train_val,
     warp_batch,
 )
+from cxrloc.data.domain import training_domain
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
 from cxrloc.geometry import class_box_masks
@@ -535,6 +536,7 @@ def _train_fold(
         generator=torch.Generator().manual_seed(cfg.seed * LOADER_SEED_STRIDE + start_epoch),
     )
     earlier = earlier_history(fold_dir.read_run()) if dd.main else []
+    domain = training_domain(prepared, train_ids) if dd.main else None  # recorded in the checkpoints' metadata
     writer = CheckpointWriter()
     with progress_bar(enabled=show, info=True, elapsed=True) as bar, writer:
         for epoch in range(start_epoch, cfg.epochs):
@@ -548,7 +550,7 @@ def _train_fold(
             if dd.main:
                 best_metric = _end_epoch(
                     tr, prepared, fold_dir, val_ids, epoch, means, lr_used, t0, best_metric, history,
-                    thresholds_source, show, writer, earlier,
+                    thresholds_source, show, writer, earlier, domain,
                 )
             dd.barrier()
     return fold_dir.path
@@ -569,6 +571,7 @@ def _end_epoch(
     show: bool,
     writer: CheckpointWriter,
     earlier: Sequence[dict[str, Any]] = (),
+    domain: dict[str, Any] | None = None,
 ) -> float:
     """Validate, log the epoch to ``metrics.csv`` and ``curves.png`` (after the ``earlier`` stages' epochs) and
     write the checkpoints (rank 0); return the best metric."""
@@ -595,7 +598,7 @@ def _end_epoch(
     state = {
         "config": cfg.to_dict(),
         "model": model.state_dict(),
-        "meta": make_meta(cfg, model.thresholds.get().to_json()),
+        "meta": {**make_meta(cfg, model.thresholds.get().to_json()), "training_data": domain},
         "optimizer": tr.optimizer.state_dict(),
         "scheduler": tr.scheduler.state_dict(),
         "scaler": tr.scaler.state_dict(),
