@@ -217,6 +217,11 @@ class RunDir:
             raise CxrlocError(f"No run folder at {self.path}.")
         found = [d for d in self.fold_dirs() if d.run_json.is_file()]
         if not found:
+            inner = [p.parent for p in self.path.glob("*/fold_*/run.json") if _fold_index(p.parent) is not None]
+            if inner:  # e.g. demo_out given for demo_out/run, or a --stage all run for RUN/joint
+                runs = sorted({str(f.parent) for f in inner})
+                raise CxrlocError(f"{self.path} is not a run folder, but holds {len(runs)}: {', '.join(runs)}; "
+                                  "pass one of them.")
             raise CxrlocError(f"{self.path} holds no fold_*/run.json. Run 'cxrloc train' first.")
         if fold is None or fold == "all":
             return found

@@ -278,4 +278,7 @@ def progress_bar(
     if info:
         columns.append(TextColumn("{task.fields[info]}"))
     columns.append(TimeElapsedColumn() if elapsed else TimeRemainingColumn())
-    return Progress(*columns, console=console, disable=not enabled, transient=transient)
+    # A transient bar leaves nothing behind, except, on a console that is not a terminal (a log file, a
+    # pipe), the blank line rich prints when it stops: there, it is not shown at all.
+    disable = not enabled or (transient and not console.is_terminal)
+    return Progress(*columns, console=console, disable=disable, transient=transient)

@@ -110,10 +110,11 @@ def calibrate_run(
         cal = calibrate_fold(fd, sensitivity=sensitivity, min_positives=min_positives, device=device, which=which,
                              batch_size=batch_size, progress=progress)
         src = cal.info["sources"]
+        never = sum(c.threshold is None for c in cal.per_class)  # also fitted classes without a useful cut
         console.print(
             f"{fd.name}: {len(cal.classes)} classes calibrated ({src['val']} on {cal.info['validation_images']} "
-            f"validation images, {src['val+train']} with training images too, {src['prior']} never present); "
-            f"operating point: {cal.describe()}"
+            f"validation images, {src['val+train']} with training images too, {src['prior']} without positives "
+            f"or negatives); {never} never called present; operating point: {cal.describe()}"
         )
         paths.append(fd.calibration_json)
     return paths

@@ -116,8 +116,10 @@ def columns_note(result: dict[str, Any]) -> str:
     """What the "mean" column averages, the abbreviated class names, and the classes matched by name."""
     _, boxed = _classes(result)
     short = short_names(boxed)
-    parts = [f"'mean' = mean over the {len(boxed)} boxed classes that have a test box"
-             + (" (NIH's 8)" if result.get("paper_table1") else "") + "."]
+    boxes = result["summary"].get("boxes", {})
+    with_box = [c for c in boxed if boxes.get(c, 1) > 0]  # older results without counts: every boxed class
+    parts = [f"'mean' = mean over the {len(with_box)} boxed classes that have a test box"
+             + (f" (of NIH's {len(boxed)})" if result.get("paper_table1") else f" (of {len(boxed)} boxed)") + "."]
     unknown = set(result.get("not_in_run") or ())
     if unknown:  # an external test set: say which columns the mean can use
         boxes = result["summary"].get("boxes", {})
