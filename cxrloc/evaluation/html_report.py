@@ -39,7 +39,7 @@ COLORS: dict[str, str] = {"model": "#0072B2", "prior": "#E69F00", "prior_t": "#0
 
 RELIABILITY_BINS: int = 10
 
-GALLERY_MIN_SIDE: int = 256
+GALLERY_MIN_SIDE: int = 320
 """Gallery pictures are enlarged to this shorter side (cache images are small)."""
 
 MISSED_SHOWN: int = 2
@@ -80,6 +80,7 @@ def svg_chart(
     width: int = 300,
     height: int = 240,
     diagonal: bool = False,
+    legend_bottom: bool = False,
 ) -> str:
     """An inline SVG chart. Each series: ``label``, ``color``, ``points`` [(x, y)], ``kind`` (``line``,
     ``dots`` or ``step``), optional ``sizes`` (dot radii) and ``dash``."""
@@ -94,7 +95,7 @@ def svg_chart(
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="chart" '
            f'role="img" aria-label="{_e(title)}">',
-           f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+           f'<text x="{left}" y="14" font-size="11" font-weight="600">{_e(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = ylim[0] + frac * (ylim[1] - ylim[0])
@@ -128,7 +129,7 @@ def svg_chart(
             for (x, y), r in zip(pts, sizes, strict=False):
                 out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{r:.1f}" fill="{color}"/>')
         if s.get("label"):
-            ly = top + 12 + 13 * j
+            ly = (top + ph - 8 - 13 * (len(series) - 1 - j)) if legend_bottom else (top + 12 + 13 * j)
             out.append(f'<line x1="{left + pw - 92}" x2="{left + pw - 78}" y1="{ly - 4}" y2="{ly - 4}" '
                        f'stroke="{color}" stroke-width="3"/>')
             out.append(f'<text x="{left + pw - 74}" y="{ly}" font-size="10">{_e(s["label"])}</text>')
@@ -268,8 +269,9 @@ def _roc_section(result: dict[str, Any], class_rows: Sequence[dict[str, Any]]) -
         roc.append(svg_chart(
             [{"color": COLORS["model"], "kind": "line", "points": pts},
              {"label": "operating point", "color": "#D55E00", "kind": "dots", "points": [op], "sizes": [5]}],
-            title=f"{c}: AUROC {_f(auroc.get(c))} ({int(pos.sum())}+ / {int(neg.sum())}-)",
-            xlabel="false positive rate", ylabel="true positive rate", diagonal=True, width=260, height=230))
+            title=f"{c}: AUROC {_f(auroc.get(c), 2)} ({int(pos.sum())}+/{int(neg.sum())}-)",
+            xlabel="false positive rate", ylabel="true positive rate", diagonal=True, width=290, height=240,
+            legend_bottom=True))
         if calibrated:
             p = np.array([r["probability"] for r in rs], float)
             bins = reliability_bins(p, y)
@@ -278,7 +280,7 @@ def _roc_section(result: dict[str, Any], class_rows: Sequence[dict[str, Any]]) -
                  {"color": COLORS["model"], "kind": "dots", "points": [(b[0], b[1]) for b in bins],
                   "sizes": [2.0 + 6.0 * math.sqrt(b[2] / len(p)) for b in bins]}],
                 title=f"{c} ({len(p)} images)", xlabel="mean predicted probability", ylabel="fraction positive",
-                diagonal=True, width=260, height=230))
+                diagonal=True, width=290, height=240))
     roc_html = ('<section id="roc"><h2>ROC curves</h2><p class="note">One curve per class: the raw score 1\'z '
                 "of every test image, pooled over folds (the table's AUROC is the mean over folds); the dot is the "
                 "operating point's false and true positive rate.</p>"
@@ -336,7 +338,7 @@ def _gallery_section(result: dict[str, Any], rows: Sequence[dict[str, Any]], fol
     parts = ['<section id="gallery"><h2>Gallery</h2><p class="note">Per boxed class: the test box the model '
              "localizes best (highest IoU), the worst among images where the class was called present, and images "
              "where it was missed (boxed but not called present). Each picture shows that class's predicted region "
-             "(outline and light fill) and the image's ground-truth boxes.</p>"]
+             "(outline and light fill, its probability beside it) and the image's ground-truth boxes (GT).</p>"]
     for c, picks in gallery_picks(rows, result.get("boxed_classes", [])).items():
         k = classes.index(c)
         figs = []
@@ -353,10 +355,13 @@ def _gallery_section(result: dict[str, Any], rows: Sequence[dict[str, Any]], fol
             called = [j for j in range(len(f["limits"])) if f["present"][i, j]]
             pic = render_overlay(img, f["z"][i], [k], classes=f["run_classes"], probabilities=probs,
                                  scores=list(f["scores"][i]), gt_boxes=gts, called=called, thresholds=f["limits"],
-                                 min_side=GALLERY_MIN_SIDE)
-            p = f"p {percent(r['probability'])}" if r.get("probability") is not None else f"1'z {r['score']:.1f}"
-            caption = (f'<span class="kind">{kind}</span> · fold {r["fold"]} · {_e(r["image_id"])} · IoU '
-                       f'{_f(r["iou"], 2)} · IoR {_f(r["ior"], 2)} · {p}')
+                                 min_side=GALLERY_MIN_SIDE, legend=False)
+            p = percent(r["probability"]) if r.get("probability") is not None else f"1'z {r['score']:.1f}"
+            others = [f"{f['run_classes'][j]} {percent(probs[j]) if probs is not None else ''}".strip()
+                      for j in called if j != k]
+            caption = (f'<span class="kind">{kind}</span> · fold {r["fold"]} · {_e(r["image_id"])} · {_e(c)} {p}'
+                       f'{" (present)" if r.get("present") else " (not present)"} · IoU {_f(r["iou"], 2)} · IoR '
+                       f'{_f(r["ior"], 2)}' + (f'<br>also present: {_e(", ".join(others))}' if others else ""))
             figs.append(f'<figure class="{kind}"><img alt="{_e(c)} {kind} {_e(r["image_id"])}" '
                         f'src="{_png(pic)}"><figcaption>{caption}</figcaption></figure>')
         parts.append(f'<h3>{_e(c)}</h3><div class="row">{"".join(figs) or "<p>no test image</p>"}</div>')

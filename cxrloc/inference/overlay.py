@@ -314,6 +314,7 @@ def render_overlay(
     empty_message: str = NO_FINDING,
     called: Sequence[int] | None = None,
     thresholds: Sequence[float | None] | None = None,
+    legend: bool = True,
 ) -> Image.Image:
     """Draw the prediction of one image (see the module docstring for what is drawn).
 
@@ -411,6 +412,10 @@ def render_overlay(
     lines = _legend_lines(classes, order, called, colors, values, probabilities is not None, thresholds,
                           empty_message,
                           {k: has_region.get(k, bool(detected_regions(z[k], threshold).any())) for k in called})
+    if not legend:
+        canvas_img.info["Description"] = "cxrloc overlay; " + "; ".join(text for _, _, text in lines)
+        canvas_img.info["Image-Width"] = str(width)
+        return canvas_img
     pad = max(4, side // 100)
     sample = draw.textbbox((0, 0), "Ag", font=font)
     line_h = (sample[3] - sample[1]) + pad
