@@ -294,4 +294,6 @@ def _short_rule(predictor: Predictor) -> str:
         return "1'z >= tau_hat"
     if cal.rule == "sensitivity":
         return f"sensitivity {cal.target_sensitivity:g} on validation"
+    if cal.rule == "matched":
+        return "count-matched on validation"
     return "Youden's J on validation"
