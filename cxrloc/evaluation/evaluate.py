@@ -467,6 +467,7 @@ def evaluate(
     split: str = "test",
     tta: int = 1,
     data: str | Path | None = None,
+    html: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run (one or every fold) and write its reports.
 
@@ -486,6 +487,7 @@ def evaluate(
         tta: test-time views averaged (1 = none; :func:`cxrloc.inference.batch.forward_tta`).
         data: an external test set, a prepared folder: each fold's model on every boxed image of
             it, or, with one ``fold`` k, on its fold k's test images (see the module docstring).
+        html: also write ``report.html`` (:mod:`cxrloc.evaluation.html_report`).
 
     Returns:
         The content of ``results.json`` plus ``"out_dir"`` and ``"rows"`` (per-box results).
@@ -549,8 +551,8 @@ def evaluate(
     }
     rows = [r for f in folds for r in f["rows"]]
     class_rows = [r for f in folds for r in f["class_rows"]]
-    page = html_report(result, rows, class_rows, folds, info)
-    write_reports(result, rows, out, info, class_rows=class_rows, extra={out / "report.html": page})
+    page = {out / "report.html": html_report(result, rows, class_rows, folds, info)} if html else {}
+    write_reports(result, rows, out, info, class_rows=class_rows, extra=page)
     return {**result, "out_dir": str(out), "rows": rows}
 
 

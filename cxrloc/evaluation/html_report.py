@@ -297,7 +297,7 @@ def _roc_section(result: dict[str, Any], class_rows: Sequence[dict[str, Any]]) -
 
 def _png(image: Any) -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
+    image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
