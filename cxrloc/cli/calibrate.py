@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         fold: str = typer.Option("all", "--fold", help="Fold index N, or 'all'."),
         rule: str = typer.Option(
             None, "--rule", help="matched (default: each class called present as often as it is labelled on "
-            "validation images, never below p = 0.2), youden (Youden's J) or sensitivity (with --sensitivity)."
+            "validation images, never below p = 0.1), youden (Youden's J) or sensitivity (with --sensitivity)."
         ),
         sensitivity: float | None = typer.Option(
             None, "--sensitivity", help="Operating point reaching this sensitivity on validation (e.g. 0.9); "
