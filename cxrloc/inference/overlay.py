@@ -339,7 +339,8 @@ def render_overlay(
     Returns:
         An RGB image: the X-ray (original size, or enlarged to ``min_side``; at most
         :data:`MAX_OVERLAY_PIXELS` pixels) with the legend panel on its right. Its
-        ``info["Description"]`` holds the legend's text (written into a PNG by :func:`save_overlay`).
+        ``info["Description"]`` holds the legend's text, ``info["Drawn"]`` the classes drawn (most probable
+        first) and ``info["Image-Width"]`` the X-ray's width (all written into a PNG by :func:`save_overlay`).
     """
     height, width = img.shape
     scale = overlay_scale(height, width, min_side)
@@ -412,9 +413,11 @@ def render_overlay(
     lines = _legend_lines(classes, order, called, colors, values, probabilities is not None, thresholds,
                           empty_message,
                           {k: has_region.get(k, bool(detected_regions(z[k], threshold).any())) for k in called})
+    drawn = ", ".join(classes[k] for k in order)
     if not legend:
         canvas_img.info["Description"] = "cxrloc overlay; " + "; ".join(text for _, _, text in lines)
         canvas_img.info["Image-Width"] = str(width)
+        canvas_img.info["Drawn"] = drawn
         return canvas_img
     pad = max(4, side // 100)
     sample = draw.textbbox((0, 0), "Ag", font=font)
@@ -440,6 +443,7 @@ def render_overlay(
     canvas.info["Description"] = "cxrloc overlay; " + "; ".join(
         text for kind, _, text in lines)
     canvas.info["Image-Width"] = str(width)
+    canvas.info["Drawn"] = drawn
     return canvas
 
 
