@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,19 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     new = Config(**data)
     validate(new)
     return new
+
+
+def default_preset(overrides: Sequence[str] = ()) -> tuple[str, str]:
+    """``train``'s preset when none is given: ``paper`` (ResNet-50, ImageNet weights) on a CUDA GPU, ``cpu``
+    otherwise (a ``device=`` override decides; else whether torch sees CUDA). Returns ``(preset, why)``."""
+    device = next((o.split("=", 1)[1].strip() for o in overrides if o.replace(" ", "").startswith("device=")), "auto")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return "paper", "a CUDA GPU is used"
+    return "cpu", "no CUDA GPU is used; 'paper' (ResNet-50) is the default on one"
 
 
 def make_config(preset: str = "paper", overrides: list[str] | dict[str, Any] | None = None) -> Config:

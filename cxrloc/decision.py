@@ -26,9 +26,10 @@ from cxrloc.utils import CxrlocError
 REGION_THRESHOLD: float = 0.5
 """A patch is part of the detected region when ``z >= REGION_THRESHOLD``."""
 
-CRITERIA: tuple[str, ...] = ("balanced_accuracy", "youden", "sensitivity")
+CRITERIA: tuple[str, ...] = ("balanced_accuracy", "youden", "sensitivity", "matched")
 """What :func:`best_cut` maximises: balanced accuracy ``(TPR + TNR) / 2``, Youden's
-``J = TPR + TNR - 1``, or (``sensitivity``) the most specific cut that reaches a target sensitivity."""
+``J = TPR + TNR - 1``, (``sensitivity``) the most specific cut that reaches a target sensitivity,
+or (``matched``) the cut that calls as many examples positive as there are positives."""
 
 _TIE: float = 1e-12
 """Slack under which two criterion values are equal (equal fractions computed two ways)."""
@@ -99,7 +100,8 @@ def best_cut(
     ``below_all`` also one cut below every score). ``balanced_accuracy`` and ``youden``: the first
     (lowest, i.e. most sensitive) of the equally best cuts, or ``None`` when no cut beats chance
     (balanced accuracy <= 0.5, i.e. J <= 0). ``sensitivity``: the highest (most specific) cut whose
-    sensitivity reaches ``target`` in (0, 1].
+    sensitivity reaches ``target`` in (0, 1]. ``matched``: the cut whose number of examples called
+    positive is nearest the number of positives (the highest, i.e. most specific, of equal ones).
 
     Returns:
         A :class:`Cut`, or ``None`` (no positive or no negative, no candidate, or no informative cut).
@@ -116,6 +118,12 @@ def best_cut(
         assert target is not None
         i = int(np.flatnonzero(tpr >= target - _TIE)[-1])
         return Cut(float(cuts[i]), float(tpr[i]), float(tnr[i]), float(tpr[i]))
+    if criterion == "matched":
+        y = np.asarray(labels).reshape(-1).astype(bool)
+        pos, neg = int(y.sum()), int((~y).sum())
+        gap = np.abs(tpr * pos + (1.0 - tnr) * neg - pos)  # calls minus positives
+        i = int(np.flatnonzero(gap <= gap.min() + 1e-9)[-1])
+        return Cut(float(cuts[i]), float(tpr[i]), float(tnr[i]), float(-gap[i]))
     if criterion == "balanced_accuracy":
         value, chance = (tpr + tnr) / 2.0, 0.5
     else:

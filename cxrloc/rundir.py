@@ -7,6 +7,7 @@ Layout written by ``cxrloc train`` (one ``fold_K`` per trained fold)::
         config.json          the fully resolved Config
         run.json             prepared folder, fold, stage, start weights, train/val/test image ids
         metrics.csv          one row per epoch
+    curves.png           losses and validation accuracy per epoch (stage boundaries marked)
         thresholds.json      written by ``cxrloc fit-thresholds`` (optional)
         calibration.json     written by ``cxrloc calibrate`` (optional): probabilities, operating points
         checkpoints/
@@ -84,6 +85,11 @@ class FoldDir:
         return self.path / "metrics.csv"
 
     @property
+    def curves_png(self) -> Path:
+        """Training curves, redrawn each epoch (:mod:`cxrloc.training.curves`)."""
+        return self.path / "curves.png"
+
+    @property
     def thresholds_json(self) -> Path:
         return self.path / "thresholds.json"
 
@@ -108,7 +114,8 @@ class FoldDir:
         """Remove the temporary files that an interrupted atomic write of this fold's files left
         (``checkpoints/.last.pt.XXXX.tmp`` after a kill during a checkpoint write); return them."""
         removed = remove_stale_temporaries(self.path / "checkpoints", [f"{w}.pt" for w in CHECKPOINTS])
-        names = [p.name for p in (self.config_json, self.run_json, self.metrics_csv, self.thresholds_json)]
+        names = [p.name for p in (self.config_json, self.run_json, self.metrics_csv, self.curves_png,
+                                  self.thresholds_json)]
         return removed + remove_stale_temporaries(self.path, names)
 
     def is_trained(self) -> bool:
@@ -224,6 +231,11 @@ class RunDir:
             raise CxrlocError(f"No run folder at {self.path}.")
         found = [d for d in self.fold_dirs() if d.run_json.is_file()]
         if not found:
+            inner = [p.parent for p in self.path.glob("*/fold_*/run.json") if _fold_index(p.parent) is not None]
+            if inner:  # e.g. demo_out given for demo_out/run, or a --stage all run for RUN/joint
+                runs = sorted({str(f.parent) for f in inner})
+                raise CxrlocError(f"{self.path} is not a run folder, but holds {len(runs)}: {', '.join(runs)}; "
+                                  "pass one of them.")
             raise CxrlocError(f"{self.path} holds no fold_*/run.json. Run 'cxrloc train' first.")
         if fold is None or fold == "all":
             return found

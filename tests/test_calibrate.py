@@ -60,7 +60,7 @@ def test_calibrate_cli_on_a_trained_run(run_copy: Path) -> None:
     from cxrloc.cli import app
 
     fold = run_copy / "fold_0"
-    result = CliRunner().invoke(app, ["calibrate", str(run_copy), "--fold", "0"])
+    result = CliRunner().invoke(app, ["calibrate", str(run_copy), "--fold", "0", "--rule", "youden"])
     assert result.exit_code == 0, result.output
     assert f"Results saved to {fold / 'calibration.json'}" in result.output.replace("\n", "")
     data = json.loads((fold / "calibration.json").read_text())
@@ -93,6 +93,18 @@ def test_calibrate_cli_on_a_trained_run(run_copy: Path) -> None:
     assert all(c.fit_sensitivity == 1.0 for c in cal.per_class if c.threshold is not None)
     result = CliRunner().invoke(app, ["calibrate", str(run_copy), "--sensitivity", "1.5"])
     assert isinstance(result.exception, CxrlocError) and "--sensitivity" in str(result.exception)
+    result = CliRunner().invoke(app, ["calibrate", str(run_copy), "--rule", "youden", "--sensitivity", "0.9"])
+    assert isinstance(result.exception, CxrlocError) and "drop --rule youden or --sensitivity" in str(result.exception)
+
+    # The default rule: count-matched, never below the minimum probability.
+    from cxrloc.calibration import MIN_PROBABILITY
+
+    result = CliRunner().invoke(app, ["calibrate", str(fold)])
+    assert result.exit_code == 0, result.output
+    assert "never called present" in result.output.replace("\n", " ")
+    cal = Calibration.load(fold / "calibration.json")
+    assert cal.rule == "matched" and "count-matched" in cal.describe()
+    assert all(c.threshold >= MIN_PROBABILITY for c in cal.per_class if c.threshold is not None)
 
 
 def _hand_calibration(fold: Path, scores: np.ndarray) -> Calibration:

@@ -127,7 +127,7 @@ def test_separable_validation_gives_the_expected_cut() -> None:
     labels = np.zeros((6, 3))
     scores[:, 0] = [0, 1, 2, 5, 8, 11]
     labels[3:, 0] = 1
-    cal = fit_calibration(scores, labels, classes)
+    cal = fit_calibration(scores, labels, classes, rule="youden")
     a = cal.per_class[0]
     assert a.source == "val" and (a.positives, a.negatives) == (3, 3)
     assert a.score_cut == pytest.approx(math.sqrt(18) - 1)
@@ -150,7 +150,7 @@ def test_fallbacks_to_training_images_then_to_the_prevalence() -> None:
     train_y = np.zeros((8, 3))
     train_y[:4, 1] = 1
     val_s[:5, 0] += 20  # A separates well
-    cal = fit_calibration(val_s, val_y, classes, train_scores=train_s, train_labels=train_y)
+    cal = fit_calibration(val_s, val_y, classes, train_scores=train_s, train_labels=train_y, rule="youden")
     a, b, c = cal.per_class
     assert a.source == "val" and (a.positives, a.negatives) == (5, 5)
     assert b.source == "val+train" and (b.positives, b.negatives) == (1 + 4, 9 + 4)
@@ -162,7 +162,7 @@ def test_fallbacks_to_training_images_then_to_the_prevalence() -> None:
     assert "training images for 1 class" in cal.describe()
     # Without training images, B is fitted on its few validation images, and says so; C stays a prior
     # of its validation images, (0 + 1) / (10 + 2).
-    no_train = fit_calibration(val_s, val_y, classes)
+    no_train = fit_calibration(val_s, val_y, classes, rule="youden")
     assert no_train.per_class[1].source == "val" and no_train.per_class[1].positives == 1
     assert "only 1 positive(s) and 9 negative(s)" in no_train.per_class[1].note
     assert _sigmoid(no_train.per_class[2].b) == pytest.approx(1 / 12)
@@ -192,3 +192,34 @@ def test_json_round_trip_and_errors(tmp_path) -> None:
         Calibration.from_json({"classes": {"A": {"b": 1.0}}})
     with pytest.raises(CxrlocError, match="rule"):
         fit_calibration(np.zeros((2, 1)), np.zeros((2, 1)), ["A"], rule="f1")
+
+
+def test_matched_rule_calls_a_class_as_often_as_it_is_labelled_and_never_below_the_floor() -> None:
+    from cxrloc.calibration import MIN_PROBABILITY
+
+    # 2 positives among 10 images, scores overlapping: Youden would call 5 present (J = 1 + 5/8 - 1 = 0.625 at
+    # the cut below 4), matched calls exactly 2: the two highest scores, 9 (+) and 8 (-), cut between 6 and 8.
+    x = np.log1p(np.array([0, 1, 2, 3, 4, 5, 6, 8, 9, 7.0]))
+    y = np.array([0, 0, 0, 0, 1, 0, 0, 0, 1, 0], bool)
+    cut, sens, spec = _operating_cut(x, y, criterion="matched")
+    assert cut == pytest.approx((math.log1p(7) + math.log1p(8)) / 2)
+    assert int((x >= cut).sum()) == 2 and (sens, spec) == (0.5, 7 / 8)
+    youden = _operating_cut(x, y, criterion="youden")
+    assert int((x >= youden[0]).sum()) > 2
+    # Through fit_calibration: the threshold is the Platt probability at the cut unless below the floor.
+    scores = np.expm1(x)[:, None]
+    cal = fit_calibration(scores, y[:, None].astype(float), ["A"], min_positives=2)
+    c = cal.per_class[0]
+    p = cal.probabilities(scores)[:, 0]
+    assert cal.rule == "matched"
+    if c.threshold > MIN_PROBABILITY:
+        assert int(cal.present(p[:, None]).sum()) == 2
+    else:  # raised to the floor: fewer calls, and the note says so
+        assert c.threshold == MIN_PROBABILITY and "raised" in c.note and int((p >= MIN_PROBABILITY).sum()) <= 2
+    # A weak class: positives at the bottom of the scores (any cut calls negatives): the floor holds.
+    weak = fit_calibration(np.arange(20.0)[:, None], (np.arange(20) % 7 == 0).astype(float)[:, None], ["W"],
+                           min_positives=2)
+    w = weak.per_class[0]
+    assert w.threshold is None or w.threshold >= MIN_PROBABILITY
+    probs = weak.probabilities(np.arange(20.0)[:, None])
+    assert not np.any(weak.present(probs) & (probs < MIN_PROBABILITY))

@@ -10,9 +10,12 @@ from PIL import Image
 
 from cxrloc.classes import CLASSES
 from cxrloc.inference.overlay import (
-    BLOB_ALPHA,
+    FILL_ALPHA,
+    HALO,
     NO_FINDING,
-    class_color,
+    PALETTE,
+    LabelPlacer,
+    color_of,
     gt_boxes_by_image,
     gt_boxes_of,
     percent,
@@ -48,27 +51,90 @@ def test_bad_box_row_is_named_and_left_out(tmp_path: Path, capsys: pytest.Captur
     assert "line 3" in err and "b.png" in err
 
 
-def test_overlay_size_blob_and_gt_box() -> None:
+def _fill(grey: float | np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """A light fill worked by hand: grey * (1 - a) + colour * a."""
+    return np.asarray(grey, float)[..., None] * (1 - FILL_ALPHA) + np.array(color, float) * FILL_ALPHA
+
+
+def test_overlay_fill_outline_gt_box_and_legend_panel() -> None:
     width, height = 200, 120  # non-square
     img = np.full((height, width), 0.5, np.float32)
     z = np.zeros((14, 4, 4), np.float32)
     z[2, 2:4, 2:4] = 0.9  # Effusion: the bottom-right quarter
     z[5, 0, 3] = 0.9  # Nodule, not present: must not be drawn
     gt = [("Mass", 0.05, 0.6, 0.3, 0.9)]
-    out = render_overlay(img, z, [2], gt_boxes=gt, min_side=0)
-    assert out.size == (width, height) and out.mode == "RGB"
+    probs = np.full(14, 0.01)
+    probs[2], probs[5] = 0.83, 0.2
+    thresholds = [0.4] * 14
+    out = render_overlay(img, z, [2], gt_boxes=gt, min_side=0, probabilities=probs, thresholds=thresholds)
+    assert out.size[0] > width and out.size[1] >= height and out.mode == "RGB"  # the legend is beside the X-ray
     arr = np.asarray(out).astype(float)
     grey = 0.5 * 255
-    # Deep inside the blob (away from its soft edge): grey * (1 - a) + colour * a, worked by hand.
-    expected = [grey * (1 - BLOB_ALPHA) + c * BLOB_ALPHA for c in class_color(2)]
-    np.testing.assert_allclose(arr[105, 180], expected, atol=1.0)
+    # Deep inside the region: the light fill of the first palette colour (the only, most probable, class).
+    np.testing.assert_allclose(arr[100, 170], _fill(grey, color_of(0)), atol=1.0)
+    # Its outline: the colour itself on the region's edge (x = 100 .. 100 + line width), a dark halo on both sides.
+    np.testing.assert_allclose(arr[100, 100], color_of(0), atol=1.0)
+    np.testing.assert_allclose(arr[100, 99], HALO, atol=1.0)
     # The non-present class's patch (top-right) is left grey; so is a point away from everything.
     np.testing.assert_allclose(arr[10, 190], [grey] * 3, atol=1.0)
     np.testing.assert_allclose(arr[40, 120], [grey] * 3, atol=1.0)
-    # Ground-truth rectangle of Mass: its left edge at x = 0.05 * 200 = 10, rows 72..108.
-    np.testing.assert_allclose(arr[95, 10], class_color(4), atol=1.0)
-    # Legend in the top-left corner: not plain grey.
-    assert np.abs(arr[:15, :60] - grey).max() > 50
+    # Ground-truth rectangle of Mass (not drawn as a region: the next colour): left edge x = 10, rows 72..108.
+    np.testing.assert_allclose(arr[95, 10], color_of(1), atol=1.0)
+    assert out.info["Description"] == (
+        "cxrloc overlay; Present (p >= threshold); Effusion  83%  (>= 40%); Not present; Nodule  20%; "
+        "Atelectasis  1%; Cardiomegaly  1%; Infiltration  1%; Mass  1%; + 8 more, each <= 1%")
+
+
+def test_overlapping_regions_never_mix_colours_and_the_most_probable_is_on_top() -> None:
+    img = np.full((160, 160), 0.3, np.float32)
+    z = np.zeros((14, 8, 8), np.float32)
+    z[0, 2:6, 2:6] = 0.9  # Atelectasis: rows / columns 40..120
+    z[4, 4:8, 4:8] = 0.9  # Mass: 80..160, overlapping Atelectasis on 80..120
+    probs = np.zeros(14)
+    probs[0], probs[4] = 0.6, 0.9  # Mass the more probable: first colour, owns the overlap, outline on top
+    arr = np.asarray(render_overlay(img, z, [0, 4], probabilities=probs, min_side=0)).astype(float)
+    grey = 0.3 * 255
+    mass, atel = color_of(0), color_of(1)
+    np.testing.assert_allclose(arr[100, 100], _fill(grey, mass), atol=1.0)  # overlap: Mass's fill only
+    np.testing.assert_allclose(arr[140, 140], _fill(grey, mass), atol=1.0)
+    np.testing.assert_allclose(arr[60, 60], _fill(grey, atel), atol=1.0)
+    # Mass's outline crosses Atelectasis's region at x = 80 (rows 80..120): drawn over it in Mass's colour.
+    np.testing.assert_allclose(arr[100, 80], mass, atol=1.0)
+    # Every pixel of the X-ray is grey, one fill, one outline colour or the halo: never a blend of two fills.
+    allowed = np.array([[grey] * 3, _fill(grey, mass), _fill(grey, atel), mass, atel, HALO], float)
+    pic = arr[:, :160].reshape(-1, 3)
+    nearest = np.abs(pic[:, None, :] - allowed[None]).max(axis=-1).min(axis=1)
+    labels = np.zeros((160, 160), bool)  # the probability labels sit on dark boxes: leave them out
+    labels[np.all(arr[:, :160] < 60, axis=-1)] = True
+    assert nearest.reshape(160, 160)[~_grow(labels, 20)].max() <= 1.0
+
+
+def _grow(mask: np.ndarray, r: int) -> np.ndarray:
+    from cxrloc.inference.overlay import _dilate
+
+    return _dilate(mask, r)
+
+
+def test_labels_are_placed_where_they_overlap_no_other_label() -> None:
+    placer = LabelPlacer(200, 100)
+    anchor = (50.0, 40.0, 90.0, 60.0)
+    first = placer.place(anchor, 30, 10)
+    assert first == (50.0, 28.0, 80.0, 38.0)  # above the box's top-left corner, 2 px gap
+    second = placer.place(anchor, 30, 10)
+    assert second == (50.0, 62.0, 80.0, 72.0)  # below it
+    more = [placer.place(anchor, 30, 10) for _ in range(10)]
+    rects = [first, second, *more]
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and 0 <= a[1] and a[2] <= 200 and a[3] <= 100
+        for b in rects[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    # Four ground-truth boxes of neighbouring findings: four labels, none over another.
+    img = np.full((200, 200), 0.5, np.float32)
+    gt = [("Mass", 0.30, 0.30, 0.50, 0.50), ("Nodule", 0.32, 0.31, 0.45, 0.45), ("Effusion", 0.31, 0.29, 0.5, 0.6),
+          ("Atelectasis", 0.3, 0.32, 0.55, 0.55)]
+    out = np.asarray(render_overlay(img, np.zeros((14, 4, 4), np.float32), [], gt_boxes=gt, min_side=0)).astype(float)
+    dark = np.all(out[:, :200] < 5, axis=-1)  # label backgrounds (black at 190/255 over grey) are not pure black
+    assert dark.sum() < 0.2 * dark.size
 
 
 def test_small_image_is_enlarged_before_drawing() -> None:
@@ -76,10 +142,9 @@ def test_small_image_is_enlarged_before_drawing() -> None:
     z = np.zeros((14, 4, 4), np.float32)
     z[2, 2:4, 2:4] = 0.9  # bottom-right quarter
     out = render_overlay(img, z, [2], min_side=300)
-    assert out.size == (450, 300)  # shorter side 100 -> 300, aspect kept
+    assert out.size[1] == 300 and out.info["Image-Width"] == "450"  # shorter side 100 -> 300, aspect kept
     arr = np.asarray(out).astype(float)
-    expected = [0.5 * 255 * (1 - BLOB_ALPHA) + c * BLOB_ALPHA for c in class_color(2)]
-    np.testing.assert_allclose(arr[270, 420], expected, atol=1.0)  # inside the scaled quarter
+    np.testing.assert_allclose(arr[270, 400], _fill(0.5 * 255, color_of(0)), atol=1.0)  # inside the scaled quarter
     np.testing.assert_allclose(arr[100, 300], [0.5 * 255] * 3, atol=1.0)  # outside it
 
 
@@ -105,16 +170,13 @@ def test_predicted_overlay_file(tmp_path: Path) -> None:
     summary = predict_files([str(src)], tmp_path / "run", overlay=out, progress=False)
     assert summary.records[0]["present"] == ["Cardiomegaly"]
     drawn = Image.open(out)
-    assert drawn.size == (1036, 885)
+    assert drawn.size[1] == 885 and drawn.size[0] > 1036 and drawn.text["Image-Width"] == "1036"
     plain = np.asarray(Image.open(src).convert("L"), dtype=float)
     arr = np.asarray(drawn.convert("RGB"), dtype=float)
-    # Outside the legend every pixel is tinted green (Cardiomegaly's colour), so the red and
-    # blue channels fall below the plain grey and green rises above it where the X-ray is dark.
+    # Away from the outline and the label every pixel has Cardiomegaly's light fill (the first colour).
     region = (slice(400, 800), slice(300, 1000))
-    col = np.array(class_color(1), float)
-    expected = plain[region][..., None] * (1 - BLOB_ALPHA) + col * BLOB_ALPHA
-    np.testing.assert_allclose(arr[region], expected, atol=2.5)
-    assert np.abs(arr[region][..., 0] - plain[region]).mean() > 10
+    np.testing.assert_allclose(arr[region], _fill(plain[region], color_of(0)), atol=2.5)
+    assert np.abs(arr[region][..., 2] - plain[region]).mean() > 10
 
 
 # --------------------------------------------------------------------------- colours and "no finding"
@@ -170,22 +232,15 @@ def test_ciede2000_of_the_test_matches_sharmas_table() -> None:
     np.testing.assert_allclose(_srgb_to_lab(np.array([255, 0, 0])), [53.2408, 80.0925, 67.2032], atol=1e-3)
 
 
-def test_class_colours_stay_distinct_on_a_grey_radiograph() -> None:
-    colours = np.array([class_color(k) for k in range(len(CLASSES))], float)
-    assert len({tuple(c) for c in colours}) == len(CLASSES)
+def test_palette_is_okabe_ito_and_its_colours_stay_apart() -> None:
+    assert PALETTE[:3] == ((230, 159, 0), (86, 180, 233), (0, 158, 115))  # Okabe and Ito 2008, without black
+    colours = np.array(PALETTE, float)
     lab = _srgb_to_lab(colours)
-    i, j = np.triu_indices(len(CLASSES), k=1)
-    # As drawn in the legend (full colour): every pair far apart, every colour far from grey.
-    assert _ciede2000(lab[i], lab[j]).min() >= 20.0
+    i, j = np.triu_indices(len(PALETTE), k=1)
+    assert _ciede2000(lab[i], lab[j]).min() >= 10.0
     own_grey = np.stack([lab[:, 0], np.zeros(len(lab)), np.zeros(len(lab))], -1)
-    assert _ciede2000(lab, own_grey).min() >= 20.0
-    # As blobs (BLOB_ALPHA over dark lung, mid grey, bone): far from each other and from the grey beneath.
-    for grey in (50.0, 128.0, 200.0):
-        blob = _srgb_to_lab(colours * BLOB_ALPHA + grey * (1 - BLOB_ALPHA))
-        assert _ciede2000(blob[i], blob[j]).min() >= 10.0, grey
-        assert _ciede2000(blob, _srgb_to_lab(np.full(3, grey))[None]).min() >= 15.0, grey
-    card, cons = CLASSES.index("Cardiomegaly"), CLASSES.index("Consolidation")
-    assert _ciede2000(lab[card], lab[cons]) >= 40.0  # once two greens
+    assert _ciede2000(lab, own_grey).min() >= 20.0  # every colour far from the grey of a radiograph
+    assert color_of(len(PALETTE)) == PALETTE[0]  # cycled (with a dashed outline) beyond the palette
 
 
 def test_percent_never_rounds_to_a_false_certainty() -> None:
@@ -194,7 +249,6 @@ def test_percent_never_rounds_to_a_false_certainty() -> None:
 
 
 def test_overlay_without_a_present_class_says_so(tmp_path: Path) -> None:
-    from PIL import ImageDraw, ImageFont
 
     img = np.full((512, 600), 0.5, np.float32)
     z = np.zeros((len(CLASSES), 4, 4), np.float32)
@@ -202,21 +256,16 @@ def test_overlay_without_a_present_class_says_so(tmp_path: Path) -> None:
     out = render_overlay(img, z, [], probabilities=np.full(len(CLASSES), 0.2))
     arr = np.asarray(out).astype(float)
     grey = 0.5 * 255
-    # No blob: below the legend the picture is the plain grey image.
-    np.testing.assert_allclose(arr[100:, :], grey, atol=1.0)
-    # The legend holds one line of white text as wide as the message (Pillow's default font at side/40).
-    legend = arr[:60, :]
-    white = np.all(legend > 240, axis=-1)
-    cols = np.flatnonzero(white.any(axis=0))
-    font = ImageFont.load_default(size=512 // 40)
-    box = ImageDraw.Draw(out).textbbox((0, 0), NO_FINDING, font=font)
-    assert white.sum() > 100
-    assert abs((cols.max() - cols.min() + 1) - (box[2] - box[0])) <= 3
+    # Nothing drawn on the X-ray: all of it is the plain grey image; the legend is in the panel beside it.
+    assert out.size[0] > 600
+    np.testing.assert_allclose(arr[:, :600], grey, atol=1.0)
+    assert np.all(arr[:40, 600:] > 240, axis=-1).sum() > 100  # white text in the panel
     saved = save_overlay(out, tmp_path / "none.png")
-    assert NO_FINDING in Image.open(saved).text["Description"]
-    # With a class shown, the line is its name and probability, and the message is gone.
+    text = Image.open(saved).text["Description"]
+    assert text.startswith(f"cxrloc overlay; Present (p >= threshold); {NO_FINDING}; Not present; Atelectasis  20%")
+    # With a class called present, it is listed under "Present" and the message is gone.
     shown = render_overlay(img, z, [2], probabilities=np.full(len(CLASSES), 0.834))
-    assert shown.info["Description"] == "cxrloc overlay; Effusion  83%"
+    assert shown.info["Description"].startswith("cxrloc overlay; Present (p >= threshold); Effusion  83%; Not present")
 
 
 def _cardiomegaly_run(root: Path, calibration: dict | None) -> Path:
@@ -272,14 +321,15 @@ def test_predicted_overlay_shows_present_classes_only_or_all(tmp_path: Path) -> 
     text = Image.open(tmp_path / "all.png").text["Description"]
     assert "Cardiomegaly  76%;" in text and text.count("%") == len(CLASSES)
     arr = np.asarray(Image.open(tmp_path / "all.png").convert("RGB"), float)
-    expected = plain[region][..., None] * (1 - BLOB_ALPHA) + np.array(class_color(1), float) * BLOB_ALPHA
-    np.testing.assert_allclose(arr[region], expected, atol=2.5)
+    np.testing.assert_allclose(arr[region], _fill(plain[region], color_of(0)), atol=2.5)
 
     present = _cardiomegaly_run(tmp_path / "present", calibration(0.5))
     rec = predict_files([str(src)], present, overlay=tmp_path / "p.png", json_path=tmp_path / "p.json",
                         progress=False).records[0]
     assert rec["present"] == ["Cardiomegaly"]
-    assert Image.open(tmp_path / "p.png").text["Description"] == "cxrloc overlay; Cardiomegaly  76%"
+    text = Image.open(tmp_path / "p.png").text["Description"]
+    assert text.startswith("cxrloc overlay; Present (p >= threshold); Cardiomegaly  76%  (>= 50%); Not present; ")
+    assert text.endswith("; + 8 more, each <= 5%") and text.count("  5%") == 5  # the 5 most probable others
 
 
 def test_gt_boxes_of_tables_and_coco_by_path_below_the_data_folder(tmp_path: Path) -> None:

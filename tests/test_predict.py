@@ -258,7 +258,10 @@ def test_overlay_classes_gt_draws_only_the_ground_truth_classes(tiny_run, tmp_pa
     maps = predict_files(
         [str(image)], run, json_path=tmp_path / "m.json", save_maps=True, progress=False
     ).records[0]["maps"]
-    expected = render_overlay(read_image(image), np.load(maps), wanted, gt_boxes=gts)
+    record = summary.records[0]  # the legend lists the classes called present and their thresholds (tau_hat)
+    expected = render_overlay(read_image(image), np.load(maps), wanted, gt_boxes=gts, called=present,
+                              thresholds=[c["tau_hat"] for c in record["classes"]],
+                              empty_message="No finding called present (1'z >= tau_hat)")
     got = np.asarray(Image.open(tmp_path / "gt.png"))
     assert np.array_equal(got, np.asarray(expected))
     from cxrloc.utils import CxrlocError
@@ -303,13 +306,15 @@ def test_overlay_size_is_bounded_by_pixels() -> None:
     # A strip at the aspect limit (10:1) is enlarged to min_side 512 on its short side: 512 x 5120.
     img = np.full((10, 100), 0.5, np.float32)
     z = np.zeros((14, 8, 8), np.float32)
-    assert render_overlay(img, z, []).size == (5120, 512)
+    strip = render_overlay(img, z, [])  # the X-ray part (the legend panel is beside it)
+    assert (int(strip.info["Image-Width"]), strip.size[1]) == (5120, 512)
     # Had it been 4 x 3000, the enlargement would be 128x: 512 x 384,000 pixels. Bounded instead.
     s = overlay_scale(4, 3000)
     assert 4 * 3000 * s * s <= MAX_OVERLAY_PIXELS * 1.0001 and s < 128
     # A large image is drawn below the bound too, keeping its aspect ratio.
     big = np.zeros((3000, 4000), np.float32)
-    w, h = render_overlay(big, z, [], min_side=512).size
+    drawn = render_overlay(big, z, [], min_side=512)
+    w, h = int(drawn.info["Image-Width"]), drawn.size[1]
     assert w * h <= MAX_OVERLAY_PIXELS and abs(w / h - 4000 / 3000) < 1e-2
 
 

@@ -366,6 +366,12 @@ def test_stage_all_chains_unary_crf_joint_with_their_epochs_and_resumes(prep: Pa
     assert all(torch.equal(_weights(out / "unary" / "fold_1", "best")[k], stages["crf"][k]) for k in unary_keys)
     assert any(not torch.equal(stages["crf"][k], stages["joint"][k]) for k in unary_keys)
     assert json.loads((out / "joint" / "fold_1" / "config.json").read_text())["joint_epochs"] == 1
+    # curves.png of the last stage draws the whole recipe: 1 + 2 + 1 epochs, three stages.
+    from PIL import Image
+
+    with Image.open(out / "joint" / "fold_1" / "curves.png") as im:
+        assert im.size == (900, 640)
+        assert "4 epoch(s); stages unary -> crf -> joint" in im.info["Description"]
 
     # Resume without --preset: every stage keeps its config; a finished run trains no further epochs.
     (again,) = run_training(prep, out, folds="1", resume=True, stage="all", progress=False)

@@ -12,7 +12,9 @@ from cxrloc.utils import console
 EXAMPLE = """
 Example:
 
-  cxrloc calibrate runs/paper --fold all                    # Youden's J operating point
+  cxrloc calibrate runs/paper --fold all                    # count-matched operating point (default)
+
+  cxrloc calibrate runs/paper --fold all --rule youden      # Youden's J
 
   cxrloc calibrate runs/paper --fold all --sensitivity 0.9  # the most specific cut with sensitivity >= 0.9
 
@@ -32,9 +34,13 @@ def register(app: typer.Typer) -> None:
     def calibrate(
         run_dir: Path = typer.Argument(..., help="RUN_DIR (with fold_K/ folders) or one fold folder."),
         fold: str = typer.Option("all", "--fold", help="Fold index N, or 'all'."),
+        rule: str = typer.Option(
+            None, "--rule", help="matched (default: each class called present as often as it is labelled on "
+            "validation images, never below p = 0.1), youden (Youden's J) or sensitivity (with --sensitivity)."
+        ),
         sensitivity: float | None = typer.Option(
             None, "--sensitivity", help="Operating point reaching this sensitivity on validation (e.g. 0.9); "
-            "default: the cut maximising Youden's J."
+            "implies --rule sensitivity."
         ),
         min_positives: int = typer.Option(
             MIN_POSITIVES, "--min-positives", help="Validation positives and negatives a class needs to be "
@@ -47,6 +53,6 @@ def register(app: typer.Typer) -> None:
         from cxrloc.evaluation.calibrate import calibrate_run
 
         paths = calibrate_run(run_dir, fold=fold, sensitivity=sensitivity, min_positives=min_positives,
-                              device=device, which=which, batch_size=batch_size)
+                              device=device, which=which, batch_size=batch_size, rule=rule)
         where = paths[0] if len(paths) == 1 else f"{run_dir}/fold_*/calibration.json ({len(paths)} folds)"
         console.print(f"Results saved to {where}")

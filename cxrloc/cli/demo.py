@@ -9,7 +9,7 @@ import typer
 EXAMPLE = """
 Example:
 
-  cxrloc demo --out demo_out            # about 5-10 minutes on 2 CPU cores
+  cxrloc demo --out demo_out            # about a minute of CPU time (docs/demo.md)
 
   cxrloc demo --out /tmp/demo --quick   # a smoke run in well under a minute (accuracy not meaningful)
 
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     )
     def demo(
         out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for every output (must not hold a demo)."),
-        size: int = typer.Option(128, "--size", help="Image side in pixels (a multiple of 32)."),
+        size: int = typer.Option(96, "--size", help="Image side in pixels (a multiple of 32; 96 = demo.DEMO_SIZE)."),
         quick: bool = typer.Option(False, "--quick", help="Tiny data and network, 1-2 epochs: a smoke run."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data, folds and training."),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),

@@ -31,8 +31,9 @@ def register(app: typer.Typer) -> None:
         "evaluate",
         help="Localization accuracy on each fold's test images (or an external test set, --data) beside the "
         "data-free prior and, on NIH data, the paper's Table 1 (beside the grid tables); writes RUN_DIR/eval/ "
-        "(results.csv/.json/.md, per_image.csv; eval_val/ for --split val, eval_on_NAME/ for --data; a folder holding "
-        "an evaluation with other options is never replaced: use --out).\n"
+        "(results.csv/.json/.md, per_image.csv, report.html: a self-contained page with curves, ROC, reliability and "
+        "a gallery; eval_val/ for --split val, eval_on_NAME/ for --data; a folder holding an evaluation with other "
+        "options is never replaced: use --out).\n"
         + EXAMPLE,
     )
     def evaluate(

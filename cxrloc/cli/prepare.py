@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
         size: int = typer.Option(512, "--size", help="Side of the cached square images (area filter)."),
         folds: int = typer.Option(5, "--folds", help="Number of patient-grouped folds."),
         unannotated_fraction: float = typer.Option(
-            0.0, "--unannotated-fraction", help="Fraction of unannotated images sampled into the training pool."
+            1.0, "--unannotated-fraction", help="Fraction of the label-only images (labels, no box) found on disk "
+            "that join the training pools (default 1: all of them, the method's premise; 0 leaves them out)."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the folds and of the unannotated sampling."),
         workers: int = typer.Option(1, "--workers", "-j", help="Decoding processes."),

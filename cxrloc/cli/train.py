@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="RUN_DIR: the run folder (fold_K/ inside)."),
         fold: str = typer.Option("0", "--fold", help="Fold index N, or 'all' to train every fold in turn."),
         preset: str = typer.Option(
-            None, "--preset", help="paper, cpu or tiny (default paper; on --resume, the run's saved config)."
+            None, "--preset", help="paper, cpu or tiny (default: paper on a CUDA GPU, cpu otherwise, said in "
+            "one line; on --resume, the run's saved config)."
         ),
         epochs: int = typer.Option(None, "--epochs", help="Number of epochs (overrides the preset)."),
         stage: str = typer.Option(

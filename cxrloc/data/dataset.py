@@ -82,8 +82,9 @@ def split_train_val(prepared: Prepared, fold: int, val_fraction: float, seed: in
     val = [i for i in train_all if patient_of[i] in val_patients]
     train = [i for i in train_all if patient_of[i] not in val_patients]
     if not train:
-        raise CxrlocError(f"val_fraction={val_fraction} leaves no training image in fold {fold}; lower it "
-                          "with --set val_fraction=VALUE (e.g. --set val_fraction=0.1).")
+        raise CxrlocError(f"val_fraction={val_fraction} leaves no training image in fold {fold}; lower it, e.g. "
+                          "--set val_fraction=0 (no validation images: the best checkpoint is then the one of "
+                          "lowest training loss).")
     return train, val
 
 

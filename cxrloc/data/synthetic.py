@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES, NO_FINDING
+from cxrloc.data.domain import write_synthetic_marker
 from cxrloc.data.nih import NIH_SIDE
 from cxrloc.utils import CxrlocError, atomic_path, progress_bar
 
@@ -674,6 +675,7 @@ def generate_synthetic_nih(
     first_half = (len(images) + 1) // 2
     folders = [out / IMAGE_FOLDERS[int(i >= first_half)] / "images" for i in range(len(images))]
     _draw(images, [folder / im.image_index for folder, im in zip(folders, images, strict=True)], size, progress)
+    write_synthetic_marker(out)  # a model trained on it records that it is synthetic (cxrloc.data.domain)
 
     with atomic_path(out / "Data_Entry_2017.csv") as tmp:
         tmp.write_bytes(data_entry_text(images).encode("ascii"))
@@ -748,6 +750,7 @@ def generate_synthetic_coco(
     images = _checked_plan(n_patients, images_per_patient, size, box_fraction, seed)
     out = Path(out_dir)
     _draw(images, [out / COCO_IMAGES / im.image_index for im in images], size, progress)
+    write_synthetic_marker(out)
     with atomic_path(out / "labels.csv") as tmp:
         tmp.write_text(labels_table_text(images), encoding="ascii")
     with atomic_path(out / "annotations.json") as tmp:

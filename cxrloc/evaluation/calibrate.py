@@ -16,15 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrloc.calibration import MIN_POSITIVES, Calibration, fit_calibration
+from cxrloc.calibration import DEFAULT_RULE, MIN_POSITIVES, RULES, Calibration, fit_calibration
 from cxrloc.checkpoint import model_fingerprint
 from cxrloc.decision import image_scores
 from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.utils import CxrlocError, console
 
 
-def check_options(sensitivity: float | None, min_positives: int) -> None:
+def check_options(sensitivity: float | None, min_positives: int, rule: str | None = None) -> None:
     """Refuse bad options before any forward pass."""
+    if rule is not None and rule not in RULES:
+        raise CxrlocError(f"--rule {rule!r}: use {', '.join(RULES)}.")
+    if rule is not None and rule != "sensitivity" and sensitivity is not None:
+        raise CxrlocError(f"--sensitivity sets the sensitivity rule; drop --rule {rule} or --sensitivity.")
+    if rule == "sensitivity" and sensitivity is None:
+        raise CxrlocError("--rule sensitivity needs the target: --sensitivity 0.9, for example.")
     if sensitivity is not None and not 0.0 < sensitivity <= 1.0:
         raise CxrlocError(f"--sensitivity must be in (0, 1], got {sensitivity}.")
     if min_positives < 1:
@@ -40,12 +46,15 @@ def calibrate_fold(
     which: str = "best",
     batch_size: int = 16,
     progress: bool = True,
+    rule: str | None = None,
 ) -> Calibration:
     """Fit one fold's calibration and write ``fold_dir/calibration.json``.
 
     Args:
         fold_dir: ``RUN_DIR/fold_K``.
-        sensitivity: ``None``: operating point by Youden's J; else the target sensitivity in (0, 1].
+        sensitivity: the target sensitivity in (0, 1] of the ``sensitivity`` rule (given alone, it chooses
+            that rule).
+        rule: ``matched`` (default; :data:`cxrloc.calibration.MIN_PROBABILITY`), ``youden`` or ``sensitivity``.
         min_positives: validation positives (and negatives) a class needs to be fitted on
             validation images alone.
         device: torch device.
@@ -57,8 +66,8 @@ def calibrate_fold(
     from cxrloc.inference.batch import predict_prepared
     from cxrloc.precision import inference_options
 
-    check_options(sensitivity, min_positives)
-    rule = "youden" if sensitivity is None else "sensitivity"
+    check_options(sensitivity, min_positives, rule)
+    rule = rule or (DEFAULT_RULE if sensitivity is None else "sensitivity")
     tf = TrainedFold.open(fold_dir, device=device, which=which)
     classes = list(tf.cfg.classes)
     val_ids, train_ids = tf.ids("val_ids"), tf.ids("train_ids")
@@ -104,18 +113,20 @@ def calibrate_run(
     which: str = "best",
     batch_size: int = 16,
     progress: bool = True,
+    rule: str | None = None,
 ) -> list[Path]:
     """:func:`calibrate_fold` for one or every fold of a run; returns the ``calibration.json`` paths."""
-    check_options(sensitivity, min_positives)
+    check_options(sensitivity, min_positives, rule)
     paths = []
     for fd in RunDir(Path(run_dir)).folds(fold):
         cal = calibrate_fold(fd, sensitivity=sensitivity, min_positives=min_positives, device=device, which=which,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, rule=rule)
         src = cal.info["sources"]
+        never = sum(c.threshold is None for c in cal.per_class)  # also fitted classes without a useful cut
         console.print(
             f"{fd.name}: {len(cal.classes)} classes calibrated ({src['val']} on {cal.info['validation_images']} "
-            f"validation images, {src['val+train']} with training images too, {src['prior']} never present); "
-            f"operating point: {cal.describe()}"
+            f"validation images, {src['val+train']} with training images too, {src['prior']} without positives "
+            f"or negatives); {never} never called present; operating point: {cal.describe()}"
         )
         paths.append(fd.calibration_json)
     return paths

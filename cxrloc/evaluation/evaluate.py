@@ -40,6 +40,7 @@ from cxrloc.calibration import Calibration
 from cxrloc.classes import BOXED_CLASSES, NUM_CLASSES, is_nih
 from cxrloc.data.prepared import Prepared
 from cxrloc.decision import image_scores, operating_point, presence
+from cxrloc.evaluation.html_report import class_limits, html_report
 from cxrloc.evaluation.metrics import (
     METRICS,
     auroc_per_class,
@@ -301,6 +302,9 @@ def evaluate_fold(
         "classification": cls,
         "operating_point": op,
         "class_rows": class_rows,
+        # For report.html's gallery only (not in results.json):
+        "z": z, "ids": ids, "data": test, "run_classes": run_classes, "scores": scores, "probs": probs,
+        "present": present, "limits": class_limits(tf.meta, len(run_classes)),
     }
 
 
@@ -503,6 +507,7 @@ def evaluate(
     split: str = "test",
     tta: int = 1,
     data: str | Path | None = None,
+    html: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run (one or every fold) and write its reports.
 
@@ -525,6 +530,7 @@ def evaluate(
         tta: test-time views averaged (1 = none; :func:`cxrloc.inference.batch.forward_tta`).
         data: an external test set, a prepared folder: each fold's model (or fold ``fold``'s) on every
             boxed image of it, whatever its folds (see the module docstring).
+        html: also write ``report.html`` (:mod:`cxrloc.evaluation.html_report`).
 
     Returns:
         The content of ``results.json`` plus ``"out_dir"`` and ``"rows"`` (per-box results).
@@ -606,7 +612,8 @@ def evaluate(
             "fold, so its rows are not shown beside these means")
     rows = [r for f in folds for r in f["rows"]]
     class_rows = [r for f in folds for r in f["class_rows"]]
-    write_reports(result, rows, out, info, class_rows=class_rows)
+    page = {out / "report.html": html_report(result, rows, class_rows, folds, info)} if html else {}
+    write_reports(result, rows, out, info, class_rows=class_rows, extra=page)
     return {**result, "out_dir": str(out), "rows": rows}
 
 

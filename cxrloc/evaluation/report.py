@@ -375,11 +375,13 @@ def write_reports(
     out: Path,
     info: str,
     class_rows: Sequence[dict[str, Any]] = (),
+    extra: dict[Path, str] | None = None,
 ) -> list[Path]:
-    """Write the report files into ``out`` as one set (none replaced unless all are written) and
-    return their paths."""
+    """Write the report files into ``out`` (and ``extra`` files, e.g. ``report.html``) as one set (none
+    replaced unless all are written) and return their paths."""
     return write_texts_atomic(
         {
+            **(extra or {}),
             out / "results.json": json.dumps(result, indent=2) + "\n",
             out / "results.csv": csv_text(result),
             out / "results.md": markdown(result, info),

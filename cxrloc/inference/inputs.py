@@ -21,9 +21,14 @@ from cxrloc.data.imageio import (
 from cxrloc.data.prepared import to_network_range
 
 
+def preprocess_u8(img: np.ndarray, image_size: int) -> np.ndarray:
+    """The training cache's uint8 image (S, S) of a ``read_image`` array (what the domain check measures)."""
+    return to_uint8(resize_square(img, image_size))
+
+
 def preprocess(img: np.ndarray, image_size: int) -> np.ndarray:
     """The training cache's preprocessing of a ``read_image`` array: (1, S, S) float32 in [-1, 1]."""
-    return to_network_range(to_uint8(resize_square(img, image_size)))[None]
+    return to_network_range(preprocess_u8(img, image_size))[None]
 
 
 

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
+from cxrloc.data.domain import check_image, describe, synthetic_warning
+from cxrloc.data.prepared import to_network_range
 from cxrloc.inference.backends import DEFAULT_THREADS, Predictor, load_predictor
-from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess
+from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess_u8
 from cxrloc.inference.postprocess import make_record
 from cxrloc.utils import (
     CxrlocError,
@@ -48,6 +51,8 @@ class PredictSummary:
     """Where the outputs are, for the closing line."""
     operating_point: str = ""
     """Which operating point decided "present", for the output line."""
+    warning: str = ""
+    """The run's warning (a model trained on synthetic images), empty when none."""
 
 
 def predict_files(
@@ -148,6 +153,10 @@ def predict_files(
 
     predictor = load_predictor(model, device=device, fold=fold, threads=threads, thresholds_file=thresholds_file)
     summary.operating_point = predictor.describe_operating_point()
+    domain = predictor.meta.get("training_data")
+    summary.warning = synthetic_warning(domain) or ""
+    if summary.warning:  # once per run
+        console.print(f"[bold yellow]Warning:[/] {escape(summary.warning)}", highlight=False, soft_wrap=True)
     out = Path(out_dir) if out_dir is not None else None
     names = output_names(files)
     with progress_bar(enabled=progress and len(files) > 1, info=True, transient=True) as bar:
@@ -163,13 +172,19 @@ def predict_files(
                     bar.advance(task)
             if not loaded:
                 continue
-            x = np.stack([preprocess(img, predictor.image_size) for _, img in loaded])
+            u8 = [preprocess_u8(img, predictor.image_size) for _, img in loaded]
+            x = np.stack([to_network_range(u)[None] for u in u8])
             z_all, _ = predictor.run(x)
-            for (i, img), z in zip(loaded, z_all, strict=True):
+            for (i, img), z, u in zip(loaded, z_all, u8, strict=True):
                 bar.update(task, info=files[i].name)
+                warnings = [w for w in (summary.warning, check_image(u, domain)) if w]
+                if len(warnings) > int(bool(summary.warning)):  # per image: out of domain
+                    console.print(f"[bold yellow]Warning:[/] {escape(f'{files[i]}: {warnings[-1]}')}",
+                                  highlight=False, soft_wrap=True)
                 try:
                     record = _finish_one(
-                        files[i], names[i], img, z, predictor, out=out, overlay=overlay, json_path=json_path,
+                        files[i], names[i], img, z, predictor, warnings=warnings, out=out, overlay=overlay,
+                        json_path=json_path,
                         gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
                         summary=summary, guard=guard,
                     )
@@ -185,6 +200,7 @@ def predict_files(
         write_json_atomic(summary_path, {
             "model": str(predictor.source), "backend": predictor.backend,
             "operating_point": predictor.operating_point(),
+            "training_data": describe(domain), "warning": summary.warning or None,
             "count": len(summary.records), "failed": len(summary.failures),
             "predictions": summary.records, "failures": summary.failures,
         }, what="batch summary")
@@ -218,6 +234,7 @@ def _finish_one(
     z: np.ndarray,
     predictor: Predictor,
     *,
+    warnings: list[str],
     out: Path | None,
     overlay: str | os.PathLike[str] | None,
     json_path: str | os.PathLike[str] | None,
@@ -247,6 +264,7 @@ def _finish_one(
         "image_size": predictor.image_size,
         "patch_grid": predictor.patch_grid,
         "operating_point": predictor.operating_point(),
+        "warnings": warnings,
         **make_record(z, predictor.tau_hat, width=width, height=height, classes=predictor.classes,
                       calibration=predictor.calibration),
     }
@@ -274,15 +292,16 @@ def _finish_one(
         if overlay_classes == "gt":
             names = {label for label, *_ in gts or []}
             shown = [k for k, c in enumerate(predictor.classes) if c in names]
-            empty = "No ground-truth box on this image"
         elif overlay_classes == "all":
-            shown, empty = list(range(len(predictor.classes))), NO_FINDING
+            shown = list(range(len(predictor.classes)))
         else:
             shown = [k for k, c in enumerate(record["classes"]) if c["present"]]
-            empty = f"{NO_FINDING} ({_short_rule(predictor)})"
+        empty = f"{NO_FINDING} ({_short_rule(predictor)})"
         probabilities = None if predictor.calibration is None else [c["probability"] for c in record["classes"]]
+        called = [k for k, c in enumerate(record["classes"]) if c["present"]]
+        limits = [c["threshold"] if probabilities is not None else c["tau_hat"] for c in record["classes"]]
         save_overlay(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities,
-                                    gt_boxes=gts, empty_message=empty), overlay)
+                                    gt_boxes=gts, empty_message=empty, called=called, thresholds=limits), overlay)
         record["overlay"] = str(overlay)
         summary.outputs.append(Path(overlay))
     if json_path is not None:
@@ -318,4 +337,6 @@ def _short_rule(predictor: Predictor) -> str:
         return "1'z >= tau_hat"
     if cal.rule == "sensitivity":
         return f"sensitivity {cal.target_sensitivity:g} on validation"
+    if cal.rule == "matched":
+        return "count-matched on validation"
     return "Youden's J on validation"

@@ -50,6 +50,7 @@ from cxrloc.data.dataset import (
     split_train_val,
     warp_batch,
 )
+from cxrloc.data.domain import training_domain
 from cxrloc.data.identity import check_prepared_for_run, prepared_identity
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.metrics import localization_table, mean_localization_accuracy
@@ -61,6 +62,7 @@ from cxrloc.paths import OutputGuard
 from cxrloc.precision import inference_options
 from cxrloc.rundir import FoldDir, resolve_checkpoint, start_fold
 from cxrloc.thresholds import Thresholds, box_patch_counts
+from cxrloc.training.curves import earlier_history, write_curves
 from cxrloc.training.losses import compute_gamma, compute_loss
 from cxrloc.training.runtime import (
     DistInfo,
@@ -530,7 +532,7 @@ def _train_fold(
             f"Fold {fold}: {fold_dir.path} already has {start_epoch} epoch(s), --epochs is {cfg.epochs}: nothing "
             "was trained. Pass a larger --epochs to train more."
         )
-    if show:
+    if show and start_epoch < cfg.epochs:
         console.print(
             f"Fold {fold}, stage {stage}: {len(train_ids)} training images "
             f"({int(dataset.is_annotated().sum())} annotated), {len(val_ids)} validation, device {device}, "
@@ -549,6 +551,8 @@ def _train_fold(
         worker_init_fn=functools.partial(exit_with_parent, os.getpid()) if cfg.workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed * LOADER_SEED_STRIDE + start_epoch),
     )
+    earlier = earlier_history(fold_dir.read_run()) if dd.main else []
+    domain = training_domain(prepared, train_ids) if dd.main else None  # recorded in the checkpoints' metadata
     writer = CheckpointWriter()
     with progress_bar(enabled=show, info=True, elapsed=True) as bar, writer:
         for epoch in range(start_epoch, cfg.epochs):
@@ -562,7 +566,7 @@ def _train_fold(
             if dd.main:
                 best_metric = _end_epoch(
                     tr, prepared, fold_dir, val_ids, epoch, means, lr_used, t0, best_metric, history,
-                    thresholds_source, show, writer,
+                    thresholds_source, show, writer, earlier, domain,
                 )
             dd.barrier()
     return fold_dir.path
@@ -582,8 +586,11 @@ def _end_epoch(
     thresholds_source: str,
     show: bool,
     writer: CheckpointWriter,
+    earlier: Sequence[dict[str, Any]] = (),
+    domain: dict[str, Any] | None = None,
 ) -> float:
-    """Validate, log the epoch to ``metrics.csv`` and write the checkpoints (rank 0); return the best metric."""
+    """Validate, log the epoch to ``metrics.csv`` and ``curves.png`` (after the ``earlier`` stages' epochs) and
+    write the checkpoints (rank 0); return the best metric."""
     cfg, model = tr.cfg, tr.model
     iou, ior = validate(model, prepared, val_ids, cfg, tr.device)
     set_train_mode(model, tr.stage)
@@ -607,7 +614,7 @@ def _end_epoch(
     state = {
         "config": cfg.to_dict(),
         "model": model.state_dict(),
-        "meta": make_meta(cfg, model.thresholds.get().to_json()),
+        "meta": {**make_meta(cfg, model.thresholds.get().to_json()), "training_data": domain},
         "optimizer": tr.optimizer.state_dict(),
         "scheduler": tr.scheduler.state_dict(),
         "scaler": tr.scaler.state_dict(),
@@ -619,6 +626,7 @@ def _end_epoch(
         "thresholds_source": thresholds_source,
     }
     fold_dir.write_metrics(history)
+    write_curves(fold_dir.curves_png, [*earlier, *history], title=f"{fold_dir.path.name}, stage {tr.stage}")
     # Written in the background (a CPU snapshot is taken now); best.pt, when this epoch is the best,
     # is the same file as last.pt (a hard link, else a copy).
     best = [fold_dir.checkpoint("best")] if is_best else []

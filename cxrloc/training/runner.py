@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrloc.checkpoint import load_checkpoint
-from cxrloc.config import Config, apply_overrides, load_config, make_config
+from cxrloc.config import Config, apply_overrides, default_preset, load_config, make_config
 from cxrloc.data.prepared import Prepared
 from cxrloc.evaluation.fit_thresholds import fit_thresholds
 from cxrloc.rundir import FoldDir, RunDir, parse_fold
@@ -76,9 +76,11 @@ def _resume_config(out_dir: Path, fold: int) -> Config:
 
 def _fold_config(out: Path, fold: int, *, resume: bool, preset: str | None, extra: Sequence[str]) -> Config:
     """The config a fold trains with: the run's saved one on ``--resume`` without ``--preset``, else
-    the preset (``paper`` by default); ``extra`` (``--set`` items and ``epochs=``) on top."""
+    the preset (by default :func:`cxrloc.config.default_preset`: ``paper`` on CUDA, ``cpu`` otherwise);
+    ``extra`` (``--set`` items and ``epochs=``) on top."""
     base = _resume_config(out, fold) if resume and preset is None else None
-    return apply_overrides(base, list(extra)) if base is not None else make_config(preset or "paper", list(extra))
+    return apply_overrides(base, list(extra)) if base is not None else make_config(
+        preset or default_preset(extra)[0], list(extra))
 
 
 def run_training(
@@ -117,6 +119,10 @@ def run_training(
     out = Path(out_dir)
     fold_list = list(range(Prepared.open(prepared_dir).num_folds)) if folds == "all" else [parse_fold(folds)]
     extra = list(overrides) + ([f"epochs={epochs}"] if epochs is not None else [])
+    if preset is None and not resume:
+        preset, why = default_preset(extra)
+        if progress:
+            console.print(f"No --preset: using '{preset}' ({why}).")
     if stage == "all":
         return _run_all_stages(
             prepared_dir, out, fold_list, preset=preset, extra=extra, resume=resume, init_from=init_from,
