@@ -372,7 +372,11 @@ def _save_epoch(run: _Run, epochs_done: int) -> None:
 
 
 RESUME_CHANGEABLE: tuple[str, ...] = ("epochs",)
-CONFIG_CHANGEABLE: tuple[str, ...] = ("device", "workers", "epochs")
+CONFIG_CHECKED: tuple[str, ...] = ("arch", "width", "antialias", "blur_size", "output_stride", "image_size", "init",
+                                   "seed", "deterministic")
+"""Config fields a resumed pretraining must keep: those that shape the backbone, its input and its random
+draws. The others are not used by pretraining (``device``, ``amp`` and ``channels_last`` may change, as on
+``train --resume``), so a config field added by a later cxrloc version never blocks a resume."""
 
 
 def _resume_state(work: Path, cfg: Config, opts: PretrainOptions, resume: bool) -> dict[str, Any] | None:
@@ -395,7 +399,7 @@ def _resume_state(work: Path, cfg: Config, opts: PretrainOptions, resume: bool) 
     saved_opts, now = dict(state["options"]), opts.to_dict()
     diff = [k for k in now if k not in RESUME_CHANGEABLE and saved_opts.get(k) != now[k]]
     saved_cfg, cfg_now = dict(state["config"]), cfg.to_dict()
-    diff += [k for k in cfg_now if k not in CONFIG_CHANGEABLE and saved_cfg.get(k) != cfg_now[k]]
+    diff += [k for k in CONFIG_CHECKED if saved_cfg.get(k) != cfg_now[k]]
     if diff:
         k = diff[0]
         was = saved_opts.get(k, saved_cfg.get(k))
