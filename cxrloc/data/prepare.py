@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cxrloc.data.formats import SourceOptions, open_source
 from cxrloc.data.identity import check_reprepare
@@ -50,7 +51,7 @@ from cxrloc.data.prepare_report import (
     table_problems,
 )
 from cxrloc.data.prepare_tables import Tables, read_tables
-from cxrloc.data.prepared import CLASSES_FILE
+from cxrloc.data.prepared import CLASSES_FILE, ClassList
 from cxrloc.data.source import Columns
 from cxrloc.data.splits import (
     HAND_MADE_HINT,
@@ -108,29 +109,24 @@ def prepare(
     rebuild: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Prepare a dataset for training; see the module docstring and docs/data.md.
+    """Prepare a dataset for training (the module docstring, docs/data.md); returns ``out_dir``.
 
     ``data_dir`` holds the images anywhere below it (and NIH's CSVs unless given); ``out_dir`` is
     written (resumed when a previous run stopped). ``data_format``: ``nih`` (``data_entry``,
     ``bbox_list``: default looked up in ``data_dir``), ``table`` (``labels`` and ``boxes`` tables,
     ``columns`` as ``KEY=NAME``, ``classes``: default every label used, sorted) or ``coco``
     (``boxes`` = the COCO file, ``labels`` optional). ``images``: more folders to search (matched
-    by stem, PNG, JPEG or DICOM). ``size``: side of the cached square images (a non-square image
-    is stretched; boxes follow). ``folds`` patient-grouped folds; ``unannotated_fraction`` of the
-    usable unannotated images go to the training pool; ``seed`` drives both. ``workers``: decoding
-    processes. ``strict``: fail instead of dropping or changing any input (:data:`PROBLEM_KINDS`):
-    table problems before anything is written, unreadable images after decoding, before the
-    manifest (a folder that did not exist before is removed again). ``labels_from_boxes``: give an
-    image the label of each class it has a box of where its table lacks it (``False`` keeps the
-    table's labels). ``rebuild``: replace a finished folder made with other parameters
-    (:func:`cxrloc.data.identity.check_reprepare`). ``overwrite``: write into a folder that is
-    not a prepared folder but holds files of prepare's names (:data:`PREPARED_FILES`); an input
-    is never replaced. Everything dropped or changed goes to ``fingerprint.json`` (``problems``).
-
-    Raises:
-        CxrlocError: missing table, bad option, no usable image, an inconsistent ``splits.json``,
-            or an output that cannot be written (checked before decoding, with the cache's size).
-        StrictError: ``strict`` and an input would be dropped or changed.
+    by stem). ``size``: side of the cached square images (boxes follow a stretched image).
+    ``folds`` patient-grouped folds; ``unannotated_fraction`` of the usable unannotated images
+    join the training pool; ``seed`` drives both. ``workers``: decoding processes. ``strict``: fail
+    (:class:`StrictError`) instead of dropping or changing any input (:data:`PROBLEM_KINDS`), before
+    anything is written for table problems, before the manifest for unreadable images (a folder
+    this run created is removed). ``labels_from_boxes``: give an image the label of each class it
+    has a box of (``False`` keeps the table's labels). ``rebuild``: replace a finished folder made
+    with other parameters (:func:`cxrloc.data.identity.check_reprepare`). ``overwrite``: write
+    into a foreign folder holding files of :data:`PREPARED_FILES`' names (never over an input).
+    Everything dropped or changed goes to ``fingerprint.json`` (``problems``). Bad options,
+    tables or splits, no usable image or an unwritable output raise one :class:`CxrlocError`.
     """
     data_dir, out = Path(data_dir), Path(out_dir)
     image_roots = _check_options(data_dir, data_format, images, size=size, workers=workers,
@@ -141,8 +137,9 @@ def prepare(
     source = open_source(data_format, data_dir, SourceOptions(data_entry=data_entry, bbox_list=bbox_list,
                                                               labels=labels, boxes=boxes, columns=column_names,
                                                               classes=classes))
-    if check_reprepare(out, size=size, tables={"format": source.data_format, **source.inputs}, folds=folds,
-                       seed=seed, fraction=unannotated_fraction, rebuild=rebuild):
+    tables_identity = {"format": source.data_format, **source.inputs}
+    if check_reprepare(out, size=size, tables=tables_identity, folds=folds, seed=seed, fraction=unannotated_fraction,
+                       rebuild=rebuild):
         for name in PREPARED_FILES:
             (out / name).unlink(missing_ok=True)
     command = _command(data_dir, data_format, data_entry, bbox_list, labels, boxes, column_names, classes, images,
@@ -162,19 +159,22 @@ def prepare(
     splits = _final_splits(tables, usable, splits, splits_path, wanted, failed_ids, data_dir=data_dir, folds=folds,
                            seed=seed, fraction=unannotated_fraction)
     manifest, class_list, counts = build_manifest(tables, usable, failed_ids, labels_from_boxes=labels_from_boxes)
+    _write_tables(out, manifest, class_list, None if reused else splits)
+    parameters = dict(size=size, folds=len(splits["folds"]), unannotated_fraction=splits.get("unannotated_fraction"),
+                      seed=splits.get("seed"), splits_reused=reused, splits_hand_made=is_hand_made(splits),
+                      labels_from_boxes=labels_from_boxes, command=command)
+    write_json_atomic(out / "fingerprint.json", build_fingerprint(
+        tables, usable, splits, manifest, class_list, counts, failed_ids, image_roots, parameters))
+    return out
+
+
+def _write_tables(out: Path, manifest: pd.DataFrame, class_list: ClassList, new_splits: dict[str, Any] | None) -> None:
+    """``manifest.csv``, ``classes.json`` and (when made now) ``splits.json``, each atomically."""
     with atomic_path(out / "manifest.csv") as tmp:
         manifest.to_csv(tmp, index=False, lineterminator="\n")
     write_json_atomic(out / CLASSES_FILE, class_list.to_json())
-    if not reused:
-        write_splits(splits_path, splits)
-    parameters = {
-        "size": size, "folds": len(splits["folds"]), "unannotated_fraction": splits.get("unannotated_fraction"),
-        "seed": splits.get("seed"), "splits_reused": reused, "splits_hand_made": is_hand_made(splits),
-        "labels_from_boxes": labels_from_boxes, "command": command,
-    }
-    write_json_atomic(out / "fingerprint.json", build_fingerprint(tables, usable, splits, manifest, class_list, counts,
-                                                             failed_ids, image_roots, parameters))
-    return out
+    if new_splits is not None:
+        write_splits(out / "splits.json", new_splits)
 
 
 def _stop_if_strict(tables: Tables, failed_ids: dict[str, str], out: Path, *, created: bool, strict: bool) -> None:
