@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 import cxrloc.data.prepare as prep
+from cxrloc.data.image_cache import ImageCache, fill_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -44,9 +45,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ids = [f"{i:05d}_{p.name}" for i, p in enumerate(paths)]
-        cache = prep._Cache(Path(tmp), ids, args.size)
+        cache = ImageCache(Path(tmp), ids, args.size)
         t = time.perf_counter()
-        failures, n = prep._fill_cache(cache, paths, workers=1, progress=False)
+        failures, n = fill_cache(cache, paths, workers=1, progress=False)
         stage = n / (time.perf_counter() - t)
         assert not failures
 

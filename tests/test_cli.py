@@ -79,14 +79,14 @@ def test_predict_read_only_out_dir_is_refused_before_work(
 def test_prepare_out_is_a_file_or_the_disk_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_data_prepare import _make_nih
 
-    import cxrloc.data.prepare as prep_mod
+    import cxrloc.data.image_cache as cache_mod
     import cxrloc.utils as utils
 
     nih = tmp_path / "nih"
     _make_nih(nih, corrupt=False)
     decoded: list[str] = []
-    real = prep_mod.read_image_u8
-    monkeypatch.setattr(prep_mod, "read_image_u8", lambda p, s: decoded.append(p) or real(p, s))
+    real = cache_mod.read_image_u8
+    monkeypatch.setattr(cache_mod, "read_image_u8", lambda p, s: decoded.append(p) or real(p, s))
     taken = tmp_path / "taken"
     taken.write_text("keep")
     flat = _clean(*run_cli("prepare", nih, "--out", taken, "--size", "32", "--folds", "2"))

@@ -47,14 +47,15 @@ def test_reprepare_at_another_size_needs_rebuild_and_then_runs_refuse_it(
 ) -> None:
     nih, prep, run = trained
     before = (prep / "images.u8").read_bytes()
-    code, text = run_cli("prepare", nih, "--out", prep, "--size", "32", "--folds", "2")
+    code, text = run_cli("prepare", nih, "--out", prep, "--size", "32", "--folds", "2", "--unannotated-fraction", "0")
     flat = one_line(text)
     assert code == 2 and "finished prepared folder" in flat and "--size 64 -> 32" in flat and "--rebuild" in flat
     assert (prep / "images.u8").read_bytes() == before
     # Same parameters: resumed / reused as before, no --rebuild needed.
-    code, text = run_cli("prepare", nih, "--out", prep, "--size", "64", "--folds", "2")
+    code, text = run_cli("prepare", nih, "--out", prep, "--size", "64", "--folds", "2", "--unannotated-fraction", "0")
     assert code == 0, text
-    code, text = run_cli("prepare", nih, "--out", prep, "--size", "32", "--folds", "2", "--rebuild")
+    code, text = run_cli("prepare", nih, "--out", prep, "--size", "32", "--folds", "2",
+                         "--unannotated-fraction", "0", "--rebuild")
     assert code == 0, text
     assert json.loads((prep / "cache.json").read_text())["size"] == 32
     for args in (("evaluate", run), ("fit-thresholds", run), ("calibrate", run),
@@ -67,7 +68,8 @@ def test_reprepare_at_another_size_needs_rebuild_and_then_runs_refuse_it(
         assert "cxrloc prepare" in flat and "--size 64" in flat and "--rebuild" in flat, flat
     assert not (run / "eval").exists()
     # Restoring the run's size makes the run usable again.
-    code, text = run_cli("prepare", nih, "--out", prep, "--size", "64", "--folds", "2", "--rebuild")
+    code, text = run_cli("prepare", nih, "--out", prep, "--size", "64", "--folds", "2",
+                         "--unannotated-fraction", "0", "--rebuild")
     assert code == 0, text
     check_prepared_identity(prep, json.loads((run / "fold_0" / "run.json").read_text())["prepared"], run)
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import cxrloc.data.identity as identity
+import cxrloc.data.image_cache as cache_mod
 import cxrloc.data.prepare as prep_mod
 from cxrloc.classes import CLASS_INDEX, CLASSES
 from cxrloc.data.prepare import prepare
@@ -137,7 +138,7 @@ def test_interrupted_then_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     block = truth[rgba].astype(np.float64).reshape(32, 2, 32, 2).mean(axis=(1, 3))
     assert np.abs(Prepared.open(full).image(rgba).astype(np.float64) - block).max() <= 0.5 + 1e-9
 
-    real = prep_mod.read_image_u8
+    real = cache_mod.read_image_u8
     calls: list[str] = []
 
     def dying(path: str, size: int) -> np.ndarray:
@@ -146,7 +147,7 @@ def test_interrupted_then_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         calls.append(Path(path).name)
         return real(path, size)
 
-    monkeypatch.setattr(prep_mod, "read_image_u8", dying)
+    monkeypatch.setattr(cache_mod, "read_image_u8", dying)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         prepare(nih, out, **kwargs)
@@ -161,7 +162,7 @@ def test_interrupted_then_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         second.append(Path(path).name)
         return real(path, size)
 
-    monkeypatch.setattr(prep_mod, "read_image_u8", counting)
+    monkeypatch.setattr(cache_mod, "read_image_u8", counting)
     prepare(nih, out, **kwargs)
     assert len(second) == n - 7 and not set(second) & set(calls)
     _same_files(full, out)
@@ -457,7 +458,7 @@ def test_workers_die_with_a_killed_prepare(tmp_path: Path) -> None:
             "--unannotated-fraction", "1", "--workers", "2"]
     # Decoding is slowed down so that prepare is surely still running when it is killed.
     script = (
-        "import time\nimport cxrloc.data.prepare as p\nreal = p.read_image_u8\n"
+        "import time\nimport cxrloc.data.image_cache as p\nreal = p.read_image_u8\n"
         "def slow(path, size):\n    time.sleep(0.5)\n    return real(path, size)\n"
         f"p.read_image_u8 = slow\nfrom cxrloc.cli import main\nmain({args!r})\n"
     )
