@@ -121,9 +121,9 @@ def test_hand_made_split_train_on_a_test_on_b(tmp_path: Path) -> None:
     from cxrloc.data.prepare import prepare
     from cxrloc.data.prepared import Prepared
 
-    names = _boxed_names(16)
+    names = _boxed_names(16)  # a 64 px cache: train refuses one smaller than the tiny preset's input
     data = nih_subset(tmp_path / "nih", names)
-    out = prepare(data, tmp_path / "p", size=16, folds=2, progress=False)
+    out = prepare(data, tmp_path / "p", size=64, folds=2, progress=False)
     p = Prepared.open(out)
     patient = {i: int(p.manifest.loc[i, "patient_id"]) for i in p.ids}
     patients = sorted(set(patient.values()))
@@ -136,17 +136,17 @@ def test_hand_made_split_train_on_a_test_on_b(tmp_path: Path) -> None:
 
     # 1. The options of the folds prepare made: the message says which options reuse the file...
     with pytest.raises(CxrlocError, match=r"pass --folds 1 --seed 0 --unannotated-fraction 0 to reuse it") as e1:
-        prepare(data, out, size=16, folds=2, progress=False)
+        prepare(data, out, size=64, folds=2, progress=False)
     assert '"seed": null' in str(e1.value)
     # ... and they are accepted (--folds 1 with an existing file); the file is no cross-validation
     # (A is in no test set), and the message says how to keep it as a hand-made split.
     with pytest.raises(CxrlocError, match=r'in no test set.*"seed": null') as e2:
-        prepare(data, out, size=16, folds=1, progress=False)
+        prepare(data, out, size=64, folds=1, progress=False)
     assert "at least 2" not in str(e2.value)
     # 2. Marked hand-made: reused whatever the options say, recorded in the fingerprint.
     splits["seed"] = None
     (out / "splits.json").write_text(json.dumps(splits))
-    prepare(data, out, size=16, folds=5, seed=3, progress=False)
+    prepare(data, out, size=64, folds=5, seed=3, progress=False)
     fp = json.loads((out / "fingerprint.json").read_text())
     assert fp["parameters"]["splits_hand_made"] is True and fp["parameters"]["folds"] == 1
     p = Prepared.open(out)
@@ -160,7 +160,7 @@ def test_hand_made_split_train_on_a_test_on_b(tmp_path: Path) -> None:
     leak["folds"][0]["train_annotated"] = a + [b[0]]
     (out / "splits.json").write_text(json.dumps(leak))
     with pytest.raises(CxrlocError, match="both test and train|test patient"):
-        prepare(data, out, size=16, folds=1, progress=False)
+        prepare(data, out, size=64, folds=1, progress=False)
     code, text = run_cli("train", out, "--out", tmp_path / "run", "--fold", "0", "--preset", "tiny", "--epochs", "1",
                          "--set", "device=cpu", "--set", "workers=0", "--quiet")
     assert code != 0 and "Traceback" not in text

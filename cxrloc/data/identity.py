@@ -97,7 +97,9 @@ def check_reprepare(out: Path, *, size: int, tables: dict[str, Any], folds: int,
 
     Raises:
         CxrlocError: ``out`` holds a finished prepared folder (``fingerprint.json``) made at
-            another size, with other folds / seed / unannotated fraction or from other tables.
+            another size or from other tables, or, when its ``splits.json`` is gone, with other folds /
+            seed / unannotated fraction (an existing ``splits.json`` is checked by ``prepare`` itself,
+            which reuses a hand-made one whatever the options say).
     """
     path = out / "fingerprint.json"
     if not path.is_file():
@@ -111,6 +113,10 @@ def check_reprepare(out: Path, *, size: int, tables: dict[str, Any], folds: int,
     except (OSError, ValueError, KeyError, TypeError):
         return bool(rebuild)
     new = {"--size": size, "--folds": folds, "--seed": seed, "--unannotated-fraction": float(fraction)}
+    if (out / "splits.json").is_file():
+        # The folds are the folder's splits.json, which prepare reuses and checks against the options
+        # itself (a hand-made one whatever they say): only what changes the pixels is compared here.
+        new = {"--size": size}
     changed = [f"{k} {old[k]:g} -> {new[k]:g}" for k in new if old[k] != new[k]]
     if _digest(old_tables) != _digest(_tables(tables)):
         changed.append("other tables")
