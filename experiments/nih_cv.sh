@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${1:-runs/nih}
 NIH=${NIH:-../shared/data/nih}
 mkdir -p "$OUT"
-cxrloc prepare "$NIH" --out "$OUT/prepared" --size 128 --folds 5 --seed 0
+cxrloc prepare "$NIH" --out "$OUT/prepared" --size 128 --folds 5 --seed 0 --unannotated-fraction 0
 P="$OUT/prepared"
 T="--fold all --preset cpu --quiet"
 export OMP_NUM_THREADS=1

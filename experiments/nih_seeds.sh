@@ -16,7 +16,7 @@ OUT=${1:-runs/seeds}
 NIH=${NIH:-../shared/data/nih}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
-cxrloc prepare "$NIH" --out "$OUT/prep128" --size 128 --folds 5 --seed 0
+cxrloc prepare "$NIH" --out "$OUT/prep128" --size 128 --folds 5 --seed 0 --unannotated-fraction 0
 P="$OUT/prep128"
 T="--fold all --preset cpu --quiet --set val_seed=0"
 
