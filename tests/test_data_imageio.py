@@ -159,7 +159,7 @@ def test_bad_files_raise_clear_errors(tmp_path: Path) -> None:
 def test_truncated_dicom_says_truncated_without_a_raw_warning(tmp_path: Path) -> None:
     import warnings
 
-    real = FIXTURES / "cr_monochrome2_jpeg.dcm".read_bytes()
+    real = (FIXTURES / "cr_monochrome2_jpeg.dcm").read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(real[: len(real) // 2])  # a copy interrupted half-way
     short = _dicom(tmp_path / "short.dcm", np.zeros((64, 64), np.uint8), "MONOCHROME2", 8)
