@@ -337,8 +337,29 @@ def write_own_coco(root: Path, records: list[dict]) -> Path:
     return path
 
 
-NIH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+"""The real data beside the repository (``../shared/data``, see its README); absent in a plain clone,
+so the tests that read it call :func:`needs_shared`."""
+
+NIH_DIR = SHARED_DATA / "nih"
 """The real NIH images and tables (``../shared/data/nih``); tests skip when absent."""
+
+REAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real"
+"""Small real files kept in the repository (DICOM pair, RGB JPEG, one TBX11K image and its COCO file;
+origin and licence in its README.md): the tests that read them run in a plain clone, never skip."""
+
+
+def needs_shared(path: Path, why: str = "") -> Path:
+    """``path`` when it exists; else the test is skipped, the reason naming ``path``.
+
+    For the real data under ``../shared/data`` (the NIH images and tables, ``nih-originals``,
+    ``cxr-pretrain``...), which is not part of the repository: a user's clone runs without it.
+    ``why`` adds what the skip loses (e.g. "byte comparison skipped").
+    """
+    if not Path(path).exists():
+        pytest.skip(f"real data {path} is absent (needs ../shared/data beside the repository)"
+                    + (f"; {why}" if why else ""))
+    return Path(path)
 
 
 def nih_subset(root: Path, names: list[str]) -> Path:

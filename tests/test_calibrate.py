@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from conftest import NIH_DIR, needs_shared
 from typer.testing import CliRunner
 
 from cxrloc.calibration import Calibration, ClassCalibration
@@ -22,14 +23,7 @@ from cxrloc.config import make_config
 from cxrloc.inference.predict import predict_files
 from cxrloc.utils import CxrlocError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (needs ../shared/data beside the repository)")
-    return path
+NIH_IMAGE = NIH_DIR / "images" / "00013118_008.png"
 
 
 def _sigmoid(v: float) -> float:
@@ -124,7 +118,7 @@ def test_operating_point_round_trips_and_both_backends_agree(run_copy: Path, tmp
     from cxrloc.inference.backends import load_predictor
     from cxrloc.inference.export import export_onnx
 
-    image = need(NIH_IMAGE)
+    image = needs_shared(NIH_IMAGE)
     fold = run_copy / "fold_0"
     plain = predict_files([str(image)], run_copy, json_path=tmp_path / "plain.json", progress=False).records[0]
     cal = _hand_calibration(fold, np.array([c["score"] for c in plain["classes"]]))
@@ -158,7 +152,7 @@ def test_operating_point_round_trips_and_both_backends_agree(run_copy: Path, tmp
 def test_stale_or_missing_calibration_falls_back_with_a_note(run_copy: Path, tmp_path: Path) -> None:
     from cxrloc.cli import app
 
-    image = need(NIH_IMAGE)
+    image = needs_shared(NIH_IMAGE)
     fold = run_copy / "fold_0"
     # No calibration: today's decision 1'z >= tau_hat, no probability, and the JSON says why.
     rec = predict_files([str(image)], run_copy, json_path=tmp_path / "r.json", progress=False).records[0]

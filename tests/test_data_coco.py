@@ -7,23 +7,54 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import OWN_CLASSES, one_line, run_cli, write_own_coco, write_own_dataset
+from conftest import (
+    OWN_CLASSES,
+    REAL_FIXTURES,
+    SHARED_DATA,
+    needs_shared,
+    one_line,
+    run_cli,
+    write_own_coco,
+    write_own_dataset,
+)
+from PIL import Image
 
 from cxrloc.data.prepare import prepare
 from cxrloc.data.prepared import Prepared
 from cxrloc.utils import CxrlocError
 
-TBX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fixtures" / "tbx11k"
+TBX = SHARED_DATA / "fixtures" / "tbx11k"
+"""The whole TBX11K sample (3 images, 1.1 MB): prepare needs two boxed images for its folds."""
+TBX_ONE = REAL_FIXTURES / "tbx11k"
+"""One of its images (tb/tb0007.png, two boxes) and its COCO file reduced to that image, in the repository."""
 
 
-def _need_tbx() -> None:
-    if not (TBX / "annotations" / "TBX11K_train.json").is_file():
-        pytest.skip(f"{TBX} not present (the real TBX11K fixture lives in ../shared/data)")
+def test_tbx11k_one_image_in_the_repository_read_as_coco() -> None:
+    # Runs in a plain clone: the real TBX11K COCO file (reduced to one image) read as `predict --boxes`
+    # and `prepare` read it, against the JSON divided by the image's width and height here.
+    from cxrloc.data.imageio import read_image
+    from cxrloc.inference.overlay import gt_boxes_by_image, gt_boxes_of
+
+    ann = TBX_ONE / "annotations" / "TBX11K_train.json"
+    raw = json.loads(ann.read_text())
+    (image,) = raw["images"]
+    path = TBX_ONE / "imgs" / image["file_name"]
+    assert Image.open(path).size == (image["width"], image["height"]) == (512, 512)
+    assert read_image(path).shape == (512, 512)
+    names = {c["id"]: c["name"] for c in raw["categories"]}
+    want = [(names[a["category_id"]], a["bbox"][0] / 512, a["bbox"][1] / 512,
+             (a["bbox"][0] + a["bbox"][2]) / 512, (a["bbox"][1] + a["bbox"][3]) / 512) for a in raw["annotations"]]
+    assert len(want) == 2 and {w[0] for w in want} == {"ObsoletePulmonaryTuberculosis"}
+    got = gt_boxes_of(gt_boxes_by_image(ann), path)
+    assert len(got) == 2
+    for g, w in zip(got, want, strict=True):
+        assert g[0] == w[0] and g[1:] == pytest.approx(w[1:], abs=1e-12)
+    # The first box by hand: bbox [307.307..., 62.050..., 135.503..., 146.611...] in a 512 x 512 frame.
+    assert got[0][1:] == pytest.approx((0.600210, 0.121192, 0.864865, 0.407542), abs=1e-6)
 
 
 def test_tbx11k_fixture_prepared(tmp_path: Path) -> None:
-    _need_tbx()
-    ann = TBX / "annotations" / "TBX11K_train.json"
+    ann = needs_shared(TBX / "annotations" / "TBX11K_train.json")
     code, text = run_cli("prepare", TBX / "imgs", "--format", "coco", "--boxes", ann, "--out", tmp_path / "tbx",
                          "--size", "64", "--folds", "2", "--unannotated-fraction", "1")
     assert code == 0, text

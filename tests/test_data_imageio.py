@@ -9,24 +9,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import REAL_FIXTURES, SHARED_DATA, needs_shared
 from conftest import write_dicom as _dicom
 from PIL import Image
 
 from cxrloc.data.imageio import ImageReadError, read_image, read_image_u8, resize_square, to_uint8
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-FIXTURES = DATA / "fixtures"
-ORIGINALS = DATA / "nih-originals" / "images"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data {path} not present (tests with real data need ../shared/data)")
-    return path
+FIXTURES = REAL_FIXTURES
+ORIGINALS = SHARED_DATA / "nih-originals" / "images"
 
 
 def test_rgba_originals_read_as_grey() -> None:
-    files = [p for p in sorted(_need(ORIGINALS).glob("*.png")) if Image.open(p).mode == "RGBA"]
+    files = [p for p in sorted(needs_shared(ORIGINALS).glob("*.png")) if Image.open(p).mode == "RGBA"]
     assert len(files) == 4
     for p in files:
         img = read_image(p)
@@ -37,7 +31,7 @@ def test_rgba_originals_read_as_grey() -> None:
 
 
 def test_grey_png_and_cache_path() -> None:
-    p = sorted(_need(ORIGINALS).glob("*.png"))[0]
+    p = sorted(needs_shared(ORIGINALS).glob("*.png"))[0]
     raw = np.asarray(Image.open(p)).astype(np.float64)
     img = read_image(p)
     assert np.abs(img - raw / 255).max() < 1e-6
@@ -50,7 +44,7 @@ def test_grey_png_and_cache_path() -> None:
 
 
 def test_dicom_fixture_pair() -> None:
-    m1 = read_image(_need(FIXTURES / "cr_monochrome1_jpeg.dcm"))
+    m1 = read_image(FIXTURES / "cr_monochrome1_jpeg.dcm")
     m2 = read_image(FIXTURES / "cr_monochrome2_jpeg.dcm")
     assert m2.shape == (1024, 1024)
     # The two fixtures store the SAME JPEG bytes; only the label differs. DICOM says MONOCHROME1
@@ -67,7 +61,7 @@ def test_dicom_fixture_pair() -> None:
 
 
 def test_monochrome1_inverted_pixels_look_like_monochrome2(tmp_path: Path) -> None:
-    raw = pydicom.dcmread(_need(FIXTURES / "cr_monochrome2_jpeg.dcm")).pixel_array
+    raw = pydicom.dcmread(FIXTURES / "cr_monochrome2_jpeg.dcm").pixel_array
     m2 = read_image(FIXTURES / "cr_monochrome2_jpeg.dcm")
     # A true MONOCHROME1 file of the same picture stores 255 - p.
     m1 = read_image(_dicom(tmp_path / "m1.dcm", 255 - raw.astype(np.int64), "MONOCHROME1", 8))
@@ -100,7 +94,7 @@ def test_dicom_rescale_and_window(tmp_path: Path) -> None:
 
 
 def test_nonsquare_rgb_jpeg() -> None:
-    p = _need(FIXTURES / "rgb_nonsquare.jpg")
+    p = FIXTURES / "rgb_nonsquare.jpg"
     img = read_image(p)
     assert img.shape == (885, 1036)
     rgb = np.asarray(Image.open(p).convert("RGB")).astype(np.float64)
@@ -165,7 +159,7 @@ def test_bad_files_raise_clear_errors(tmp_path: Path) -> None:
 def test_truncated_dicom_says_truncated_without_a_raw_warning(tmp_path: Path) -> None:
     import warnings
 
-    real = _need(FIXTURES / "cr_monochrome2_jpeg.dcm").read_bytes()
+    real = (FIXTURES / "cr_monochrome2_jpeg.dcm").read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(real[: len(real) // 2])  # a copy interrupted half-way
     short = _dicom(tmp_path / "short.dcm", np.zeros((64, 64), np.uint8), "MONOCHROME2", 8)

@@ -9,22 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NIH_DIR, needs_shared
 
 from cxrloc.classes import BOXED_CLASSES, CLASS_INDEX, CLASSES
 from cxrloc.data.nih import read_bbox_list, read_data_entry, validate_image_id
 from cxrloc.utils import CxrlocError
 
-NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data {path} not present (tests with real data need ../shared/data)")
-    return path
+NIH = NIH_DIR
 
 
 def test_real_data_entry() -> None:
-    path = _need(NIH / "Data_Entry_2017.csv")
+    path = needs_shared(NIH / "Data_Entry_2017.csv")
     df = read_data_entry(path)
     assert len(df) == 112_120
     assert list(df.columns[4:]) == list(CLASSES) and len(CLASSES) == 14
@@ -43,7 +38,7 @@ def test_real_data_entry() -> None:
 
 
 def test_real_bbox_list() -> None:
-    boxes = read_bbox_list(_need(NIH / "BBox_List_2017.csv"))
+    boxes = read_bbox_list(needs_shared(NIH / "BBox_List_2017.csv"))
     assert len(boxes.boxes) == 704 and boxes.num_boxes == 781 and boxes.rows == 781
     assert not boxes.skipped and not boxes.clipped
     classes = {CLASSES[b[0]] for bs in boxes.boxes.values() for b in bs}

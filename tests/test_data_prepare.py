@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NIH_DIR, REAL_FIXTURES, needs_shared
 from PIL import Image
 
 import cxrloc.data.identity as identity
@@ -17,7 +18,7 @@ from cxrloc.data.prepare import prepare
 from cxrloc.data.prepared import Prepared
 from cxrloc.utils import CxrlocError
 
-NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+NIH = NIH_DIR
 OUT_FILES = ("images.u8", "done.u8", "cache.json", "manifest.csv", "fingerprint.json", "splits.json")
 
 
@@ -170,8 +171,7 @@ def test_interrupted_then_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.slow
 def test_prepare_shared_nih(tmp_path: Path) -> None:
-    if not (NIH / "Data_Entry_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(NIH / "Data_Entry_2017.csv")
     out = prepare(NIH, tmp_path / "p", size=64, progress=False)
     p = Prepared.open(out)
     fp = json.loads((out / "fingerprint.json").read_text())
@@ -230,8 +230,7 @@ def test_find_images_by_stem_in_several_folders_with_links(tmp_path: Path) -> No
 def test_prepare_real_images_in_two_folders_any_extension(tmp_path: Path) -> None:
     """The shared NIH images split over two folders (one of them reached through a symbolic link),
     some re-encoded as JPEG and one stored as a real DICOM file, all under their NIH stems."""
-    if not (NIH / "Data_Entry_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(NIH / "Data_Entry_2017.csv")
     names = sorted(p.name for p in (NIH / "images").glob("*.png"))
     first, second = tmp_path / "first", tmp_path / "elsewhere" / "second"
     first.mkdir()
@@ -243,7 +242,7 @@ def test_prepare_real_images_in_two_folders_any_extension(tmp_path: Path) -> Non
             Image.open(NIH / "images" / name).convert("L").save(target.with_suffix(".jpg"), quality=95)
         elif name == dicom:
             (second / name).with_suffix(".dcm").write_bytes(
-                (SHARED / "fixtures" / "cr_monochrome2_jpeg.dcm").read_bytes()
+                (REAL_FIXTURES / "cr_monochrome2_jpeg.dcm").read_bytes()
             )
         else:
             target.symlink_to(NIH / "images" / name)
@@ -277,10 +276,8 @@ def test_prepare_real_images_in_two_folders_any_extension(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_prepare_unboxed_pool_real(tmp_path: Path) -> None:
     """The 1,475 unboxed NIH images as a second image folder: with fraction 1 they all join the pool."""
-    if not UNBOXED.is_dir():
-        pytest.skip(f"{UNBOXED} not present (the unboxed NIH images are not on this machine)")
-    if not (NIH / "Data_Entry_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(UNBOXED)
+    needs_shared(NIH / "Data_Entry_2017.csv")
     n_unboxed = sum(1 for _ in UNBOXED.rglob("*.png")) + sum(1 for _ in UNBOXED.rglob("*.jp*g"))
     out = prepare(NIH, tmp_path / "p", images=[UNBOXED], size=16, unannotated_fraction=1.0, workers=2, progress=False)
     p = Prepared.open(out)
@@ -355,8 +352,7 @@ def _damaged_nih_copy(root: Path) -> dict[str, object]:
 def test_prepare_reports_every_loss_on_damaged_nih_copy(tmp_path: Path) -> None:
     from conftest import one_line, run_cli
 
-    if not (NIH / "BBox_List_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(NIH / "BBox_List_2017.csv")
     info = _damaged_nih_copy(tmp_path)
     n, lines = info["names"], info["lines"]
     nih, out = tmp_path / "nih", tmp_path / "p"
@@ -503,8 +499,7 @@ def test_summary_counts_the_classes_boxed_here_and_the_labels_added_from_boxes(t
 
     from conftest import nih_subset, one_line, run_cli
 
-    if not (NIH / "BBox_List_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(NIH / "BBox_List_2017.csv")
     with open(NIH / "BBox_List_2017.csv", newline="") as fh:
         rows = list(csv.reader(fh))[1:]
     by_image: dict[str, set[str]] = {}

@@ -6,18 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import NIH_DIR, needs_shared
 
 from cxrloc.data.nih import read_bbox_list, read_data_entry
 from cxrloc.data.splits import check_splits, dumps_splits, make_splits, sample_unannotated
 from cxrloc.utils import CxrlocError
 
-NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+NIH = NIH_DIR
 
 
 @pytest.fixture(scope="module")
 def real_tables() -> tuple[dict[str, int], dict[str, int]]:
-    if not (NIH / "Data_Entry_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(NIH / "Data_Entry_2017.csv")
     df = read_data_entry(NIH / "Data_Entry_2017.csv")
     boxed = set(read_bbox_list(NIH / "BBox_List_2017.csv").boxes)
     patient = dict(zip(df["image_id"], df["patient_id"].astype(int), strict=True))
@@ -107,8 +107,7 @@ def test_bad_options() -> None:
 
 
 def _boxed_names(n: int) -> list[str]:
-    if not (NIH / "BBox_List_2017.csv").exists():
-        pytest.skip("shared data ../shared/data/nih not present")
+    needs_shared(NIH / "BBox_List_2017.csv")
     return sorted(read_bbox_list(NIH / "BBox_List_2017.csv").boxes)[:n]
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REAL_FIXTURES, SHARED_DATA, needs_shared
 
 from cxrloc.classes import CLASSES
 from cxrloc.data.domain import (
@@ -20,17 +21,9 @@ from cxrloc.data.domain import (
     training_domain,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-NIH_IMAGES = DATA / "nih" / "images"
-DICOM1, DICOM2 = DATA / "fixtures" / "cr_monochrome1_jpeg.dcm", DATA / "fixtures" / "cr_monochrome2_jpeg.dcm"
+NIH_IMAGES = SHARED_DATA / "nih" / "images"
+DICOM1, DICOM2 = REAL_FIXTURES / "cr_monochrome1_jpeg.dcm", REAL_FIXTURES / "cr_monochrome2_jpeg.dcm"
 SIZE = 64
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (needs ../shared/data beside the repository)")
-    return path
 
 
 def _u8(path: Path) -> np.ndarray:
@@ -43,7 +36,7 @@ def _u8(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def nih_prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A prepared folder (prepare's format) of 60 real NIH images at 64 px, and 20 other NIH images."""
-    files = sorted(_need(NIH_IMAGES).glob("*.png"))
+    files = sorted(needs_shared(NIH_IMAGES).glob("*.png"))
     train, held_out = files[:60], files[60:80]
     root = tmp_path_factory.mktemp("nih") / "prepared"
     root.mkdir()
@@ -79,9 +72,9 @@ def test_real_nih_pass_and_inverted_images_are_flagged(nih_prepared: tuple[Path,
     assert synthetic_warning(domain) is None
     # 20 NIH images the statistics never saw, and the MONOCHROME2 DICOM: in domain.
     assert [check_image(_u8(f), domain) for f in held_out] == [None] * 20
-    assert check_image(_u8(_need(DICOM2)), domain) is None
+    assert check_image(_u8(DICOM2), domain) is None
     # The MONOCHROME1 fixture (the negative of the one above) and inverted NIH images: flagged by their layout.
-    warning = check_image(_u8(_need(DICOM1)), domain)
+    warning = check_image(_u8(DICOM1), domain)
     assert warning is not None and "anti-correlated" in warning and "inverted" in warning
     assert all(check_image(255 - _u8(f), domain) for f in held_out)
     # A blank white picture: its grey levels are far outside.
@@ -121,7 +114,7 @@ def test_checkpoint_onnx_and_predict_carry_the_training_data(
     onnx = export_onnx(run, tmp_path / "m.onnx").path
     assert load_predictor(onnx).meta["training_data"] == domain  # the ONNX metadata carries it whole
 
-    files = [str(held_out[0]), str(_need(DICOM1))]
+    files = [str(held_out[0]), str(DICOM1)]
     capsys.readouterr()
     summary = predict_files(files, onnx, out_dir=tmp_path / "pred", overlays=False, progress=False)
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HAND_SIZE, nih_subset, one_line, run_cli, write_hand_run
+from conftest import HAND_SIZE, NIH_DIR, needs_shared, nih_subset, one_line, run_cli, write_hand_run
 from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES, LABEL_ALIASES
@@ -25,7 +25,7 @@ from cxrloc.data.prepare import prepare
 from cxrloc.evaluation.evaluate import evaluate
 from cxrloc.utils import CxrlocError
 
-NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+NIH = NIH_DIR
 
 # The external test set: (image, labels, boxes as (label, x, y, w, h) in pixels of a 64 px image).
 S = HAND_SIZE
@@ -173,9 +173,7 @@ def test_external_cache_of_another_size_is_refused_with_the_command_that_fixes_i
 
 
 def test_nih_run_on_a_second_prepared_nih_folder(tmp_path: Path) -> None:
-    if not (NIH / "BBox_List_2017.csv").is_file():
-        pytest.skip(f"{NIH} not present (the real NIH images live in ../shared/data)")
-    with open(NIH / "BBox_List_2017.csv", newline="") as fh:
+    with open(needs_shared(NIH / "BBox_List_2017.csv"), newline="") as fh:
         rows = list(csv.reader(fh))[1:]
     names = sorted({r[0] for r in rows})
     own_names, other_names = names[:30], names[30:50]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NIH_DIR, REAL_FIXTURES, needs_shared
 from PIL import Image
 
 from cxrloc.classes import CLASSES
@@ -23,13 +24,9 @@ from cxrloc.inference.overlay import (
     save_overlay,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def test_real_box_list() -> None:
-    csv_path = DATA / "nih" / "BBox_List_2017.csv"
-    if not csv_path.is_file():
-        pytest.skip("../shared/data/nih/BBox_List_2017.csv is absent")
+    csv_path = needs_shared(NIH_DIR / "BBox_List_2017.csv")
     boxes = gt_boxes_by_image(csv_path)
     assert sum(len(v) for v in boxes.values()) == 781
     assert len(boxes) == 704
@@ -156,9 +153,7 @@ def test_predicted_overlay_file(tmp_path: Path) -> None:
     from cxrloc.inference.predict import predict_files
     from cxrloc.model.net import build_model
 
-    src = DATA / "fixtures" / "rgb_nonsquare.jpg"
-    if not src.is_file():
-        pytest.skip("../shared/data/fixtures/rgb_nonsquare.jpg is absent")
+    src = REAL_FIXTURES / "rgb_nonsquare.jpg"
     cfg = make_config("tiny", ["crf=false"])
     model = build_model(cfg)
     with torch.no_grad():
@@ -294,9 +289,7 @@ def test_predicted_overlay_shows_present_classes_only_or_all(tmp_path: Path) -> 
     from cxrloc.calibration import Calibration, ClassCalibration
     from cxrloc.inference.predict import predict_files
 
-    src = DATA / "fixtures" / "rgb_nonsquare.jpg"
-    if not src.is_file():
-        pytest.skip("../shared/data/fixtures/rgb_nonsquare.jpg is absent")
+    src = REAL_FIXTURES / "rgb_nonsquare.jpg"
     # Every class: p = sigmoid(log(1 + 1'z) - 3); Cardiomegaly (1'z = 64: p = 65 / (65 + e^3) = 0.764) is
     # present only if its threshold is below that.
     def calibration(card_threshold: float | None) -> dict:

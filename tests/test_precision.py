@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import NIH_DIR, needs_shared
 
 from cxrloc.config import Config, load_config, make_config
 from cxrloc.data.dataset import targets_from_boxes
@@ -32,7 +33,7 @@ from cxrloc.training import loop
 from cxrloc.training.losses import compute_loss
 from cxrloc.utils import CxrlocError
 
-NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+NIH = NIH_DIR
 CPU = torch.device("cpu")
 
 
@@ -91,9 +92,7 @@ def test_channels_last_settings_of_older_configs_still_load(tmp_path: Path) -> N
 def nih_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor]:
     """Eight real boxed NIH images at 128 px (``cxrloc prepare``) and their targets on the 16 x 16 grid."""
-    if not (NIH / "BBox_List_2017.csv").is_file():
-        pytest.skip(f"{NIH} not present (the real NIH images live in ../shared/data)")
-    with open(NIH / "BBox_List_2017.csv", newline="") as fh:
+    with open(needs_shared(NIH / "BBox_List_2017.csv"), newline="") as fh:
         names = sorted({r[0] for r in list(csv.reader(fh))[1:]})[:8]
     root = tmp_path_factory.mktemp("nih8")
     (root / "images").mkdir()

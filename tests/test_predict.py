@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import NIH_DIR, REAL_FIXTURES, needs_shared
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,17 +20,10 @@ from cxrloc.inference.postprocess import connected_components, make_record, regi
 from cxrloc.inference.predict import predict_files
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-NIH_IMAGE = DATA / "nih" / "images" / "00013118_008.png"
-NONSQUARE = DATA / "fixtures" / "rgb_nonsquare.jpg"
-DICOM2 = DATA / "fixtures" / "cr_monochrome2_jpeg.dcm"
-DICOM1 = DATA / "fixtures" / "cr_monochrome1_jpeg.dcm"
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (needs ../shared/data beside the repository)")
-    return path
+NIH_IMAGE = NIH_DIR / "images" / "00013118_008.png"
+NONSQUARE = REAL_FIXTURES / "rgb_nonsquare.jpg"
+DICOM2 = REAL_FIXTURES / "cr_monochrome2_jpeg.dcm"
+DICOM1 = REAL_FIXTURES / "cr_monochrome1_jpeg.dcm"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,7 @@ def _independent_input(path: Path, size: int) -> torch.Tensor:
 def test_nonsquare_jpeg_maps_back_to_original(tiny_run, tmp_path: Path) -> None:
     run, model = tiny_run
     summary = predict_files(
-        [str(need(NONSQUARE))], run, json_path=tmp_path / "r.json", save_maps=True, progress=False
+        [str(NONSQUARE)], run, json_path=tmp_path / "r.json", save_maps=True, progress=False
     )
     rec = json.loads((tmp_path / "r.json").read_text())
     assert (rec["width"], rec["height"]) == (1036, 885)
@@ -152,7 +146,7 @@ def test_dicom_fixtures_map_back_to_their_frame(tiny_run, tmp_path: Path) -> Non
 
     run, _ = tiny_run
     out = tmp_path / "out"
-    files = [need(DICOM2), need(DICOM1)]
+    files = [DICOM2, DICOM1]
     summary = predict_files([str(f) for f in files], run, out_dir=out, save_maps=True, overlays=False,
                             progress=False)
     assert summary.failures == []
@@ -175,7 +169,7 @@ def test_checkpoint_and_onnx_agree_on_real_image(tiny_run, tmp_path: Path) -> No
     from cxrloc.inference.export import export_onnx
 
     run, _ = tiny_run
-    image = need(NIH_IMAGE)
+    image = needs_shared(NIH_IMAGE)
     onnx_path = export_onnx(run, tmp_path / "m.onnx", check_image=image).path
     a = predict_files([str(image)], run, json_path=tmp_path / "a.json", progress=False).records[0]
     b = predict_files([str(image)], onnx_path, json_path=tmp_path / "b.json", progress=False).records[0]
@@ -244,8 +238,8 @@ def test_overlay_classes_gt_draws_only_the_ground_truth_classes(tiny_run, tmp_pa
     from cxrloc.inference.overlay import gt_boxes_by_image, render_overlay
 
     run, _ = tiny_run
-    csv_path = need(DATA / "nih" / "BBox_List_2017.csv")
-    image = need(DATA / "nih" / "images" / "00013118_008.png")
+    csv_path = needs_shared(NIH_DIR / "BBox_List_2017.csv")
+    image = needs_shared(NIH_DIR / "images" / "00013118_008.png")
     gts = gt_boxes_by_image(csv_path)[image.name]
     wanted = sorted({CLASSES.index(name) for name, *_ in gts})
     summary = predict_files(
@@ -332,7 +326,7 @@ def test_outputs_never_overwrite_each_other(tiny_run, tmp_path: Path) -> None:
     Image.fromarray(np.full((70, 72), 120, np.uint8)).save(jpg)
     dcm = src / "c" / "x_2.dcm"
     dcm.parent.mkdir(parents=True)
-    dcm.write_bytes(need(DICOM2).read_bytes())
+    dcm.write_bytes(DICOM2.read_bytes())
     files += [jpg, dcm]
     names = output_names(files)
     assert names == ["a/x", "b/x", "d/x.png", "predictions.png", "d/x.jpg", "c/x_2"]

@@ -17,24 +17,18 @@ from cxrloc.data.pretrain_augment import ViewSpec, crop_affines, gaussian_blur, 
 from cxrloc.model.backbone import ResNetBackbone
 from cxrloc.training import pretrain as pt
 from cxrloc.training.pretrain import PretrainOptions, build_simclr, nt_xent, pretrain
-from tests.conftest import one_line, run_cli
+from tests.conftest import REAL_FIXTURES, SHARED_DATA, needs_shared, one_line, run_cli
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 TINY = ["--preset", "tiny", "--batch-size", "8", "--crop", "32", "--quiet"]
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (needs ../shared/data beside the repository)")
-    return path
 
 
 @pytest.fixture(scope="module")
 def real_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """8 NIH PNGs (512 px) and 8 JPEGs of cxr-pretrain (other hospitals, not square), in two folders."""
-    nih = sorted(_need(DATA / "nih" / "images").glob("*.png"))[:8]
-    other = sorted(_need(DATA / "cxr-pretrain" / "pediatric").rglob("*.jp*g"))[:4]
-    other += sorted(_need(DATA / "cxr-pretrain" / "hannover").rglob("*.jp*g"))[:4]
+    nih = sorted(needs_shared(DATA / "nih" / "images").glob("*.png"))[:8]
+    other = sorted(needs_shared(DATA / "cxr-pretrain" / "pediatric").rglob("*.jp*g"))[:4]
+    other += sorted(needs_shared(DATA / "cxr-pretrain" / "hannover").rglob("*.jp*g"))[:4]
     root = tmp_path_factory.mktemp("pretrain_images")
     dirs = [root / "nih", root / "other" / "deeper"]
     for folder, files in zip(dirs, (nih, other), strict=True):
@@ -106,7 +100,7 @@ def test_loss_goes_down_on_a_repeated_batch(real_dirs: list[Path], tmp_path: Pat
 
 
 def test_cache_reads_png_jpeg_and_dicom_as_prepare_does(real_dirs: list[Path], tmp_path: Path) -> None:
-    dicom = _need(DATA / "fixtures" / "cr_monochrome1_jpeg.dcm")
+    dicom = REAL_FIXTURES / "cr_monochrome1_jpeg.dcm"
     folder = tmp_path / "dicom"
     folder.mkdir()
     shutil.copy(dicom, folder / "scan")  # extensionless: found by its DICOM header

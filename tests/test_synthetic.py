@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NIH_DIR, needs_shared
 from PIL import Image
 
 from cxrloc.classes import BOXED_CLASSES, CLASSES
 from cxrloc.data.synthetic import generate_synthetic_nih, plan_dataset, render
 from cxrloc.utils import CxrlocError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-REAL_NIH = SHARED / "nih"
+REAL_NIH = NIH_DIR
 
 N_PATIENTS, PER_PATIENT, SIZE, BOX_FRACTION = 30, 4, 64, 0.5
 
@@ -58,8 +58,7 @@ def test_header_lines_are_nih_bytes(synth: Path) -> None:
     # Independent of the real files: the quirks spelled out.
     assert entry.endswith(b"OriginalImagePixelSpacing[x,y],\r\n")
     assert bbox == b"Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
-    if not REAL_NIH.is_dir():
-        pytest.skip(f"real NIH CSVs not found at {REAL_NIH}; byte comparison skipped")
+    needs_shared(REAL_NIH, "byte comparison with the real NIH CSVs skipped")
     assert entry == _first_line(REAL_NIH / "Data_Entry_2017.csv")
     assert bbox == _first_line(REAL_NIH / "BBox_List_2017.csv")
 
