@@ -215,24 +215,12 @@ def _jpeg_bytes() -> bytes:
 
 
 def _dicom_bytes() -> bytes:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    """A 24 x 20 CR, 12 bits stored in 16, MONOCHROME2, written by the tests' one DICOM writer."""
+    from conftest import write_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "CR", 24, 20
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(24 * 20) % 4096).astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    pixels = (np.arange(24 * 20) % 4096).reshape(24, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_dicom(Path(tmp) / "seed.dcm", pixels, "MONOCHROME2", 12).read_bytes()
 
 
 SEEDS: dict[str, bytes] = {}
