@@ -2,7 +2,9 @@
 
 One flat dataclass holds every knob of a run, so that ``--set key=value`` can
 change any of them and the fully resolved config can be written into the run
-folder. Unknown keys are rejected with a close-match suggestion.
+folder. Unknown keys are rejected with a close-match suggestion. The presets' values and the
+default preset are in :mod:`cxrloc.presets` (``PRESETS`` and ``default_preset`` stay importable
+from here).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import dataclasses
 import difflib
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxrloc.classes import CLASSES, check_class_names
+from cxrloc.presets import PRESETS
+from cxrloc.presets import default_preset as default_preset
 from cxrloc.utils import CxrlocError
 
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
@@ -191,57 +194,6 @@ _BOOL_WORDS: dict[str, str] = {
 """Boolean spellings a ``--set channels_last=...`` may still use (it was a bool)."""
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "cpu": {
-        # A from-scratch recipe for 2 CPU cores: one fold of the 704 annotated NIH images in about
-        # 5 minutes (docs/results.md). Differs from the paper where a from-scratch CPU run needs it:
-        # a narrow ResNet-18 at 128 px, AdamW with light weight decay (Adam's coupled L2 of 0.01
-        # swamps the small gradients of an untrained head), a larger learning rate and smaller
-        # batches (more steps), CoordConv channels and a position bias started from the training
-        # boxes in the head, rho_hat = the median box size, and output stride 16 so that the 128 px
-        # input ends on an 8 x 8 map rather than 4 x 4 (docs/results.md says why).
-        "arch": "resnet18",
-        "width": 32,
-        "output_stride": 16,
-        "init": "scratch",
-        "image_size": 128,
-        "patch_grid": 16,
-        "head_channels": 128,
-        "head_coords": True,
-        "position_bias": True,
-        "rho_hat_box_fraction": 1.0,
-        "crf_window": 9,
-        "crf_iterations": 3,
-        "batch_size": 8,
-        "epochs": 16,
-        "optimizer": "adamw",
-        "lr": 3e-3,
-        "lr_decay": 0.9,
-        "weight_decay": 1e-4,
-        "workers": 1,
-    },
-    "tiny": {
-        # For tests: a narrow network on 64 px images, a few steps.
-        "arch": "resnet18",
-        "width": 8,
-        "init": "scratch",
-        "image_size": 64,
-        "patch_grid": 8,
-        "head_channels": 16,
-        "crf_window": 5,
-        "crf_iterations": 2,
-        "crf_feature_dim": 4,
-        "crf_branch_channels": 8,
-        "batch_size": 8,
-        "epochs": 2,
-        "crf_epochs": 1,
-        "joint_epochs": 1,
-        "workers": 0,
-        "amp": "off",
-    },
-}
-"""Named presets: field overrides applied to the ``Config`` defaults."""
 
 
 def _unknown_key_message(key: str, names: set[str]) -> str:
@@ -300,19 +252,6 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     new = Config(**data)
     validate(new)
     return new
-
-
-def default_preset(overrides: Sequence[str] = ()) -> tuple[str, str]:
-    """``train``'s preset when none is given: ``paper`` (ResNet-50, ImageNet weights) on a CUDA GPU, ``cpu``
-    otherwise (a ``device=`` override decides; else whether torch sees CUDA). Returns ``(preset, why)``."""
-    device = next((o.split("=", 1)[1].strip() for o in overrides if o.replace(" ", "").startswith("device=")), "auto")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        return "paper", "a CUDA GPU is used"
-    return "cpu", "no CUDA GPU is used; 'paper' (ResNet-50) is the default on one"
 
 
 def make_config(preset: str = "paper", overrides: list[str] | dict[str, Any] | None = None) -> Config:

@@ -117,6 +117,37 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
             non-integer patient id.
     """
     path = Path(path)
+    raw = _read_entry_table(path)
+    ids = _entry_image_ids(raw, path)
+
+    patient = pd.to_numeric(raw["Patient ID"].str.strip(), errors="coerce")
+    if patient.isna().any():
+        i = int(np.flatnonzero(patient.isna().to_numpy())[0])
+        raise CxrlocError(f"{path} row {i + 2}: Patient ID {raw['Patient ID'].iloc[i]!r} is not an integer")
+    if "Follow-up #" in raw.columns:
+        follow = pd.to_numeric(raw["Follow-up #"].str.strip(), errors="coerce")
+    else:  # derive from the NIH name pattern PPPPPPPP_FFF.png
+        follow = pd.to_numeric(ids.str.extract(_FOLLOW_UP_RE, expand=False), errors="coerce")
+    follow = follow.fillna(0)
+    view = raw["View Position"].str.strip() if "View Position" in raw.columns else pd.Series("", index=raw.index)
+
+    out = pd.DataFrame(
+        {
+            "image_id": ids.to_numpy(),
+            "patient_id": patient.to_numpy().astype(np.int64),
+            "follow_up": follow.to_numpy().astype(np.int64),
+            "view_position": view.to_numpy(),
+        }
+    )
+    onehot = _entry_label_matrix(raw, ids, path)
+    for k, name in enumerate(CLASSES):
+        out[name] = onehot[:, k]
+    return out
+
+
+def _read_entry_table(path: Path) -> pd.DataFrame:
+    """The Data_Entry file as text columns, its trailing empty columns dropped; checks that it has rows
+    and the columns ``Image Index``, ``Finding Labels`` and ``Patient ID``."""
     if not path.is_file():
         raise CxrlocError(f"{path}: Data_Entry file not found; pass --data-entry PATH")
     try:
@@ -139,7 +170,11 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
             )
     if len(raw) == 0:
         raise CxrlocError(f"{path}: no rows")
+    return raw
 
+
+def _entry_image_ids(raw: pd.DataFrame, path: Path) -> pd.Series:
+    """The ``Image Index`` column, stripped; refuses an unsafe name or one listed twice."""
     ids = raw["Image Index"].str.strip()
     for i, name in enumerate(ids):
         # Fast path: the usual NIH name needs no detailed check.
@@ -148,27 +183,13 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
     dup = ids[ids.duplicated()]
     if len(dup):
         raise CxrlocError(f"{path}: image {dup.iloc[0]!r} is listed more than once ({len(dup)} duplicates)")
+    return ids
 
-    patient = pd.to_numeric(raw["Patient ID"].str.strip(), errors="coerce")
-    if patient.isna().any():
-        i = int(np.flatnonzero(patient.isna().to_numpy())[0])
-        raise CxrlocError(f"{path} row {i + 2}: Patient ID {raw['Patient ID'].iloc[i]!r} is not an integer")
-    if "Follow-up #" in raw.columns:
-        follow = pd.to_numeric(raw["Follow-up #"].str.strip(), errors="coerce")
-    else:  # derive from the NIH name pattern PPPPPPPP_FFF.png
-        follow = pd.to_numeric(ids.str.extract(_FOLLOW_UP_RE, expand=False), errors="coerce")
-    follow = follow.fillna(0)
-    view = raw["View Position"].str.strip() if "View Position" in raw.columns else pd.Series("", index=raw.index)
 
+def _entry_label_matrix(raw: pd.DataFrame, ids: pd.Series, path: Path) -> np.ndarray:
+    """``(rows, 14)`` uint8 0/1 labels from ``Finding Labels`` (``|``-separated, NIH's spellings, ``No
+    Finding`` for none); refuses a label that is not one of NIH's classes."""
     labels = raw["Finding Labels"].str.strip().str.get_dummies(sep="|")
-    out = pd.DataFrame(
-        {
-            "image_id": ids.to_numpy(),
-            "patient_id": patient.to_numpy().astype(np.int64),
-            "follow_up": follow.to_numpy().astype(np.int64),
-            "view_position": view.to_numpy(),
-        }
-    )
     onehot = np.zeros((len(raw), len(CLASSES)), dtype=np.uint8)
     unknown = []
     for name in labels.columns:
@@ -189,9 +210,7 @@ def read_data_entry(path: str | os.PathLike[str]) -> pd.DataFrame:
             "Fix or remove those rows (dropping only the label would make those images false negatives), or "
             "prepare the data with its own class list: --format table (docs/data.md)."
         )
-    for k, name in enumerate(CLASSES):
-        out[name] = onehot[:, k]
-    return out
+    return onehot
 
 
 def read_bbox_list(path: str | os.PathLike[str], *, side: float = NIH_SIDE) -> BoxList:

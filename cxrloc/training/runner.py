@@ -128,13 +128,7 @@ def run_training(
             prepared_dir, out, fold_list, preset=preset, extra=extra, resume=resume, init_from=init_from,
             progress=progress, alternate=alternate,
         )
-    if alternate < 0:
-        raise CxrlocError(f"--alternate must be >= 0, got {alternate}.")
-    if alternate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CxrlocError(
-            "--alternate runs threshold fitting between rounds in one process; under torchrun, alternate by "
-            "hand: train, 'cxrloc fit-thresholds RUN_DIR', then train --resume with more --epochs."
-        )
+    _check_alternate(alternate)
     results = []
     if resume and not any(_has_run(out, f) for f in fold_list):
         where = FoldDir.of(out, fold_list[0]).path if len(fold_list) == 1 else out
@@ -155,22 +149,56 @@ def run_training(
                 console.print(stage_line(fold_dir, fold, stage))
             results.append(fold_dir)
             continue
-        per_round = cfg.epochs
-        start = 0
-        if resume_fold:
-            last = FoldDir.of(out, fold).checkpoint("last")
-            start = int(load_checkpoint(last).get("epoch", 0)) if last.is_file() else 0
-        for r in range(alternate):
-            cfg_r = dataclasses.replace(cfg, epochs=start + per_round * (r + 1))
-            fold_dir = train(
-                prepared_dir, out, fold=fold, cfg=cfg_r, stage=stage, resume=resume_fold or r > 0,
-                init_from=init_from, progress=progress,
+        results.append(
+            _train_alternating(
+                prepared_dir, out, fold, cfg, stage=stage, resume=resume_fold, init_from=init_from,
+                progress=progress, alternate=alternate,
             )
-            fit_thresholds(fold_dir, device=resolve_device(cfg, 0).type, which="best", progress=progress)
-            console.print(stage_line(fold_dir, fold, stage))
-            console.print(f"Fold {fold}: alternation round {r + 1}/{alternate} done (thresholds fitted).")
-        results.append(fold_dir)
+        )
     return results
+
+
+def _check_alternate(alternate: int) -> None:
+    """Refuse a negative ``--alternate``, and any under torchrun (threshold fitting runs in one process)."""
+    if alternate < 0:
+        raise CxrlocError(f"--alternate must be >= 0, got {alternate}.")
+    if alternate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CxrlocError(
+            "--alternate runs threshold fitting between rounds in one process; under torchrun, alternate by "
+            "hand: train, 'cxrloc fit-thresholds RUN_DIR', then train --resume with more --epochs."
+        )
+
+
+def _train_alternating(
+    prepared_dir: str | os.PathLike[str],
+    out: Path,
+    fold: int,
+    cfg: Config,
+    *,
+    stage: str,
+    resume: bool,
+    init_from: str | os.PathLike[str] | None,
+    progress: bool,
+    alternate: int,
+) -> Path:
+    """The paper's alternation on one fold: ``alternate`` rounds of ``cfg.epochs`` more epochs of training,
+    then :func:`~cxrloc.evaluation.fit_thresholds.fit_thresholds` (after the epochs a resumed fold already
+    has). Returns the fold folder."""
+    per_round = cfg.epochs
+    start = 0
+    if resume:
+        last = FoldDir.of(out, fold).checkpoint("last")
+        start = int(load_checkpoint(last).get("epoch", 0)) if last.is_file() else 0
+    for r in range(alternate):
+        cfg_r = dataclasses.replace(cfg, epochs=start + per_round * (r + 1))
+        fold_dir = train(
+            prepared_dir, out, fold=fold, cfg=cfg_r, stage=stage, resume=resume or r > 0,
+            init_from=init_from, progress=progress,
+        )
+        fit_thresholds(fold_dir, device=resolve_device(cfg, 0).type, which="best", progress=progress)
+        console.print(stage_line(fold_dir, fold, stage))
+        console.print(f"Fold {fold}: alternation round {r + 1}/{alternate} done (thresholds fitted).")
+    return fold_dir
 
 
 def _run_all_stages(
