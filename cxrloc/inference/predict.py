@@ -4,8 +4,9 @@ Every image goes through the training cache's exact preprocessing
 (``read_image -> resize_square(S) -> to_uint8 -> x = u8 / 127.5 - 1``,
 :func:`cxrloc.inference.inputs.preprocess`), then through one
 :class:`cxrloc.inference.backends.Predictor` (a torch checkpoint or an onnxruntime session; same
-interface); :mod:`cxrloc.inference.postprocess` turns ``z`` into the JSON record, and this module
-writes the outputs.
+interface); :mod:`cxrloc.inference.postprocess` turns ``z`` into the JSON record,
+:mod:`cxrloc.inference.image_outputs` writes each image's outputs, and this module reads the inputs in
+batches and writes the batch summary.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from rich.markup import escape
 from cxrloc.data.domain import check_image, describe, synthetic_warning
 from cxrloc.data.prepared import to_network_range
 from cxrloc.inference.backends import DEFAULT_THREADS, Predictor, load_predictor
+from cxrloc.inference.image_outputs import ImageOutputs, maps_path, write_image_outputs
 from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess_u8
-from cxrloc.inference.postprocess import make_record
 from cxrloc.utils import (
     CxrlocError,
-    atomic_path,
     check_writable_dir,
     check_writable_file,
     console,
@@ -127,9 +127,9 @@ def predict_files(
     summary.warning = synthetic_warning(domain) or ""
     if summary.warning:  # once per run
         console.print(f"[bold yellow]Warning:[/] {escape(summary.warning)}", highlight=False, soft_wrap=True)
-    outputs = _Outputs(out=Path(out_dir) if out_dir is not None else None, overlay=overlay, json_path=json_path,
-                       gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
-                       guard=guard)
+    outputs = ImageOutputs(out=Path(out_dir) if out_dir is not None else None, overlay=overlay,
+                           json_path=json_path, gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays,
+                           overlay_classes=overlay_classes, guard=guard)
     _predict_in_batches(files, predictor, outputs, summary, batch_size=batch_size, progress=progress)
     _close_summary(summary, predictor, outputs)
     return summary
@@ -191,28 +191,12 @@ def _guard_outputs(
                 guard.file(target, option)
                 check_writable_file(target, option)
         if save_maps and files:
-            guard.file(_maps_path(files[0], json_path, overlay), "--save-maps")
+            guard.file(maps_path(files[0], json_path, overlay), "--save-maps")
     return guard
 
 
-@dataclass
-class _Outputs:
-    """What :func:`predict_files` writes for each image, and where."""
-
-    out: Path | None
-    """``--out-dir`` (every output named after the image), or None (``--json`` / ``--overlay``)."""
-    overlay: str | os.PathLike[str] | None
-    json_path: str | os.PathLike[str] | None
-    gt_boxes: dict[str, list[tuple[str, float, float, float, float]]] | None
-    save_maps: bool
-    overlays: bool
-    overlay_classes: str
-    guard: Any
-    """The :class:`cxrloc.paths.OutputGuard` that checks each output before it is written."""
-
-
 def _predict_in_batches(
-    files: Sequence[Path], predictor: Predictor, outputs: _Outputs, summary: PredictSummary, *, batch_size: int,
+    files: Sequence[Path], predictor: Predictor, outputs: ImageOutputs, summary: PredictSummary, *, batch_size: int,
     progress: bool,
 ) -> None:
     """Read, predict and write ``files`` ``batch_size`` at a time; a file that cannot be read or written is
@@ -244,8 +228,8 @@ def _predict_in_batches(
                     console.print(f"[bold yellow]Warning:[/] {escape(f'{files[i]}: {warnings[-1]}')}",
                                   highlight=False, soft_wrap=True)
                 try:
-                    record = _finish_one(files[i], names[i], img, z, predictor, warnings=warnings, outputs=outputs,
-                                         summary=summary)
+                    record = write_image_outputs(files[i], names[i], img, z, predictor, warnings=warnings,
+                                                 outputs=outputs, written=summary.outputs)
                 except (CxrlocError, MemoryError) as exc:  # an output that cannot be written: go on
                     _fail(summary, str(files[i]), _reason(exc, files[i]))
                 else:
@@ -254,7 +238,7 @@ def _predict_in_batches(
             del loaded, x, z_all
 
 
-def _close_summary(summary: PredictSummary, predictor: Predictor, outputs: _Outputs) -> None:
+def _close_summary(summary: PredictSummary, predictor: Predictor, outputs: ImageOutputs) -> None:
     """Write ``predictions.json`` in ``--out-dir`` (or print the one record to stdout without
     ``--json``) and say in ``summary.location`` where the outputs are."""
     out = outputs.out
@@ -290,118 +274,6 @@ def _reason(exc: BaseException, path: Path) -> str:
     return str(exc)
 
 
-def _finish_one(
-    path: Path,
-    name: str,
-    img: np.ndarray,
-    z: np.ndarray,
-    predictor: Predictor,
-    *,
-    warnings: list[str],
-    outputs: _Outputs,
-    summary: PredictSummary,
-) -> dict[str, Any]:
-    """Write the outputs of one image and return its record.
-
-    Raises:
-        CxrlocError: an output cannot be written, or ``outputs.guard`` refuses it (an input, a stranger's
-            file).
-    """
-    height, width = img.shape
-    if not bool(np.isfinite(z).all()):
-        # A NaN score would be written as "NaN" (not JSON) and read as "no finding": refuse it.
-        raise CxrlocError(
-            f"{path}: the model's output is not finite (NaN or infinity) for this image; nothing was written for it. "
-            "The model is damaged or the image is extreme; check the model on another image"
-        )
-    record = {
-        "image": str(path),
-        "model": str(predictor.source),
-        "backend": predictor.backend,
-        "image_size": predictor.image_size,
-        "patch_grid": predictor.patch_grid,
-        "operating_point": predictor.operating_point(),
-        "warnings": warnings,
-        **make_record(z, predictor.tau_hat, width=width, height=height, classes=predictor.classes,
-                      calibration=predictor.calibration),
-    }
-    json_path, overlay, maps_path = _image_outputs(path, name, outputs)
-    if outputs.save_maps and maps_path is not None:
-        with atomic_path(maps_path, "maps") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, z.astype(np.float32))
-        record["maps"] = str(maps_path)
-        summary.outputs.append(maps_path)
-    if overlay is not None:
-        _write_overlay(overlay, path, img, z, predictor, record, outputs)
-        record["overlay"] = str(overlay)
-        summary.outputs.append(Path(overlay))
-    if json_path is not None:
-        write_json_atomic(json_path, record, what="prediction")
-        summary.outputs.append(Path(json_path))
-    return record
-
-
-def _image_outputs(
-    path: Path, name: str, outputs: _Outputs
-) -> tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None, Path | None]:
-    """``(json, overlay, maps)`` paths of one image (``NAME.json``, ``NAME.overlay.png``, ``NAME.maps.npy``
-    in ``--out-dir``; else ``--json``, ``--overlay`` and the maps beside them), each checked by the guard
-    (the maps only with ``--save-maps``).
-
-    Raises:
-        CxrlocError: the guard refuses one of them.
-    """
-    out = outputs.out
-    json_path, overlay = outputs.json_path, outputs.overlay
-    if out is not None:
-        json_path = out / f"{name}.json"
-        overlay = out / f"{name}.overlay.png" if outputs.overlays else None
-        maps_path: Path | None = out / f"{name}.maps.npy"
-    else:
-        maps_path = _maps_path(path, json_path, overlay)
-    for target, what in ((json_path, "prediction"), (overlay, "overlay"),
-                         (maps_path if outputs.save_maps else None, "maps")):
-        if target is not None:
-            try:
-                outputs.guard.file(target, f"{path}: its {what}")
-            except CxrlocError as exc:
-                raise CxrlocError(f"{exc} (--out-dir)" if out is not None else str(exc)) from None
-    return json_path, overlay, maps_path
-
-
-def _write_overlay(
-    overlay: str | os.PathLike[str], path: Path, img: np.ndarray, z: np.ndarray, predictor: Predictor,
-    record: dict[str, Any], outputs: _Outputs,
-) -> None:
-    """Draw and save the overlay of one image: the classes ``--overlay-classes`` asks for, the legend at
-    the model's operating point, the image's ground-truth boxes when ``--boxes`` is given."""
-    from cxrloc.inference.overlay import NO_FINDING, gt_boxes_of, render_overlay, save_overlay
-
-    gt_boxes = outputs.gt_boxes
-    gts = gt_boxes_of(gt_boxes, path, (img.shape[1], img.shape[0])) if gt_boxes is not None else None
-    if outputs.overlay_classes == "gt":
-        names = {label for label, *_ in gts or []}
-        shown = [k for k, c in enumerate(predictor.classes) if c in names]
-    elif outputs.overlay_classes == "all":
-        shown = list(range(len(predictor.classes)))
-    else:
-        shown = [k for k, c in enumerate(record["classes"]) if c["present"]]
-    empty = f"{NO_FINDING} ({_short_rule(predictor)})"
-    probabilities = None if predictor.calibration is None else [c["probability"] for c in record["classes"]]
-    called = [k for k, c in enumerate(record["classes"]) if c["present"]]
-    limits = [c["threshold"] if probabilities is not None else c["tau_hat"] for c in record["classes"]]
-    save_overlay(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities,
-                                gt_boxes=gts, empty_message=empty, called=called, thresholds=limits), overlay)
-
-
-def _maps_path(
-    image: Path, json_path: str | os.PathLike[str] | None, overlay: str | os.PathLike[str] | None
-) -> Path:
-    """Where ``--save-maps`` writes one image's maps without ``--out-dir``: beside --json / --overlay."""
-    base = Path(json_path) if json_path is not None else Path(overlay) if overlay is not None else None
-    return base.with_suffix(".maps.npy") if base is not None else Path(f"{image.stem}.maps.npy")
-
-
 def _model_checkpoint(model: str | os.PathLike[str], fold: int | None) -> Path | None:
     """The checkpoint a run folder stands for (an input to protect); None when it cannot be told yet."""
     if Path(model).suffix.lower() == ".onnx" or not Path(model).is_dir():
@@ -412,15 +284,3 @@ def _model_checkpoint(model: str | os.PathLike[str], fold: int | None) -> Path |
         return resolve_checkpoint(model, fold=fold)
     except CxrlocError:
         return None  # load_predictor says why, below
-
-
-def _short_rule(predictor: Predictor) -> str:
-    """The operating point in a few words, for the overlay's "no finding" line."""
-    cal = predictor.calibration
-    if cal is None:
-        return "1'z >= tau_hat"
-    if cal.rule == "sensitivity":
-        return f"sensitivity {cal.target_sensitivity:g} on validation"
-    if cal.rule == "matched":
-        return "count-matched on validation"
-    return "Youden's J on validation"
