@@ -137,14 +137,11 @@ def export_onnx(
             unreadable checkpoint or image, failed export, or a
             difference above ``tolerance`` (the output file is then not created).
     """
-    import onnx
     import torch
 
     from cxrloc.checkpoint import load_model
-    from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, meta_to_props, open_session
-    from cxrloc.inference.inputs import preprocess
     from cxrloc.paths import OutputGuard
-    from cxrloc.rundir import EXPORT_NAME, RunDir, resolve_checkpoint
+    from cxrloc.rundir import resolve_checkpoint
 
     if opset < MIN_OPSET:
         raise CxrlocError(f"--opset {opset} is too old: use {MIN_OPSET} or newer.")
@@ -152,73 +149,22 @@ def export_onnx(
         raise CxrlocError(f"--tolerance must be a finite number above 0, got {tolerance:g}.")
     t0 = time.perf_counter()
     ckpt = resolve_checkpoint(run_or_ckpt, fold=fold)
-    if out_path is None:
-        src = Path(run_or_ckpt)
-        out_path = (ckpt.parent / EXPORT_NAME) if src.is_file() else RunDir(src).export_path
-    out_path = Path(out_path)
+    out_path = _default_out_path(run_or_ckpt, ckpt) if out_path is None else Path(out_path)
     OutputGuard([run_or_ckpt, ckpt, check_image], overwrite=overwrite).file(out_path, "--out")
     check_writable_file(out_path, "ONNX file")
     if threads < 1:
         raise CxrlocError(f"--threads must be at least 1, got {threads}.")
     model, meta, _cfg = load_model(ckpt, device="cpu")
     meta = dict(meta)
-    size = int(meta["image_size"])
-
-    if check_image is not None:
-        from cxrloc.data.imageio import read_image
-
-        img = read_image(check_image)
-        check_name = str(check_image)
-    else:
-        found = default_check_image()
-        if found is not None:
-            from cxrloc.data.imageio import read_image
-
-            img, check_name = read_image(found), str(found)
-        else:
-            img, check_name = healthy_chest(size), "generated synthetic chest"
-    x1 = preprocess(img, size)
-    x = np.stack([x1, x1[:, :, ::-1]]).astype(np.float32)  # batch of 2: tests the dynamic axis
+    x, check_name = _check_batch(check_image, int(meta["image_size"]))
 
     wrapped = _Wrapper.wrap(model)
     with torch.inference_mode():
         z_ref, unary_ref = (t.numpy() for t in wrapped(torch.from_numpy(x)))
 
     with atomic_path(out_path, "ONNX file") as tmp:
-        try:
-            # The tracer warns about shape checks it freezes; S is fixed per model, so they are expected.
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.filterwarnings("ignore", message="Constant folding")
-                # dynamo=False is a deliberate choice (see the module docstring), not an oversight.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    wrapped,
-                    (torch.from_numpy(x[:1]),),
-                    str(tmp),
-                    input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
-                    dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-                    opset_version=opset,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
-        except Exception as exc:
-            raise CxrlocError(f"ONNX export of {ckpt} failed: {type(exc).__name__}: {exc}") from None
-        proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        for key, value in meta_to_props(meta).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.doc_string = f"cxrloc {meta.get('version')} model exported from {ckpt.name}"
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-
-        session = open_session(tmp, device=device, threads=threads)
-        provider = session.get_providers()[0]
-        z_onnx, unary_onnx = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        diff_z = float(np.max(np.abs(np.asarray(z_onnx) - z_ref)))
-        diff_u = float(np.max(np.abs(np.asarray(unary_onnx) - unary_ref)))
+        _write_onnx(wrapped, x, tmp, ckpt=ckpt, meta=meta, opset=opset)
+        provider, diff_z, diff_u = _compare_with_torch(tmp, x, z_ref, unary_ref, device=device, threads=threads)
         console.print(
             f"onnxruntime ({provider}) vs torch on {check_name} (batch of 2): "
             f"max |dz| = {diff_z:.3g}, max |d unary_logits| = {diff_u:.3g} (tolerance on z: {tolerance:g})"
@@ -228,17 +174,104 @@ def export_onnx(
                 f"onnxruntime output differs from torch by {diff_z:.3g} on z (tolerance {tolerance:g}); "
                 f"the export of {ckpt} is not trustworthy and was not written."
             )
-        del session
-    if meta.get("calibration"):
-        from cxrloc.calibration import Calibration
-
-        calibration = f"operating point: {Calibration.from_json(meta['calibration']).describe()}"
-    else:
-        calibration = meta.get("calibration_note") or (
-            "no calibration: presence falls back to 1'z >= tau_hat (run 'cxrloc calibrate' and export again)"
-        )
     return ExportReport(
         path=out_path, checkpoint=ckpt, opset=opset, check_image=check_name, provider=provider,
         max_abs_diff_z=diff_z, max_abs_diff_unary=diff_u, tolerance=tolerance,
-        seconds=time.perf_counter() - t0, size_bytes=out_path.stat().st_size, calibration=calibration,
+        seconds=time.perf_counter() - t0, size_bytes=out_path.stat().st_size, calibration=_calibration_text(meta),
+    )
+
+
+def _default_out_path(run_or_ckpt: str | os.PathLike[str], ckpt: Path) -> Path:
+    """``RUN_DIR/export/model.onnx`` for a run folder, ``model.onnx`` beside a ``.pt`` file given."""
+    from cxrloc.rundir import EXPORT_NAME, RunDir
+
+    src = Path(run_or_ckpt)
+    return (ckpt.parent / EXPORT_NAME) if src.is_file() else RunDir(src).export_path
+
+
+def _check_batch(check_image: str | os.PathLike[str] | None, size: int) -> tuple[np.ndarray, str]:
+    """The check's input ``(2, 1, size, size)`` float32 (the image and its mirror: a batch of two tests the
+    dynamic axis) and the image's name: ``check_image``, else :func:`default_check_image`, else a
+    generated synthetic chest."""
+    from cxrloc.data.imageio import read_image
+    from cxrloc.inference.inputs import preprocess
+
+    if check_image is not None:
+        img, check_name = read_image(check_image), str(check_image)
+    else:
+        found = default_check_image()
+        if found is not None:
+            img, check_name = read_image(found), str(found)
+        else:
+            img, check_name = healthy_chest(size), "generated synthetic chest"
+    x1 = preprocess(img, size)
+    return np.stack([x1, x1[:, :, ::-1]]).astype(np.float32), check_name
+
+
+def _write_onnx(wrapped: Any, x: np.ndarray, path: Path, *, ckpt: Path, meta: dict[str, Any], opset: int) -> None:
+    """Trace ``wrapped`` on ``x[:1]`` into ``path`` (dynamic batch axis), with the checkpoint's inference
+    metadata in ``metadata_props``, checked by ``onnx.checker``.
+
+    Raises:
+        CxrlocError: the exporter failed.
+    """
+    import onnx
+    import torch
+
+    from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, meta_to_props
+
+    try:
+        # The tracer warns about shape checks it freezes; S is fixed per model, so they are expected.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding")
+            # dynamo=False is a deliberate choice (see the module docstring), not an oversight.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                wrapped,
+                (torch.from_numpy(x[:1]),),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise CxrlocError(f"ONNX export of {ckpt} failed: {type(exc).__name__}: {exc}") from None
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta_to_props(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"cxrloc {meta.get('version')} model exported from {ckpt.name}"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _compare_with_torch(
+    path: Path, x: np.ndarray, z_ref: np.ndarray, unary_ref: np.ndarray, *, device: str, threads: int
+) -> tuple[str, float, float]:
+    """Run the ONNX file ``path`` in onnxruntime on ``x``: ``(provider, max |dz|, max |d unary_logits|)``
+    against torch's ``z_ref`` and ``unary_ref``."""
+    from cxrloc.inference.backends import INPUT_NAME, OUTPUT_NAMES, open_session
+
+    session = open_session(path, device=device, threads=threads)
+    provider = session.get_providers()[0]
+    z_onnx, unary_onnx = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    diff_z = float(np.max(np.abs(np.asarray(z_onnx) - z_ref)))
+    diff_u = float(np.max(np.abs(np.asarray(unary_onnx) - unary_ref)))
+    del session
+    return provider, diff_z, diff_u
+
+
+def _calibration_text(meta: dict[str, Any]) -> str:
+    """The embedded operating point in words, or why there is none (:attr:`ExportReport.calibration`)."""
+    if meta.get("calibration"):
+        from cxrloc.calibration import Calibration
+
+        return f"operating point: {Calibration.from_json(meta['calibration']).describe()}"
+    return meta.get("calibration_note") or (
+        "no calibration: presence falls back to 1'z >= tau_hat (run 'cxrloc calibrate' and export again)"
     )

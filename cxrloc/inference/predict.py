@@ -4,8 +4,9 @@ Every image goes through the training cache's exact preprocessing
 (``read_image -> resize_square(S) -> to_uint8 -> x = u8 / 127.5 - 1``,
 :func:`cxrloc.inference.inputs.preprocess`), then through one
 :class:`cxrloc.inference.backends.Predictor` (a torch checkpoint or an onnxruntime session; same
-interface); :mod:`cxrloc.inference.postprocess` turns ``z`` into the JSON record, and this module
-writes the outputs.
+interface); :mod:`cxrloc.inference.postprocess` turns ``z`` into the JSON record,
+:mod:`cxrloc.inference.image_outputs` writes each image's outputs, and this module reads the inputs in
+batches and writes the batch summary.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from rich.markup import escape
 from cxrloc.data.domain import check_image, describe, synthetic_warning
 from cxrloc.data.prepared import to_network_range
 from cxrloc.inference.backends import DEFAULT_THREADS, Predictor, load_predictor
+from cxrloc.inference.image_outputs import ImageOutputs, maps_path, write_image_outputs
 from cxrloc.inference.inputs import SUMMARY_NAME, expand_inputs, output_names, preprocess_u8
-from cxrloc.inference.postprocess import make_record
 from cxrloc.utils import (
     CxrlocError,
-    atomic_path,
     check_writable_dir,
     check_writable_file,
     console,
@@ -105,9 +105,41 @@ def predict_files(
         CxrlocError: bad options, an output that is an input or another program's file, or a
             model that cannot be loaded.
     """
-    from cxrloc.data.imageio import read_image
-    from cxrloc.paths import OutputGuard
+    _check_options(overlay, boxes_csv, overlay_classes, threads, batch_size)
+    files, problems = expand_inputs(inputs)
+    summary = PredictSummary()
+    many = len(files) + len(problems) > 1
+    if many and out_dir is None and (overlay is not None or json_path is not None):
+        raise CxrlocError("--overlay and --json name the outputs of ONE image; for several use --out-dir DIR.")
+    if many and out_dir is None:
+        out_dir = Path("predictions")
+    guard = _guard_outputs(model, fold, [boxes_csv, thresholds_file, *files], files, out_dir=out_dir,
+                           json_path=json_path, overlay=overlay, save_maps=save_maps, overwrite=overwrite)
+    for item, msg in problems:
+        _fail(summary, item, msg)
+    gt_boxes = _read_gt_boxes(boxes_csv) if boxes_csv is not None else None
+    if not files:
+        return summary  # nothing written: no location
 
+    predictor = load_predictor(model, device=device, fold=fold, threads=threads, thresholds_file=thresholds_file)
+    summary.operating_point = predictor.describe_operating_point()
+    domain = predictor.meta.get("training_data")
+    summary.warning = synthetic_warning(domain) or ""
+    if summary.warning:  # once per run
+        console.print(f"[bold yellow]Warning:[/] {escape(summary.warning)}", highlight=False, soft_wrap=True)
+    outputs = ImageOutputs(out=Path(out_dir) if out_dir is not None else None, overlay=overlay,
+                           json_path=json_path, gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays,
+                           overlay_classes=overlay_classes, guard=guard)
+    _predict_in_batches(files, predictor, outputs, summary, batch_size=batch_size, progress=progress)
+    _close_summary(summary, predictor, outputs)
+    return summary
+
+
+def _check_options(
+    overlay: str | os.PathLike[str] | None, boxes_csv: str | os.PathLike[str] | None, overlay_classes: str,
+    threads: int, batch_size: int,
+) -> None:
+    """Refuse bad options of :func:`predict_files` before anything is read or written."""
     if overlay_classes not in OVERLAY_CLASSES:
         raise CxrlocError(f"--overlay-classes {overlay_classes!r}: use {', '.join(map(repr, OVERLAY_CLASSES))}.")
     if overlay_classes == "gt" and boxes_csv is None:
@@ -121,14 +153,33 @@ def predict_files(
         from cxrloc.inference.overlay import overlay_format
 
         overlay_format(overlay)
-    files, problems = expand_inputs(inputs)
-    summary = PredictSummary()
-    many = len(files) + len(problems) > 1
-    if many and out_dir is None and (overlay is not None or json_path is not None):
-        raise CxrlocError("--overlay and --json name the outputs of ONE image; for several use --out-dir DIR.")
-    if many and out_dir is None:
-        out_dir = Path("predictions")
-    guard = OutputGuard([model, boxes_csv, thresholds_file, *files], overwrite=overwrite)
+
+
+def _read_gt_boxes(boxes_csv: str | os.PathLike[str]) -> dict[str, list[tuple[str, float, float, float, float]]]:
+    """The ``--boxes`` file's ground-truth boxes per image (:func:`cxrloc.inference.gt_boxes.gt_boxes_by_image`)."""
+    from cxrloc.inference.gt_boxes import gt_boxes_by_image
+
+    return gt_boxes_by_image(boxes_csv)
+
+
+def _guard_outputs(
+    model: str | os.PathLike[str],
+    fold: int | None,
+    inputs: Sequence[str | os.PathLike[str] | None],
+    files: Sequence[Path],
+    *,
+    out_dir: str | os.PathLike[str] | None,
+    json_path: str | os.PathLike[str] | None,
+    overlay: str | os.PathLike[str] | None,
+    save_maps: bool,
+    overwrite: bool,
+) -> Any:
+    """The :class:`cxrloc.paths.OutputGuard` of a prediction (the model, its checkpoint and ``inputs``
+    are inputs), with the outputs known before the model is loaded checked: ``--out-dir`` and its batch
+    summary, or ``--json``, ``--overlay`` and the first image's ``--save-maps`` file."""
+    from cxrloc.paths import OutputGuard
+
+    guard = OutputGuard([model, *inputs], overwrite=overwrite)
     guard.add_inputs([_model_checkpoint(model, fold)])
     if out_dir is not None:
         guard.folder(out_dir, "--out-dir")
@@ -140,24 +191,19 @@ def predict_files(
                 guard.file(target, option)
                 check_writable_file(target, option)
         if save_maps and files:
-            guard.file(_maps_path(files[0], json_path, overlay), "--save-maps")
-    for item, msg in problems:
-        _fail(summary, item, msg)
-    gt_boxes = None
-    if boxes_csv is not None:
-        from cxrloc.inference.overlay import gt_boxes_by_image
+            guard.file(maps_path(files[0], json_path, overlay), "--save-maps")
+    return guard
 
-        gt_boxes = gt_boxes_by_image(boxes_csv)
-    if not files:
-        return summary  # nothing written: no location
 
-    predictor = load_predictor(model, device=device, fold=fold, threads=threads, thresholds_file=thresholds_file)
-    summary.operating_point = predictor.describe_operating_point()
+def _predict_in_batches(
+    files: Sequence[Path], predictor: Predictor, outputs: ImageOutputs, summary: PredictSummary, *, batch_size: int,
+    progress: bool,
+) -> None:
+    """Read, predict and write ``files`` ``batch_size`` at a time; a file that cannot be read or written is
+    recorded in ``summary.failures`` and the others go on."""
+    from cxrloc.data.imageio import read_image
+
     domain = predictor.meta.get("training_data")
-    summary.warning = synthetic_warning(domain) or ""
-    if summary.warning:  # once per run
-        console.print(f"[bold yellow]Warning:[/] {escape(summary.warning)}", highlight=False, soft_wrap=True)
-    out = Path(out_dir) if out_dir is not None else None
     names = output_names(files)
     with progress_bar(enabled=progress and len(files) > 1, info=True, transient=True) as bar:
         task = bar.add_task("Predicting", total=len(files), info="")
@@ -182,12 +228,8 @@ def predict_files(
                     console.print(f"[bold yellow]Warning:[/] {escape(f'{files[i]}: {warnings[-1]}')}",
                                   highlight=False, soft_wrap=True)
                 try:
-                    record = _finish_one(
-                        files[i], names[i], img, z, predictor, warnings=warnings, out=out, overlay=overlay,
-                        json_path=json_path,
-                        gt_boxes=gt_boxes, save_maps=save_maps, overlays=overlays, overlay_classes=overlay_classes,
-                        summary=summary, guard=guard,
-                    )
+                    record = write_image_outputs(files[i], names[i], img, z, predictor, warnings=warnings,
+                                                 outputs=outputs, written=summary.outputs)
                 except (CxrlocError, MemoryError) as exc:  # an output that cannot be written: go on
                     _fail(summary, str(files[i]), _reason(exc, files[i]))
                 else:
@@ -195,23 +237,28 @@ def predict_files(
                 bar.advance(task)
             del loaded, x, z_all
 
+
+def _close_summary(summary: PredictSummary, predictor: Predictor, outputs: ImageOutputs) -> None:
+    """Write ``predictions.json`` in ``--out-dir`` (or print the one record to stdout without
+    ``--json``) and say in ``summary.location`` where the outputs are."""
+    out = outputs.out
     if out is not None:
         summary_path = out / f"{SUMMARY_NAME}.json"
         write_json_atomic(summary_path, {
             "model": str(predictor.source), "backend": predictor.backend,
             "operating_point": predictor.operating_point(),
-            "training_data": describe(domain), "warning": summary.warning or None,
+            "training_data": describe(predictor.meta.get("training_data")), "warning": summary.warning or None,
             "count": len(summary.records), "failed": len(summary.failures),
             "predictions": summary.records, "failures": summary.failures,
         }, what="batch summary")
         summary.outputs.append(summary_path)
         summary.location = str(out)
     else:
+        json_path = outputs.json_path
         if json_path is None and summary.records:
             print(json.dumps(summary.records[0], indent=2))  # stdout stays machine-readable
         where = [str(p) for p in summary.outputs] + (["stdout"] if json_path is None and summary.records else [])
         summary.location = ", ".join(where)
-    return summary
 
 
 def _fail(summary: PredictSummary, image: str, message: str) -> None:
@@ -227,97 +274,6 @@ def _reason(exc: BaseException, path: Path) -> str:
     return str(exc)
 
 
-def _finish_one(
-    path: Path,
-    name: str,
-    img: np.ndarray,
-    z: np.ndarray,
-    predictor: Predictor,
-    *,
-    warnings: list[str],
-    out: Path | None,
-    overlay: str | os.PathLike[str] | None,
-    json_path: str | os.PathLike[str] | None,
-    gt_boxes: dict[str, list[tuple[str, float, float, float, float]]] | None,
-    save_maps: bool,
-    overlays: bool,
-    overlay_classes: str,
-    summary: PredictSummary,
-    guard: Any,
-) -> dict[str, Any]:
-    """Write the outputs of one image and return its record.
-
-    Raises:
-        CxrlocError: an output cannot be written, or ``guard`` refuses it (an input, a stranger's file).
-    """
-    height, width = img.shape
-    if not bool(np.isfinite(z).all()):
-        # A NaN score would be written as "NaN" (not JSON) and read as "no finding": refuse it.
-        raise CxrlocError(
-            f"{path}: the model's output is not finite (NaN or infinity) for this image; nothing was written for it. "
-            "The model is damaged or the image is extreme; check the model on another image"
-        )
-    record = {
-        "image": str(path),
-        "model": str(predictor.source),
-        "backend": predictor.backend,
-        "image_size": predictor.image_size,
-        "patch_grid": predictor.patch_grid,
-        "operating_point": predictor.operating_point(),
-        "warnings": warnings,
-        **make_record(z, predictor.tau_hat, width=width, height=height, classes=predictor.classes,
-                      calibration=predictor.calibration),
-    }
-    if out is not None:
-        json_path = out / f"{name}.json"
-        overlay = out / f"{name}.overlay.png" if overlays else None
-        maps_path: Path | None = out / f"{name}.maps.npy"
-    else:
-        maps_path = _maps_path(path, json_path, overlay)
-    for target, what in ((json_path, "prediction"), (overlay, "overlay"), (maps_path if save_maps else None, "maps")):
-        if target is not None:
-            try:
-                guard.file(target, f"{path}: its {what}")
-            except CxrlocError as exc:
-                raise CxrlocError(f"{exc} (--out-dir)" if out is not None else str(exc)) from None
-    if save_maps and maps_path is not None:
-        with atomic_path(maps_path, "maps") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, z.astype(np.float32))
-        record["maps"] = str(maps_path)
-        summary.outputs.append(maps_path)
-    if overlay is not None:
-        from cxrloc.inference.overlay import NO_FINDING, gt_boxes_of, render_overlay, save_overlay
-
-        gts = gt_boxes_of(gt_boxes, path, (img.shape[1], img.shape[0])) if gt_boxes is not None else None
-        if overlay_classes == "gt":
-            names = {label for label, *_ in gts or []}
-            shown = [k for k, c in enumerate(predictor.classes) if c in names]
-        elif overlay_classes == "all":
-            shown = list(range(len(predictor.classes)))
-        else:
-            shown = [k for k, c in enumerate(record["classes"]) if c["present"]]
-        empty = f"{NO_FINDING} ({_short_rule(predictor)})"
-        probabilities = None if predictor.calibration is None else [c["probability"] for c in record["classes"]]
-        called = [k for k, c in enumerate(record["classes"]) if c["present"]]
-        limits = [c["threshold"] if probabilities is not None else c["tau_hat"] for c in record["classes"]]
-        save_overlay(render_overlay(img, z, shown, classes=predictor.classes, probabilities=probabilities,
-                                    gt_boxes=gts, empty_message=empty, called=called, thresholds=limits), overlay)
-        record["overlay"] = str(overlay)
-        summary.outputs.append(Path(overlay))
-    if json_path is not None:
-        write_json_atomic(json_path, record, what="prediction")
-        summary.outputs.append(Path(json_path))
-    return record
-
-
-def _maps_path(
-    image: Path, json_path: str | os.PathLike[str] | None, overlay: str | os.PathLike[str] | None
-) -> Path:
-    """Where ``--save-maps`` writes one image's maps without ``--out-dir``: beside --json / --overlay."""
-    base = Path(json_path) if json_path is not None else Path(overlay) if overlay is not None else None
-    return base.with_suffix(".maps.npy") if base is not None else Path(f"{image.stem}.maps.npy")
-
-
 def _model_checkpoint(model: str | os.PathLike[str], fold: int | None) -> Path | None:
     """The checkpoint a run folder stands for (an input to protect); None when it cannot be told yet."""
     if Path(model).suffix.lower() == ".onnx" or not Path(model).is_dir():
@@ -328,15 +284,3 @@ def _model_checkpoint(model: str | os.PathLike[str], fold: int | None) -> Path |
         return resolve_checkpoint(model, fold=fold)
     except CxrlocError:
         return None  # load_predictor says why, below
-
-
-def _short_rule(predictor: Predictor) -> str:
-    """The operating point in a few words, for the overlay's "no finding" line."""
-    cal = predictor.calibration
-    if cal is None:
-        return "1'z >= tau_hat"
-    if cal.rule == "sensitivity":
-        return f"sensitivity {cal.target_sensitivity:g} on validation"
-    if cal.rule == "matched":
-        return "count-matched on validation"
-    return "Youden's J on validation"
