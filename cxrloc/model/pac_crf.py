@@ -142,6 +142,7 @@ class PacCrf(nn.Module):
         index, inside = _window_index(patch_grid, window)
         self.register_buffer("window_index", index, persistent=False)
         self.register_buffer("window_inside", inside, persistent=False)
+        self.register_buffer("window_neighbour", index % (patch_grid * patch_grid), persistent=False)
         self.refine = nn.Sequential(
             nn.Conv2d(num_classes, num_classes, kernel_size=3, padding=1),
             nn.ReLU(),
@@ -170,9 +171,12 @@ class PacCrf(nn.Module):
         f = feats.double().reshape(b, d, p * p)
         f = f - f.mean(dim=2, keepdim=True)
         sq = f.square().sum(dim=1)
-        d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(f.transpose(1, 2), f)
-        g = torch.exp(-0.5 * d2.clamp_min(0.0).float())  # (B, P*P, P*P), symmetric
-        return g.flatten(1).index_select(1, self.window_index).view(b, p * p, w * w) * self.window_inside
+        # Only the window entries of the Gram matrix go on: the element-wise work (and its backward)
+        # runs on (B, P*P, window^2) rather than (B, P*P, P*P), with the same arithmetic per entry.
+        dots = torch.bmm(f.transpose(1, 2), f).flatten(1).index_select(1, self.window_index)
+        neighbour_sq = sq.index_select(1, self.window_neighbour).view(b, p * p, w * w)
+        d2 = sq[:, :, None] + neighbour_sq - 2.0 * dots.view(b, p * p, w * w)
+        return torch.exp(-0.5 * d2.clamp_min(0.0).float()) * self.window_inside
 
     def message(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Sum over neighbours l and classes k' of ``G(j,l) W[k,k',offset] q(k',l)``: ``(B, K, P*P)``.
@@ -182,10 +186,18 @@ class PacCrf(nn.Module):
         """
         b, k, p, _ = q.shape
         w = self.window
-        # G times the neighbours' q, laid out (B, P, P, w, w, K') so that it is one GEMM operand as it is.
+        # G times the neighbours' q, laid out (B, P, P, w, w, K'): channels last for the contraction.
         weighted = g.view(b, p, p, w, w, 1) * _windows_last(_as(q, g.dtype), w)
-        compat = _as((self.compat * self.offset_mask).permute(2, 1, 0).reshape(w * w * k, k), g.dtype)
-        return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat).transpose(1, 2)
+        compat = _as((self.compat * self.offset_mask).permute(0, 2, 1).reshape(k, w * w * k), g.dtype)
+        if weighted.device.type != "cpu":
+            # One GEMM (float32 stays float32: cuBLAS matmul has TF32 off by default, cuDNN convs not).
+            return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat.t()).transpose(1, 2)
+        # On a CPU the same contraction as a 1x1 convolution of the (B*P, w^2 K', 1, P) channels-last
+        # view: oneDNN's kernels, forward and both backward products, instead of MKL's GEMM with an
+        # outer dimension of K (2-4x slower on this shape on AMD CPUs, docs/results.md); a batch of
+        # B*P >= 16 keeps torch off its slow 1x1 path on one thread.
+        out = F.conv2d(weighted.view(b * p, 1, p, w * w * k).permute(0, 3, 1, 2), compat.view(k, -1, 1, 1))
+        return out.view(b, p, k, p).transpose(1, 2).reshape(b, k, p * p)
 
     def kernel_cols(self, feats: torch.Tensor) -> torch.Tensor:
         """:meth:`kernel` in the ``F.unfold`` layout ``(B, window^2, P*P)``, for ONNX export.
