@@ -14,13 +14,14 @@ Finally two conv layers (conv -> ReLU -> BN, each; the paper's order) make a res
 of the logits; the last BN starts at weight = bias = 0, so a fresh CRF returns the unary
 probabilities exactly.
 
-Computation: ``G`` is evaluated once per forward: the squared feature distances of all patch
-pairs as one batched Gram matrix in float64, the ``window x window`` neighbourhood of every patch
-picked from it with a fixed index, ``exp`` in float32; each mean-field step multiplies ``G`` with
-the neighbours' ``q`` (windows taken as a strided view of the zero-padded grid, channels last) and
-contracts offsets and classes with ``W`` in one GEMM, in float32 also under autocast (only the
+Computation: ``G`` is evaluated once per forward: the dot products of all patch pairs as one
+batched Gram matrix in float64, the ``window x window`` neighbourhood of every patch picked from it
+with a fixed index, then the squared distances and ``exp`` (float32) on those entries only; each
+mean-field step multiplies ``G`` with the neighbours' ``q`` (windows taken as a strided view of the
+zero-padded grid, channels last) and contracts offsets and classes with ``W`` in one product (a
+``matmul`` on CUDA, a oneDNN 1x1 convolution on a CPU), in float32 also under autocast (only the
 guidance branch runs in the autocast dtype: bf16 messages moved z by up to 0.12 on a GPU). Plain
-torch ops only (``bmm``, ``index_select``, ``pad``, ``unfold``, ``matmul``, ``exp``). ONNX export
+torch ops only (``bmm``, ``index_select``, ``pad``, ``unfold``, ``matmul``, ``conv2d``, ``exp``). ONNX export
 traces the ``F.unfold`` layout instead (:meth:`PacCrf.kernel_cols`, :meth:`PacCrf.message_cols`):
 float32 differences of the neighbours' features, the formulation of cxrloc 0.1.0.
 """
@@ -159,11 +160,12 @@ class PacCrf(nn.Module):
         """Gaussian affinities ``G`` of shape ``(B, P*P, window^2)`` in float32 (0 outside the image).
 
         Row ``j`` holds ``G(f_j, f_{j+o})`` for the ``window^2`` offsets ``o`` in row-major order.
-        The squared distances of all ``P^2 x P^2`` pairs come from one batched Gram matrix,
+        The squared distances come from one batched Gram matrix of all ``P^2 x P^2`` pairs,
         ``|f_j|^2 + |f_l|^2 - 2 f_j . f_l``, in float64 on features centred per image (distances do
         not change; the cancellation stays far below float32 rounding, and TF32 matmul settings do
-        not apply to float64); the window entries are then picked with a fixed index. This replaces
-        the ``(B, P, P, window, window, d)`` difference tensor (about 5x less time on a CPU, see
+        not apply to float64); its window entries are picked with a fixed index before the
+        element-wise work (half the time of doing it on all pairs, on a CPU). This replaces the
+        ``(B, P, P, window, window, d)`` difference tensor (about 5x less time on a CPU, see
         ``docs/results.md``).
         """
         b, d, p, _ = feats.shape
