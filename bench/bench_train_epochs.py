@@ -13,6 +13,10 @@ alone (``train_one_epoch``). Epochs after the first are summed (the first pays f
 any compilation; ``--first`` reports it too). Last, the FLOPs of a unary-stage step per image
 (``torch.utils.flop_counter``) and what each version's steps reach in GFLOP/s.
 
+``--stage crf`` or ``--stage joint`` times that stage of ``--stage all`` instead (the PAC-CRF in every
+step): a unary run to start from is trained first, once, with the first version (one epoch of
+``--max-steps`` steps), and every version's run starts from it (``init_from``).
+
 Each row is the median over rounds of images/s per core; the ratio column is the median over rounds of
 each round's ratio to the first version, so that a change of machine load between rounds cancels.
 
@@ -23,6 +27,7 @@ Example:
         --epochs 3 --max-steps 25 --rounds 3
     python bench/bench_train_epochs.py /tmp/speed_prep128 --version base=/tmp/speed_base \\
         --version "fp32=.:amp=off,channels_last=off" --version new=.
+    python bench/bench_train_epochs.py /tmp/speed_prep128 --stage crf --version base=/tmp/speed_base --version new=.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ def _worker(args: argparse.Namespace) -> None:
         return out
 
     loop.train_one_epoch = timed_epoch  # type: ignore[assignment]
-    loop.train(args.prepared, args.out, fold=args.fold, cfg=cfg, stage="unary", progress=False)
+    loop.train(args.prepared, args.out, fold=args.fold, cfg=cfg, stage=args.stage, init_from=args.init_from,
+               progress=False)
     end = time.process_time()
     epoch_time = [b - a for a, b in zip(starts, [*starts[1:], end], strict=True)]
     metrics = (Path(args.out) / f"fold_{args.fold}" / "metrics.csv").read_text().splitlines()
@@ -87,13 +93,18 @@ def _worker(args: argparse.Namespace) -> None:
     }))
 
 
-def _run(label: str, tree: Path, sets: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _run(
+    label: str, tree: Path, sets: list[str], args: argparse.Namespace, out: Path, stage: str = "unary",
+    init_from: Path | None = None,
+) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [
         sys.executable, str(Path(__file__).resolve()), str(args.prepared), "--worker", "--out", str(out),
         "--fold", str(args.fold), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps),
-        "--preset", args.preset,
+        "--preset", args.preset, "--stage", stage,
     ]
+    if init_from is not None:
+        cmd += ["--init-from", str(init_from)]
     for s in [*args.overrides, *sets]:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=tree)
@@ -119,6 +130,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every version (as cxrloc train --set)")
     ap.add_argument("--first", action="store_true", help="also report the first epoch")
+    ap.add_argument("--stage", choices=["unary", "crf", "joint"], default="unary",
+                    help="the training stage to time (crf / joint: from a unary run trained first)")
+    ap.add_argument("--init-from", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,9 +152,14 @@ def main() -> None:
     rates: dict[str, dict[str, list[float]]] = {v[0]: {"epoch": [], "steps": [], "first": []} for v in versions}
     last: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_epochs_") as tmp:
+        start = None
+        if args.stage != "unary":
+            start = Path(tmp) / "unary_start"
+            label, tree, sets = versions[0]
+            _run(label, tree, sets, argparse.Namespace(**{**vars(args), "epochs": 1}), start)
         for r in range(args.rounds):
             for i, (label, tree, sets) in enumerate(versions):
-                res = _run(label, tree, sets, args, Path(tmp) / f"r{r}_{i}")
+                res = _run(label, tree, sets, args, Path(tmp) / f"r{r}_{i}", args.stage, start)
                 n = sum(res["images"][1:])
                 rates[label]["epoch"].append(n / sum(res["epoch_s"][1:]))
                 rates[label]["steps"].append(n / sum(res["steps_s"][1:]))
@@ -153,7 +172,8 @@ def main() -> None:
 
     ref = versions[0][0]
     print(f"\n{time.strftime('%Y-%m-%d')} torch {torch.__version__}, one thread, process time; {args.prepared} "
-          f"fold {args.fold}, preset {args.preset} {' '.join(args.overrides)}, {args.epochs} epochs of "
+          f"fold {args.fold}, preset {args.preset} {' '.join(args.overrides)}, stage {args.stage}, "
+          f"{args.epochs} epochs of "
           f"{args.max_steps} steps, {args.rounds} rounds; medians")
     first = " first epoch |" if args.first else ""
     print(f"| version | images/s per core, epochs 2+ | x {ref} | training steps only | x {ref} |{first}")
@@ -168,6 +188,8 @@ def main() -> None:
               f"{statistics.median(row['steps']):.2f} | {statistics.median(ratio_s):.2f} |{extra}")
     for label, res in last.items():
         print(f"{label} last round, metrics.csv: {res['metrics'][-1]}")
+    if args.stage != "unary":
+        return
     gflop = _unary_step_gflop(args)
     print(f"unary-stage training step: {gflop:.2f} GFLOP per image (torch.utils.flop_counter, forward + backward); "
           + ", ".join(f"{label} {gflop * statistics.median(rates[label]['steps']):.0f} GFLOP/s in its steps"

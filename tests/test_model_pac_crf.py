@@ -62,7 +62,8 @@ def _crf(k: int, p: int, window: int, iterations: int, seed: int) -> tuple[PacCr
 
 @pytest.mark.parametrize(
     ("k", "p", "window", "iterations"),
-    [(14, 8, 5, 2), (3, 5, 7, 3), (14, 20, 19, 5)],  # tiny preset; window wider than the grid; the paper's
+    # tiny preset; window wider than the grid; the cpu preset; the paper's
+    [(14, 8, 5, 2), (3, 5, 7, 3), (14, 16, 9, 3), (14, 20, 19, 5)],
 )
 def test_crf_matches_the_unfold_formulation_forward_and_backward(k: int, p: int, window: int, iterations: int) -> None:
     """The float32 implementation against the 0.1.0 formulation evaluated in float64 (the ground
@@ -122,6 +123,77 @@ def test_gram_kernel_against_float64_differences(scale: float, offset: float) ->
     g_ref = (g_ref * F.unfold(torch.ones(1, 1, 10, 10, dtype=torch.float64), kernel_size=7, padding=3)).transpose(1, 2)
     (grad_ref,) = torch.autograd.grad(g_ref, f_ref, upstream)
     torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-5 * grad_ref.abs().max().item())
+
+
+def _kernel_full_gram(crf: PacCrf, feats: torch.Tensor) -> torch.Tensor:
+    """:meth:`PacCrf.kernel` as it was before issue 20: exp of the whole (P^2 x P^2) Gram matrix, then the windows."""
+    b, d, p, _ = feats.shape
+    w = crf.window
+    f = feats.double().reshape(b, d, p * p)
+    f = f - f.mean(dim=2, keepdim=True)
+    sq = f.square().sum(dim=1)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(f.transpose(1, 2), f)
+    g = torch.exp(-0.5 * d2.clamp_min(0.0).float())
+    return g.flatten(1).index_select(1, crf.window_index).view(b, p * p, w * w) * crf.window_inside
+
+
+def _message_gemm(crf: PacCrf, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """:meth:`PacCrf.message` as it was before issue 20: one matmul of the windows with the compatibility."""
+    b, k, p, _ = q.shape
+    w = crf.window
+    weighted = g.view(b, p, p, w, w, 1) * _windows_last(q, w)
+    compat = (crf.compat * crf.offset_mask).permute(2, 1, 0).reshape(w * w * k, k)
+    return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat).transpose(1, 2)
+
+
+@pytest.mark.parametrize(("k", "p", "window", "batch"), [(14, 16, 9, 8), (14, 8, 5, 1), (3, 5, 7, 2)])
+def test_cpu_fast_path_equals_the_previous_formulas(k: int, p: int, window: int, batch: int) -> None:
+    """Issue 20's CPU layout against the code it replaced, on random inputs, values and gradients.
+
+    The kernel does the same float64 arithmetic per window entry as the full-Gram version (only the
+    unused entries are skipped): held to one float32 rounding of exp (measured: bit for bit, value
+    and gradient). The message sums the same w^2 K products in another order (oneDNN's 1x1
+    convolution instead of MKL's GEMM): float32 rounding of a sum of up to 1,134 terms, held to 1e-5
+    of the output's scale (measured: up to 8e-7 for the message, 5e-7 for its gradients).
+    Batches 8 and 1 with P = 16 and 8: B*P above and below 16, oneDNN's and torch's own 1x1 path.
+    """
+    gen = torch.Generator().manual_seed(k * p + batch)
+    crf = PacCrf(k, image_size=4 * p, patch_grid=p, window=window, iterations=1, feature_dim=16)
+    with torch.no_grad():
+        crf.compat.copy_(0.3 * torch.randn(crf.compat.shape, generator=gen))
+    feats = (0.5 * torch.randn(batch, 16, p, p, generator=gen)).requires_grad_()
+    q = torch.rand(batch, k, p, p, generator=gen).requires_grad_()
+    g_new, g_old = crf.kernel(feats), _kernel_full_gram(crf, feats)
+    torch.testing.assert_close(g_new, g_old, rtol=0, atol=2e-7)
+    up_g = torch.randn(g_new.shape, generator=gen)
+    (d_new,) = torch.autograd.grad(g_new, feats, up_g)
+    (d_old,) = torch.autograd.grad(g_old, feats, up_g)
+    torch.testing.assert_close(d_new, d_old, rtol=1e-5, atol=1e-6 * d_old.abs().max().item())
+
+    g = g_old.detach().requires_grad_()
+    m_new, m_old = crf.message(q, g), _message_gemm(crf, q, g)
+    assert m_new.shape == m_old.shape == (batch, k, p * p) and m_new.dtype == torch.float32
+    torch.testing.assert_close(m_new, m_old, rtol=0, atol=1e-5 * m_old.abs().max().item())
+    up = torch.randn(m_new.shape, generator=gen)
+    grads_new = torch.autograd.grad(m_new, [q, g, crf.compat], up)
+    grads_old = torch.autograd.grad(m_old, [q, g, crf.compat], up)
+    for a, b in zip(grads_new, grads_old, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def test_mean_field_is_float32_and_unchanged_under_cpu_autocast() -> None:
+    """Under bf16 autocast the mean field (kernel and messages, the 1x1 convolution included) still runs
+    in float32: bit for bit the result without autocast, forward and gradients."""
+    crf, image, unary = _crf(14, 16, 9, 3, seed=2)
+    feats = crf.branch(image).detach().requires_grad_()
+    outs = []
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = crf._mean_field(feats, unary, export=False)
+        assert logits.dtype == torch.float32
+        outs.append((logits, *torch.autograd.grad(logits.square().sum(), [feats, crf.compat])))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_window_view_by_hand() -> None:

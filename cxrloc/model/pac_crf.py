@@ -14,13 +14,14 @@ Finally two conv layers (conv -> ReLU -> BN, each; the paper's order) make a res
 of the logits; the last BN starts at weight = bias = 0, so a fresh CRF returns the unary
 probabilities exactly.
 
-Computation: ``G`` is evaluated once per forward: the squared feature distances of all patch
-pairs as one batched Gram matrix in float64, the ``window x window`` neighbourhood of every patch
-picked from it with a fixed index, ``exp`` in float32; each mean-field step multiplies ``G`` with
-the neighbours' ``q`` (windows taken as a strided view of the zero-padded grid, channels last) and
-contracts offsets and classes with ``W`` in one GEMM, in float32 also under autocast (only the
+Computation: ``G`` is evaluated once per forward: the dot products of all patch pairs as one
+batched Gram matrix in float64, the ``window x window`` neighbourhood of every patch picked from it
+with a fixed index, then the squared distances and ``exp`` (float32) on those entries only; each
+mean-field step multiplies ``G`` with the neighbours' ``q`` (windows taken as a strided view of the
+zero-padded grid, channels last) and contracts offsets and classes with ``W`` in one product (a
+``matmul`` on CUDA, a oneDNN 1x1 convolution on a CPU), in float32 also under autocast (only the
 guidance branch runs in the autocast dtype: bf16 messages moved z by up to 0.12 on a GPU). Plain
-torch ops only (``bmm``, ``index_select``, ``pad``, ``unfold``, ``matmul``, ``exp``). ONNX export
+torch ops only (``bmm``, ``index_select``, ``pad``, ``unfold``, ``matmul``, ``conv2d``, ``exp``). ONNX export
 traces the ``F.unfold`` layout instead (:meth:`PacCrf.kernel_cols`, :meth:`PacCrf.message_cols`):
 float32 differences of the neighbours' features, the formulation of cxrloc 0.1.0.
 """
@@ -142,6 +143,7 @@ class PacCrf(nn.Module):
         index, inside = _window_index(patch_grid, window)
         self.register_buffer("window_index", index, persistent=False)
         self.register_buffer("window_inside", inside, persistent=False)
+        self.register_buffer("window_neighbour", index % (patch_grid * patch_grid), persistent=False)
         self.refine = nn.Sequential(
             nn.Conv2d(num_classes, num_classes, kernel_size=3, padding=1),
             nn.ReLU(),
@@ -158,11 +160,12 @@ class PacCrf(nn.Module):
         """Gaussian affinities ``G`` of shape ``(B, P*P, window^2)`` in float32 (0 outside the image).
 
         Row ``j`` holds ``G(f_j, f_{j+o})`` for the ``window^2`` offsets ``o`` in row-major order.
-        The squared distances of all ``P^2 x P^2`` pairs come from one batched Gram matrix,
+        The squared distances come from one batched Gram matrix of all ``P^2 x P^2`` pairs,
         ``|f_j|^2 + |f_l|^2 - 2 f_j . f_l``, in float64 on features centred per image (distances do
         not change; the cancellation stays far below float32 rounding, and TF32 matmul settings do
-        not apply to float64); the window entries are then picked with a fixed index. This replaces
-        the ``(B, P, P, window, window, d)`` difference tensor (about 5x less time on a CPU, see
+        not apply to float64); its window entries are picked with a fixed index before the
+        element-wise work (half the time of doing it on all pairs, on a CPU). This replaces the
+        ``(B, P, P, window, window, d)`` difference tensor (about 5x less time on a CPU, see
         ``docs/results.md``).
         """
         b, d, p, _ = feats.shape
@@ -170,9 +173,12 @@ class PacCrf(nn.Module):
         f = feats.double().reshape(b, d, p * p)
         f = f - f.mean(dim=2, keepdim=True)
         sq = f.square().sum(dim=1)
-        d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(f.transpose(1, 2), f)
-        g = torch.exp(-0.5 * d2.clamp_min(0.0).float())  # (B, P*P, P*P), symmetric
-        return g.flatten(1).index_select(1, self.window_index).view(b, p * p, w * w) * self.window_inside
+        # Only the window entries of the Gram matrix go on: the element-wise work (and its backward)
+        # runs on (B, P*P, window^2) rather than (B, P*P, P*P), with the same arithmetic per entry.
+        dots = torch.bmm(f.transpose(1, 2), f).flatten(1).index_select(1, self.window_index)
+        neighbour_sq = sq.index_select(1, self.window_neighbour).view(b, p * p, w * w)
+        d2 = sq[:, :, None] + neighbour_sq - 2.0 * dots.view(b, p * p, w * w)
+        return torch.exp(-0.5 * d2.clamp_min(0.0).float()) * self.window_inside
 
     def message(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Sum over neighbours l and classes k' of ``G(j,l) W[k,k',offset] q(k',l)``: ``(B, K, P*P)``.
@@ -182,10 +188,18 @@ class PacCrf(nn.Module):
         """
         b, k, p, _ = q.shape
         w = self.window
-        # G times the neighbours' q, laid out (B, P, P, w, w, K') so that it is one GEMM operand as it is.
+        # G times the neighbours' q, laid out (B, P, P, w, w, K'): channels last for the contraction.
         weighted = g.view(b, p, p, w, w, 1) * _windows_last(_as(q, g.dtype), w)
-        compat = _as((self.compat * self.offset_mask).permute(2, 1, 0).reshape(w * w * k, k), g.dtype)
-        return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat).transpose(1, 2)
+        compat = _as((self.compat * self.offset_mask).permute(0, 2, 1).reshape(k, w * w * k), g.dtype)
+        if weighted.device.type != "cpu":
+            # One GEMM (float32 stays float32: cuBLAS matmul has TF32 off by default, cuDNN convs not).
+            return torch.matmul(weighted.reshape(b, p * p, w * w * k), compat.t()).transpose(1, 2)
+        # On a CPU the same contraction as a 1x1 convolution of the (B*P, w^2 K', 1, P) channels-last
+        # view: oneDNN's kernels, forward and both backward products, instead of MKL's GEMM with an
+        # outer dimension of K (2-4x slower on this shape on AMD CPUs, docs/results.md); a batch of
+        # B*P >= 16 keeps torch off its slow 1x1 path on one thread.
+        out = F.conv2d(weighted.view(b * p, 1, p, w * w * k).permute(0, 3, 1, 2), compat.view(k, -1, 1, 1))
+        return out.view(b, p, k, p).transpose(1, 2).reshape(b, k, p * p)
 
     def kernel_cols(self, feats: torch.Tensor) -> torch.Tensor:
         """:meth:`kernel` in the ``F.unfold`` layout ``(B, window^2, P*P)``, for ONNX export.
