@@ -1,7 +1,8 @@
 """Issue 19, part 1: the 0 / 50 / 100 % pool table from the runs of experiments/pool_table.sh.
 
-Every finished (run, fold) piece is evaluated once on its TEST fold (`cxrloc evaluate RUN --fold N
---metric both --geometry both`, skipped when its results.json exists), then:
+Every finished (run, fold) piece is calibrated on its validation images (`cxrloc calibrate`, the
+default count-matched operating point) and evaluated once on its TEST fold (`cxrloc evaluate RUN
+--fold N --metric both --geometry both`; both skipped when already written), then:
 
 - per method and pool fraction: mean AUROC of the 8 boxed classes, IoU and IoR accuracy (mean of the
   8 boxed classes) at T = 0.1 / 0.3 / 0.5, exact geometry (and the grid geometry in a second table);
@@ -49,6 +50,10 @@ def evaluated(out: Path, name: str, fold: int, stage_name: str, evaluate: bool) 
         return None
     res = stage / f"eval_fold{fold}" / "results.json"
     if not res.is_file() and evaluate:
+        if not (stage / f"fold_{fold}" / "calibration.json").is_file():  # the default operating point
+            cmd = ["cxrloc", "calibrate", str(stage), "--fold", str(fold)]
+            print("+", " ".join(cmd), file=sys.stderr)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         cmd = ["cxrloc", "evaluate", str(stage), "--fold", str(fold), "--metric", "both", "--geometry", "both"]
         print("+", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -43,8 +43,8 @@ piece() {  # piece NAME STAGE PREPARED FOLD ARGS...: one fold of one run, skippe
 }
 
 LI="--set loss=li2018 --set crf=false --set antialias=false --set position_bias=false"
-run() {  # run NAME PREPARED SEED METHOD STAGE: all five folds
-  local name=$1 prepared=$2 seed=$3 method=$4 stage=$5
+run() {  # run NAME STAGE PREPARED SEED METHOD: all five folds
+  local name=$1 stage=$2 prepared=$3 seed=$4 method=$5
   for f in 0 1 2 3 4; do
     if [ "$method" = m ]; then piece "$name" "$stage" "$prepared" "$f" --set seed="$seed"
     else piece "$name" "$stage" "$prepared" "$f" --set seed="$seed" $LI; fi
