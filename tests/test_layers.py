@@ -170,7 +170,6 @@ KNOWN_LONG: dict[str, int] = {
     "cxrloc/cli/prepare.py:register": 110,
     "cxrloc/cli/prepare.py:prepare_cmd": 101,
     "cxrloc/data/nih.py:read_data_entry": 88,
-    "cxrloc/demo.py:run_demo": 159,
     "cxrloc/evaluation/evaluate.py:evaluate_fold": 163,
     "cxrloc/evaluation/evaluate.py:results_json": 101,
     "cxrloc/evaluation/evaluate.py:evaluate": 122,
