@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 import os
 import platform
 import time
@@ -37,11 +36,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from rich import box
-from rich.table import Table
 
 from cxrloc import __version__
 from cxrloc.config import Config, make_config
+from cxrloc.demo_report import classification_summary, classification_table, print_outputs, summary_tables, table_rows
 from cxrloc.rundir import FoldDir, RunDir
 from cxrloc.utils import CxrlocError, check_writable_dir, console, write_json_atomic
 
@@ -94,6 +92,8 @@ def demo_settings(size: int = DEMO_SIZE, quick: bool = False) -> DemoSettings:
         "crf_iterations": 3,
         "crf_feature_dim": 8,
         "crf_branch_channels": 16,
+        # Batch 16 with lr 4e-3 costs a quarter less CPU but missed the target with two threads and with
+        # seed 1 (docs/results.md, "What the demo shows": issue 23), so the demo keeps 8 and 3e-3.
         "batch_size": 8,
         "epochs": 30,
         "lr": 3e-3,
@@ -119,86 +119,90 @@ def demo_settings(size: int = DEMO_SIZE, quick: bool = False) -> DemoSettings:
     return DemoSettings(150, 4, 0.6, 0.0, size, overrides, crf_overrides)
 
 
-def _step(name: str, timings: dict[str, float], fn: Callable[[], T]) -> T:
-    console.rule(f"[bold]{name}")
-    t0 = time.perf_counter()
-    out = fn()
-    timings[name] = round(time.perf_counter() - t0, 2)
-    return out
+DEMO_PHASES: tuple[str, ...] = (
+    "synthetic data", "prepare", "train unary", "fit thresholds (unary)", "calibrate (unary)", "train CRF",
+    "fit thresholds (CRF)", "calibrate (CRF)", "evaluate + report.html", "evaluate (unary model)",
+    "export ONNX + onnxruntime check", "overlays (predict)",
+)
+"""The demo's phases, in order: ``summary.json``'s ``timings_s`` and ``cpu_s`` have one entry each."""
 
 
-def _table_rows(results: dict[str, Any], method: str, metric: str) -> dict[str, Any]:
-    """Per-class (boxed) and mean accuracies of one method/metric from ``evaluate``'s results."""
-    block = results["summary"][method][metric]
-    return {
-        "per_class": {c: block["per_class_mean"][c] for c in results["boxed_classes"]},
-        "mean": block["boxed_mean"],
-    }
+class _Clock:
+    """Wall and CPU time (user + system, every thread of the process) of each phase of the demo.
 
-
-def _summary_tables(summary: dict[str, Any]) -> list[Table]:
-    """One table per metric: a row per boxed class and the mean; model, prior and per-T prior at each T.
-
-    The unary model's accuracies are in ``summary.json`` only, to keep the tables 80 columns wide.
+    ``start(name)`` ends the running phase and starts ``name``, printing a rule ``k/N name``; the keys
+    of ``wall`` and ``cpu`` are those numbered names.
     """
-    ts = summary["ts"]
-    tables = []
-    methods = {"model": "model", "prior": "prior", "prior_t": "per-T"}
-    for metric in ("iou", "ior"):
-        table = Table(
-            title=f"{metric.upper()} accuracy at T, {summary['test_images']} synthetic test images (fold 0)",
-            box=box.SIMPLE_HEAD,
-            padding=(0, 1),
-            collapse_padding=True,
-        )
-        table.add_column("class", no_wrap=True)
-        for label in methods.values():
-            for t in ts:
-                table.add_column(f"{label}\n{t:g}", justify="right", no_wrap=True)
-        for row, name in [(c, c) for c in summary["classes"]] + [(None, "mean")]:
-            cells = []
-            for method in methods:
-                block = summary["accuracy"][method][metric]
-                values = block["mean"] if row is None else block["per_class"][row]
-                cells += [_fmt(v) for v in values]
-            table.add_row(name, *cells, style="bold" if row is None else None)
-        tables.append(table)
-    return tables
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._running: tuple[str, float, float] | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        key = f"{DEMO_PHASES.index(name) + 1}/{len(DEMO_PHASES)} {name}"
+        console.rule(f"[bold]{key}")
+        self._running = (key, time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        if self._running is not None:
+            key, wall, cpu = self._running
+            self.wall[key] = round(time.perf_counter() - wall, 2)
+            self.cpu[key] = round(time.process_time() - cpu, 2)
+            self._running = None
+
+    def run(self, name: str, fn: Callable[[], T]) -> T:
+        """``fn()`` as phase ``name``."""
+        self.start(name)
+        out = fn()
+        self.stop()
+        return out
 
 
-def _classification(results: dict[str, Any], operating_point: str) -> dict[str, Any]:
-    """Per class AUROC, sensitivity, specificity and test positives, and calls per image, from ``evaluate``."""
-    s = results["summary"]
-    c = s["classification"]
-    return {
-        "operating_point": operating_point,
-        "per_class": {
-            name: {"positives": c["positives"][name], "auroc": s["auroc"]["mean"][name],
-                   "sensitivity": c["sensitivity"]["mean"][name], "specificity": c["specificity"]["mean"][name]}
-            for name in results["classes"]
-        },
-        "present_per_image": c["present_per_image"],
-        "labels_per_image": c["labels_per_image"],
-    }
+def process_cpu_seconds() -> float:
+    """CPU time (user + system) of this process since it started, what ``/usr/bin/time`` reports."""
+    try:
+        import resource
+    except ImportError:  # not on Windows: the CPU time since the interpreter started
+        return time.process_time()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
-def _classification_table(summary: dict[str, Any]) -> Table:
-    """Classes with a test positive: AUROC of 1'z, sensitivity and specificity at the operating point."""
-    c = summary["classification"]
-    table = Table(
-        title=f"Classification at the operating point, {summary['test_images']} synthetic test images (fold 0)",
-        box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
-    )
-    for col in ("class", "positives", "AUROC", "sensitivity", "specificity"):
-        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
-    for name, v in c["per_class"].items():
-        if v["positives"]:
-            table.add_row(name, str(v["positives"]), _fmt(v["auroc"]), _fmt(v["sensitivity"]), _fmt(v["specificity"]))
-    return table
+@dataclass(frozen=True)
+class _Plan:
+    """What one demo run does: where, on which data, with which configs."""
+
+    out: Path
+    data_format: str
+    seed: int
+    quick: bool
+    settings: DemoSettings
+    cfg: Config
+    crf_cfg: Config
+    run_root: RunDir
+
+    @property
+    def unary_run(self) -> Path:
+        return self.run_root.stage("unary").path
+
+    @property
+    def run(self) -> Path:
+        return self.run_root.stage("crf").path
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+@dataclass
+class _Outputs:
+    """What the demo's steps returned."""
+
+    data: Path
+    prepared: Path
+    calibration: Any
+    results: dict[str, Any]
+    unary_results: dict[str, Any]
+    onnx: Path
+    overlays: Any
 
 
 def run_demo(
@@ -226,6 +230,47 @@ def run_demo(
     Returns:
         The summary dict: accuracy table, target check, timings, outputs.
     """
+    plan = _plan(out_dir, size=size, quick=quick, seed=seed, data_format=data_format)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    clock = _Clock()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        outputs = _run_steps(plan, clock, progress)
+    finally:
+        clock.stop()
+        torch.set_num_threads(old_threads)
+    timings = {"wall_s": {**clock.wall, "total": round(time.perf_counter() - t_start, 1)},
+               "cpu_s": {**clock.cpu, "total": round(time.process_time() - cpu_start, 1),
+                         "process": round(process_cpu_seconds(), 1)}}
+    n_threads = torch.get_num_threads() if threads is None else threads
+    summary = _summary(plan, outputs, timings, n_threads)
+    write_json_atomic(plan.out / "summary.json", summary)
+    for table in [*summary_tables(summary), classification_table(summary)]:
+        console.print(table)
+    print_outputs(summary)
+    return summary
+
+
+def _plan(out_dir: str | os.PathLike[str], *, size: int, quick: bool, seed: int, data_format: str) -> _Plan:
+    """Check the arguments and the output folder; the demo's configs."""
+    settings = demo_settings(size, quick)
+    if data_format not in DEMO_FORMATS:
+        raise CxrlocError(f"--format {data_format!r}: use {' or '.join(DEMO_FORMATS)}.")
+    out = Path(out_dir)
+    run_root = RunDir(out / "run")
+    check_writable_dir(out, "--out")
+    if any(FoldDir.of(run_root.stage(s).path, 0).path.exists() for s in ("unary", "crf")):
+        raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
+    cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed,
+                                      "crf_epochs": settings.crf_overrides["epochs"], "joint_epochs": 0})
+    crf_cfg: Config = dataclasses.replace(cfg, **settings.crf_overrides)
+    return _Plan(out, data_format, seed, quick, settings, cfg, crf_cfg, run_root)
+
+
+def _run_steps(plan: _Plan, clock: _Clock, progress: bool) -> _Outputs:
+    """Every step of the pipeline, each timed by ``clock`` (see :data:`DEMO_PHASES`)."""
     from cxrloc.data.prepare import prepare
     from cxrloc.data.synthetic import generate_synthetic_coco, generate_synthetic_nih
     from cxrloc.evaluation.calibrate import calibrate_fold
@@ -235,65 +280,51 @@ def run_demo(
     from cxrloc.inference.predict import predict_files
     from cxrloc.training.runner import train_stages
 
-    settings = demo_settings(size, quick)
-    if data_format not in DEMO_FORMATS:
-        raise CxrlocError(f"--format {data_format!r}: use {' or '.join(DEMO_FORMATS)}.")
-    out = Path(out_dir)
-    run_root = RunDir(out / "run")
-    unary_run, run = run_root.stage("unary").path, run_root.stage("crf").path
-    check_writable_dir(out, "--out")
-    if FoldDir.of(run, 0).path.exists() or FoldDir.of(unary_run, 0).path.exists():
-        raise CxrlocError(f"{out} already holds a demo run; remove it or choose another --out.")
-    cfg: Config = make_config("cpu", {**settings.overrides, "seed": seed,
-                                      "crf_epochs": settings.crf_overrides["epochs"], "joint_epochs": 0})
-    crf_cfg: Config = dataclasses.replace(cfg, **settings.crf_overrides)
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    try:
-        generate = generate_synthetic_coco if data_format == "coco" else generate_synthetic_nih
-        data = _step(f"1/7 synthetic {data_format.upper()}-format data", timings, lambda: generate(
-            out / data_format, n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
-            size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
-        tables: dict[str, Any] = (
-            {"data_format": "coco", "boxes": data / "annotations.json", "labels": data / "labels.csv"}
-            if data_format == "coco" else {}
-        )
-        prepared = _step("2/7 prepare", timings, lambda: prepare(
-            data, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
-            seed=seed, workers=1, progress=progress, **tables))
-        fitted: dict[str, Any] = {}
+    out, settings, seed, size = plan.out, plan.settings, plan.seed, plan.settings.size
+    coco = plan.data_format == "coco"
+    generate = generate_synthetic_coco if coco else generate_synthetic_nih
+    data = clock.run("synthetic data", lambda: generate(
+        out / plan.data_format, n_patients=settings.n_patients, images_per_patient=settings.images_per_patient,
+        size=size, box_fraction=settings.box_fraction, seed=seed, progress=progress))
+    tables: dict[str, Any] = (
+        {"data_format": "coco", "boxes": data / "annotations.json", "labels": data / "labels.csv"} if coco else {})
+    prepared = clock.run("prepare", lambda: prepare(
+        data, out / "prepared", size=size, folds=5, unannotated_fraction=settings.unannotated_fraction,
+        seed=seed, workers=1, progress=progress, **tables))
+    fitted: dict[str, Any] = {}
+    names = {"unary": "unary", "crf": "CRF"}
 
-        def fit_and_calibrate(stage: str, fold_dir: FoldDir) -> None:
-            fit_thresholds(fold_dir.path, progress=progress)
-            fitted[stage] = calibrate_fold(fold_dir, progress=progress)
+    def fit_and_calibrate(stage: str, fold_dir: FoldDir) -> None:
+        clock.run(f"fit thresholds ({names[stage]})", lambda: fit_thresholds(fold_dir.path, progress=progress))
+        fitted[stage] = clock.run(f"calibrate ({names[stage]})", lambda: calibrate_fold(fold_dir, progress=progress))
+        if stage == "unary":
+            clock.start("train CRF")
 
-        _step("3/7 train: unary then CRF stage, thresholds fitted and calibrated after each", timings,
-              lambda: train_stages(prepared, run_root.path, 0, cfg, progress=progress,
-                                   stage_overrides={"crf": settings.crf_overrides}, after_stage=fit_and_calibrate))
-        calibration = fitted["crf"]
-        results = _step("4/7 evaluate", timings, lambda: evaluate(run, ts=DEMO_TS, progress=progress))
-        unary_results = _step("5/7 evaluate (unary model)", timings, lambda: evaluate(
-            unary_run, ts=DEMO_TS, progress=progress, html=False))  # a comparison row: no page needed
-        report = _step("6/7 export ONNX", timings, lambda: export_onnx(run, RunDir(run).export_path))
-        picks = _overlay_picks(_test_ids(run), prepared, settings.overlays)
-        if data_format == "coco":
-            files, gt = [str(data / i) for i in picks], data / "annotations.json"
-        else:
-            files, gt = [str(next(data.glob(f"images_*/images/{i}"))) for i in picks], data / "BBox_List_2017.csv"
-        overlays = _step("7/7 overlays", timings, lambda: predict_files(
-            files, report.path, out_dir=out / "overlays", boxes_csv=gt, progress=progress))
-    finally:
-        torch.set_num_threads(old_threads)
-    total = round(time.perf_counter() - t_start, 1)
+    clock.start("train unary")
+    train_stages(prepared, plan.run_root.path, 0, plan.cfg, progress=progress,
+                 stage_overrides={"crf": settings.crf_overrides}, after_stage=fit_and_calibrate)
+    results = clock.run("evaluate + report.html", lambda: evaluate(plan.run, ts=DEMO_TS, progress=progress))
+    unary_results = clock.run("evaluate (unary model)", lambda: evaluate(
+        plan.unary_run, ts=DEMO_TS, progress=progress, html=False))  # a comparison row: no page needed
+    report = clock.run("export ONNX + onnxruntime check", lambda: export_onnx(plan.run, RunDir(plan.run).export_path))
+    picks = _overlay_picks(_test_ids(plan.run), prepared, settings.overlays)
+    if coco:
+        files, gt = [str(data / i) for i in picks], data / "annotations.json"
+    else:
+        files, gt = [str(next(data.glob(f"images_*/images/{i}"))) for i in picks], data / "BBox_List_2017.csv"
+    overlays = clock.run("overlays (predict)", lambda: predict_files(
+        files, report.path, out_dir=out / "overlays", boxes_csv=gt, progress=progress))
+    return _Outputs(data, prepared, fitted["crf"], results, unary_results, report.path, overlays)
 
+
+def _accuracy(outputs: _Outputs) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The accuracy tables of the model, the unary model and both priors, and the check of the target."""
+    results = outputs.results
     accuracy = {
-        "model": {m: _table_rows(results, "model", m) for m in ("iou", "ior")},
-        "unary": {m: _table_rows(unary_results, "model", m) for m in ("iou", "ior")},
-        "prior": {m: _table_rows(results, "prior", m) for m in ("iou", "ior")},
-        "prior_t": {m: _table_rows(results, "prior_t", m) for m in ("iou", "ior")},
+        "model": {m: table_rows(results, "model", m) for m in ("iou", "ior")},
+        "unary": {m: table_rows(outputs.unary_results, "model", m) for m in ("iou", "ior")},
+        "prior": {m: table_rows(results, "prior", m) for m in ("iou", "ior")},
+        "prior_t": {m: table_rows(results, "prior_t", m) for m in ("iou", "ior")},
     }
     ti = DEMO_TS.index(TARGET_T)
     model_iou = accuracy["model"]["iou"]["mean"][ti]
@@ -302,15 +333,26 @@ def run_demo(
         (v for v in (accuracy["prior"]["iou"]["mean"][ti], accuracy["prior_t"]["iou"]["mean"][ti]) if v is not None),
         default=None,
     )
-    summary: dict[str, Any] = {
+    target = {
+        "T": TARGET_T, "metric": "iou", "required": TARGET_IOU, "model": model_iou, "prior": prior_iou,
+        "met": bool(model_iou is not None and model_iou >= TARGET_IOU and (prior_iou is None or model_iou > prior_iou)),
+    }
+    return accuracy, target
+
+
+def _summary(plan: _Plan, outputs: _Outputs, timings: dict[str, Any], threads: int) -> dict[str, Any]:
+    """``summary.json``'s content (docs/demo.md)."""
+    results, settings, run = outputs.results, plan.settings, plan.run
+    accuracy, target = _accuracy(outputs)
+    return {
         "version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
-        f"{torch.get_num_threads() if threads is None else threads} torch threads, {os.cpu_count()} CPUs",
-        "quick": quick,
-        "format": data_format,
-        "size": size,
-        "seed": seed,
+        f"{threads} torch threads, {os.cpu_count()} CPUs",
+        "quick": plan.quick,
+        "format": plan.data_format,
+        "size": settings.size,
+        "seed": plan.seed,
         "data": {
             "patients": settings.n_patients,
             "images": settings.n_patients * settings.images_per_patient,
@@ -322,44 +364,31 @@ def run_demo(
         "classes": list(results["boxed_classes"]),
         "ts": list(DEMO_TS),
         "accuracy": accuracy,
-        "classification": _classification(results, calibration.describe()),
+        "classification": classification_summary(results, outputs.calibration.describe()),
         "overlay_predictions": [
             {"image": Path(r["image"]).name, "present": {c["name"]: c["probability"] for c in r["classes"]
                                                          if c["present"]}}
-            for r in overlays.records
+            for r in outputs.overlays.records
         ],
-        "target": {
-            "T": TARGET_T,
-            "metric": "iou",
-            "required": TARGET_IOU,
-            "model": model_iou,
-            "prior": prior_iou,
-            "met": bool(
-                model_iou is not None and model_iou >= TARGET_IOU and (prior_iou is None or model_iou > prior_iou)
-            ),
-        },
-        "config": {"unary": cfg.to_dict(), "crf": crf_cfg.to_dict()},
-        "timings_s": {**timings, "total": total},
+        "target": target,
+        "config": {"unary": plan.cfg.to_dict(), "crf": plan.crf_cfg.to_dict()},
+        "timings_s": timings["wall_s"],
+        "cpu_s": timings["cpu_s"],
         "outputs": {
-            "data": str(data),
-            "prepared": str(prepared),
-            "unary_run": str(unary_run),
+            "data": str(outputs.data),
+            "prepared": str(outputs.prepared),
+            "unary_run": str(plan.unary_run),
             "run": str(run),
             "thresholds": str(FoldDir.of(run, 0).thresholds_json),
             "calibration": str(FoldDir.of(run, 0).calibration_json),
             "eval": results["out_dir"],
-            "unary_eval": unary_results["out_dir"],
-            "onnx": str(report.path),
-            "overlays": str(out / "overlays"),
-            "overlay_files": [str(p) for p in overlays.outputs if str(p).endswith(".png")],
-            "summary": str(out / "summary.json"),
+            "unary_eval": outputs.unary_results["out_dir"],
+            "onnx": str(outputs.onnx),
+            "overlays": str(plan.out / "overlays"),
+            "overlay_files": [str(p) for p in outputs.overlays.outputs if str(p).endswith(".png")],
+            "summary": str(plan.out / "summary.json"),
         },
     }
-    write_json_atomic(out / "summary.json", summary)
-    for table in [*_summary_tables(summary), _classification_table(summary)]:
-        console.print(table)
-    _print_outputs(summary)
-    return summary
 
 
 def _test_ids(run: Path) -> list[str]:
@@ -381,27 +410,3 @@ def _overlay_picks(test_ids: list[str], prepared: Path, count: int) -> list[str]
     picks += [i for i in sorted(test_ids) if i not in picks]
     return picks[:count]
 
-
-def _print_outputs(summary: dict[str, Any]) -> None:
-    t = summary["target"]
-    verdict = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
-    console.print(
-        f"Mean IoU accuracy at T={t['T']:g} over the {len(summary['classes'])} boxed classes: "
-        f"model {_fmt(t['model'])}, "
-        f"stronger prior {_fmt(t['prior'])} (target >= {t['required']:g}, above the prior: {verdict}). "
-        f"Total time {summary['timings_s']['total']:.0f} s."
-    )
-    c = summary["classification"]
-    console.print(
-        f"Classes called present per test image: {_fmt(c['present_per_image'])} (labelled findings per image: "
-        f"{_fmt(c['labels_per_image'])}); operating point: {c['operating_point']}."
-    )
-    o = summary["outputs"]
-    for label, key in (
-        (f"synthetic {summary['format'].upper()} data", "data"), ("prepared cache", "prepared"),
-        ("unary run", "unary_run"),
-        ("CRF run", "run"), ("thresholds", "thresholds"), ("calibration", "calibration"), ("evaluation", "eval"),
-        ("ONNX model", "onnx"), ("overlays", "overlays"),
-    ):
-        console.print(f"  {label:<20} {o[key]}")
-    console.print(f"Results saved to {o['summary']}")

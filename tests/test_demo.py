@@ -100,6 +100,15 @@ def test_quick_demo_summary_structure(quick_demo: tuple[Path, dict]) -> None:
     steps = [k for k in summary["timings_s"] if k != "total"]
     numbers = [k.split()[0] for k in steps]
     assert numbers == [f"{i}/{len(steps)}" for i in range(1, len(steps) + 1)], steps  # no two steps "5/8"
+    # CPU time per phase (every thread of the process), the same phases, each training stage apart.
+    from cxrloc.demo import DEMO_PHASES
+
+    assert [k.split(" ", 1)[1] for k in steps] == list(DEMO_PHASES)
+    cpu = summary["cpu_s"]
+    assert set(cpu) == {*summary["timings_s"], "process"}
+    assert all(v >= 0 for v in cpu.values()) and cpu["process"] >= cpu["total"] > 0
+    assert sum(cpu[k] for k in steps) <= cpu["total"] + 0.05 * len(steps)
+    assert cpu["3/12 train unary"] > 0 and cpu["6/12 train CRF"] > 0
 
     # The test set is fold 0's, counted independently from splits.json and the box list.
     splits = json.loads((Path(summary["outputs"]["prepared"]) / "splits.json").read_text())

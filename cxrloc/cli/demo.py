@@ -9,7 +9,7 @@ import typer
 EXAMPLE = """
 Example:
 
-  cxrloc demo --out demo_out            # about a minute of CPU time (docs/demo.md)
+  cxrloc demo --out demo_out            # about 65 s of CPU time (docs/demo.md)
 
   cxrloc demo --out /tmp/demo --quick   # a smoke run in well under a minute (accuracy not meaningful)
 

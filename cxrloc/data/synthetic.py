@@ -270,7 +270,8 @@ def _draw(images: list[SyntheticImage], targets: list[Path], size: int, progress
     def write(i: int) -> None:
         pixels = np.round(render(images[i].spec, size) * 255.0).astype(np.uint8)
         with atomic_path(targets[i]) as tmp:
-            Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+            # compress_level=1: a third of the encoding time of the default, files ~15 % larger
+            Image.fromarray(pixels, mode="L").save(tmp, format="PNG", compress_level=1)
 
     _run_with_progress(write, len(images), "Drawing synthetic X-rays", progress)
 

@@ -171,5 +171,6 @@ def write_curves(path: str | Path, history: Sequence[dict[str, Any]], *, title: 
     info = PngImagePlugin.PngInfo()
     info.add_text("Description", img.info["Description"])
     with atomic_path(path, "training curves") as tmp:
-        img.save(tmp, format="PNG", pnginfo=info)
+        # Rewritten after every epoch: compress_level=1 encodes in a third of the default time (~35 % larger).
+        img.save(tmp, format="PNG", pnginfo=info, compress_level=1)
     return Path(path)
