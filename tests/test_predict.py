@@ -160,9 +160,16 @@ def test_dicom_fixtures_map_back_to_their_frame(tiny_run, tmp_path: Path) -> Non
             for r in cls["regions"]:
                 assert all(0.0 <= v <= 1024.0 for v in r["box"])
                 assert all(abs(v / 128.0 - round(v / 128.0)) < 1e-6 for v in r["box"])  # 1024 / P=8
-    # MONOCHROME1 is displayed inverted, so the network sees a different picture.
+    # The two files store the same pixel bytes; MONOCHROME1 is displayed inverted, so the network must see
+    # the negative picture. Read through predict's own reader, the pictures are negatives of each other; and
+    # the maps differ (with the inversion lost, the same input would give the same maps bit for bit). How
+    # much they differ depends on how input-sensitive the tiny test model happens to be, so no size is asserted.
+    from cxrloc.data.imageio import read_image
+
+    a1, a2 = (read_image(f).astype(np.float64).ravel() for f in (DICOM1, DICOM2))
+    assert np.corrcoef(a1, a2)[0, 1] < -0.99
     m2, m1 = (np.load(out / f"{f.stem}.maps.npy") for f in files)
-    assert not np.allclose(m1, m2, atol=1e-3)
+    assert not np.array_equal(m1, m2)
 
 
 def test_checkpoint_and_onnx_agree_on_real_image(tiny_run, tmp_path: Path) -> None:
