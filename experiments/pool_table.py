@@ -29,7 +29,7 @@ from cxrloc.classes import BOXED_CLASSES
 
 RUN_RE = re.compile(r"^(m|li)_u(\d+)_s(\d+)$")
 TS = (0.1, 0.3, 0.5)
-LABEL = {"m": "method (recipe, --stage all)", "li": "li2018"}
+LABEL = {"m": "method", "li": "li2018"}
 
 
 def finished(out: Path, name: str, fold: int, stage: str) -> Path | None:
@@ -110,14 +110,14 @@ def ms(values: list[float]) -> str:
 
 def main_table(cells: dict, geometry: str) -> list[str]:
     g = "" if geometry == "exact" else "grid_"
-    head = ("| method | pool | folds × seeds | AUROC (8 boxed) | " + " | ".join(f"IoU T={t:g}" for t in TS)
+    head = ("| method | pool | folds × runs | AUROC (8 boxed) | " + " | ".join(f"IoU T={t:g}" for t in TS)
             + " | " + " | ".join(f"IoR T={t:g}" for t in TS) + " |")
     lines = [head, "|---|---|---|---|" + "---|" * 6]
     priors: dict[int, dict] = {}
     for (method, pct), folds in sorted(cells.items()):
         fs = sorted(folds)
         n = sum(len(folds[f]) for f in fs)
-        row = [LABEL[method], f"{pct} %", f"{len(fs)} folds, {n} runs",
+        row = [LABEL[method], f"{pct} %", f"{len(fs)} × {n}",
                ms([seed_mean(folds[f], "auroc")[0] for f in fs])]
         for m in ("iou", "ior"):
             row += [ms([seed_mean(folds[f], g + m)[j] for f in fs]) for j in range(3)]
@@ -213,7 +213,9 @@ def main() -> None:
             text += f"### {title}\n\n" + report(cells) + "\n"
     print(text)
     if args.out:
-        args.out.write_text(text)
+        args.out.write_text("# The unboxed pool on real data: tables (issue 19, part 1)\n\nWritten by `python "
+                            f"experiments/pool_table.py {args.runs}` from the pieces finished so far (see "
+                            "docs/results.md, \"The paper's premise on real data\").\n\n" + text)
 
 
 if __name__ == "__main__":
