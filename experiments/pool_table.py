@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from seed_table import fmt_ms  # experiments/ is on sys.path when this script runs
+
 from cxrloc.classes import BOXED_CLASSES
 
 RUN_RE = re.compile(r"^(m|li)_u(\d+)_s(\d+)$")
@@ -102,10 +104,8 @@ def seed_mean(by_seed: dict[int, dict], key: str) -> list[float]:
 
 
 def ms(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    m = statistics.mean(values)
-    return f"{m:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{m:.3f}"
+    """Mean ± sample std as seed_table.py writes it, ``n/a`` for no value."""
+    return fmt_ms(values) if values else "n/a"
 
 
 def main_table(cells: dict, geometry: str) -> list[str]:
