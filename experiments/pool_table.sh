@@ -13,7 +13,8 @@
 # OUT/pieces/), an interrupted one continues with --resume. Run it again with the same OUT_DIR to go on.
 # Pieces are ordered so that the most informative cells finish first.
 #
-# Usage: bash experiments/pool_table.sh OUT_DIR QUEUE   (QUEUE a or b: two queues, one core each)
+# Usage: bash experiments/pool_table.sh OUT_DIR QUEUE   (QUEUE a or b: two queues, one core each;
+#        c: everything on one core, the unary table first; queues may run together, a piece at a time)
 #        python experiments/pool_table.py OUT_DIR        (the tables from whatever has finished)
 set -euo pipefail
 OUT=${1:-runs/pool}
@@ -33,12 +34,14 @@ piece() {  # piece NAME STAGE PREPARED FOLD ARGS...: one fold of one run, skippe
   local name=$1 stage=$2 prepared=$3 fold=$4; shift 4
   local marker="$OUT/pieces/${name}_${stage}_fold$fold" out="$OUT/$name" resume=""
   [ -f "$marker" ] && return 0
+  exec 9>"$marker.lock"                      # two queues never train the same piece at once
+  flock -n 9 || { echo "$(date -u +%FT%TZ) skip  $name $stage fold $fold (another queue has it)"; return 0; }
   [ "$stage" = unary ] && out="$OUT/$name/unary"
   if [ -e "$out/fold_$fold/config.json" ] || [ -e "$out/unary/fold_$fold/config.json" ]; then resume="--resume"; fi
   echo "$(date -u +%FT%TZ) start $name $stage fold $fold $resume"
   cxrloc train "$OUT/$prepared" --out "$out" --fold "$fold" --quiet --stage "$stage" $resume \
     --preset cpu --set val_seed=0 "$@"
-  touch "$marker"
+  touch "$marker"; exec 9>&-; rm -f "$marker.lock"
   echo "$(date -u +%FT%TZ) done  $name $stage fold $fold"
 }
 
@@ -59,6 +62,10 @@ elif [ "$QUEUE" = b ]; then
   run m_u0_s1 all u0 1 m; run li_u100_s0 unary u100 0 li; run m_u100_s1 unary u100 1 m
   run li_u0_s1 unary u0 1 li; run li_u100_s1 unary u100 1 li; run m_u50_s1 unary u50 1 m
   run li_u50_s1 unary u50 1 li; run m_u100_s1 all u100 1 m
+elif [ "$QUEUE" = c ]; then  # one core: what a and b have left, the 2-seed unary table first
+  run m_u100_s1 unary u100 1 m; run li_u0_s1 unary u0 1 li; run li_u100_s1 unary u100 1 li
+  run li_u50_s0 unary u50 0 li; run m_u50_s0 unary u50 0 m; run li_u50_s1 unary u50 1 li
+  run m_u50_s1 unary u50 1 m; run m_u100_s0 all u100 0 m; run m_u100_s1 all u100 1 m
 else
-  echo "QUEUE must be a or b, got $QUEUE" >&2; exit 2
+  echo "QUEUE must be a, b or c, got $QUEUE" >&2; exit 2
 fi
