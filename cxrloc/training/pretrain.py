@@ -42,7 +42,7 @@ from cxrloc.data.pretrain_augment import ViewSpec, make_views
 from cxrloc.data.pretrain_images import ImageCache, build_cache, find_pretrain_images
 from cxrloc.model.backbone import create_backbone
 from cxrloc.training.loop import LOADER_SEED_STRIDE
-from cxrloc.training.runtime import deterministic, isolated_rng, resolve_device
+from cxrloc.training.runtime import deterministic, fused_ok, isolated_rng, resolve_device
 from cxrloc.utils import (
     CxrlocError,
     atomic_path,
@@ -230,7 +230,9 @@ def pretrain(
         model = build_simclr(cfg, opts).to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        params = list(model.parameters())
+        fused = fused_ok(params) or None
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=fused)
         run = _Run(cfg, opts, model, optimizer, cache, device, autocast_dtype(cfg, device), out, work, [])
         start = 0
         if state is not None:

@@ -18,6 +18,7 @@ from cxrloc.geometry import class_box_masks
 from cxrloc.model.net import CXRLocNet
 from cxrloc.rundir import FoldDir, resolve_checkpoint, start_fold
 from cxrloc.thresholds import Thresholds, box_patch_counts
+from cxrloc.training.runtime import fused_ok
 from cxrloc.utils import CxrlocError
 
 RESUME_CHANGEABLE: tuple[str, ...] = (
@@ -89,9 +90,8 @@ def set_train_mode(model: CXRLocNet, stage: str) -> None:
 
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused_ok(params) or None)
 
 
 
