@@ -29,9 +29,9 @@ from seed_table import fmt_ms  # experiments/ is on sys.path when this script ru
 
 from cxrloc.classes import BOXED_CLASSES
 
-RUN_RE = re.compile(r"^(m|li)_u(\d+)_s(\d+)$")
+RUN_RE = re.compile(r"^(?:(m|li)_u(\d+)|(cand))_s(\d+)$")  # cand_s*: experiments/recipe_candidate.sh (100 %)
 TS = (0.1, 0.3, 0.5)
-LABEL = {"m": "method", "li": "li2018"}
+LABEL = {"m": "method", "li": "li2018", "cand": "candidate (BCE init + image_bce)"}
 
 
 def finished(out: Path, name: str, fold: int, stage: str) -> Path | None:
@@ -84,11 +84,18 @@ def fold_values(result: dict) -> dict[str, list[float] | float]:
     return out
 
 
-def collect(out: Path, stage: str, evaluate: bool) -> dict[tuple[str, int], dict[int, dict[int, dict]]]:
-    """``{(method, percent): {fold: {seed: values}}}`` of every finished piece of ``stage``."""
+def collect(out: Path, stage: str, evaluate: bool, candidate: bool = False
+            ) -> dict[tuple[str, int], dict[int, dict[int, dict]]]:
+    """``{(method, percent): {fold: {seed: values}}}`` of every finished piece of ``stage``; the part-3
+    candidate (``cand_s*``, full recipe only) only with ``candidate`` (its test folds are read after the
+    rule of experiments/candidate_decision.py has been applied on validation images)."""
     cells: dict[tuple[str, int], dict[int, dict[int, dict]]] = {}
     for run in sorted(p for p in out.iterdir() if p.is_dir() and RUN_RE.match(p.name)):
-        method, pct, seed = RUN_RE.match(run.name).groups()
+        method, pct, cand, seed = RUN_RE.match(run.name).groups()
+        if cand:
+            if not candidate or stage != "all":
+                continue
+            method, pct = "cand", "100"
         for fold in range(5):
             result = evaluated(out, run.name, fold, stage, evaluate)
             if result is not None:
@@ -173,6 +180,10 @@ def report(cells: dict) -> str:
         row = paired(cells, ("m", pct), ("li", pct))
         if row:
             lines.append(row)
+    for b in (("m", 0), ("m", 100)):
+        row = paired(cells, ("cand", 100), b)
+        if row:
+            lines.append(row)
     lines += ["", "#### Mass and Nodule at T = 0.1 (IoU), against the stronger prior; calls per image\n",
               "| method | pool | Mass | Nodule | prior Mass | prior Nodule | present / image | labels / image |",
               "|---|---|---|---|---|---|---|---|"]
@@ -203,12 +214,14 @@ def main() -> None:
     ap.add_argument("runs", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-evaluate", action="store_true", help="only read results.json already written")
+    ap.add_argument("--with-candidate", action="store_true",
+                    help="add the part-3 candidate (cand_s*) to the full-recipe table: reads its test folds")
     args = ap.parse_args()
     check_folds(args.runs)
     text = ""
     for stage, title in (("unary", "Unary stage (16 epochs) for both methods"),
                          ("all", "The full recipe (`--stage all`: unary, CRF, joint); li2018 as trained (unary)")):
-        cells = collect(args.runs, stage, not args.no_evaluate)
+        cells = collect(args.runs, stage, not args.no_evaluate, args.with_candidate)
         if any(m == "m" for m, _ in cells):
             text += f"### {title}\n\n" + report(cells) + "\n"
     print(text)
