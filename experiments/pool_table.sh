@@ -55,6 +55,7 @@ run() {  # run NAME STAGE PREPARED SEED METHOD: all five folds
 }
 
 prep 0 u0; prep 1 u100; prep 0.5 u50
+[ "$QUEUE" = prep ] && exit 0  # only the three prepared folders
 if [ "$QUEUE" = a ]; then
   run m_u0_s0 all u0 0 m; run li_u0_s0 unary u0 0 li; run m_u100_s0 unary u100 0 m
   run li_u50_s0 unary u50 0 li; run m_u50_s0 unary u50 0 m; run m_u100_s0 all u100 0 m
