@@ -36,6 +36,7 @@ piece() {  # piece NAME STAGE PREPARED FOLD ARGS...: one fold of one run, skippe
   [ -f "$marker" ] && return 0
   exec 9>"$marker.lock"                      # two queues never train the same piece at once
   flock -n 9 || { echo "$(date -u +%FT%TZ) skip  $name $stage fold $fold (another queue has it)"; return 0; }
+  [ -f "$marker" ] && { exec 9>&-; return 0; }  # finished by another queue between the check and the lock
   [ "$stage" = unary ] && out="$OUT/$name/unary"
   if [ -e "$out/fold_$fold/config.json" ] || [ -e "$out/unary/fold_$fold/config.json" ]; then resume="--resume"; fi
   echo "$(date -u +%FT%TZ) start $name $stage fold $fold $resume"
