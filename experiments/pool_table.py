@@ -11,8 +11,15 @@ default count-matched operating point) and evaluated once on its TEST fold (`cxr
 - paired fold-by-fold differences (100 % - 0 %, 50 % - 0 %, method - li2018) over the folds and seeds
   that both sides have finished.
 
+Every piece's values are also written to a small JSON record (``--record``, default
+``docs/results_pool_pieces.json``, committed): the runs folder is large and does not outlive a
+session's machine, the record does. Pieces in the record that are not in the runs folder are added
+to the tables (a piece in both is taken from the runs folder), so a later session that reruns only
+the missing pieces still gets the whole table.
+
 Usage:
     python experiments/pool_table.py runs/pool [--out docs/results_pool_table.md] [--no-evaluate]
+                                               [--record docs/results_pool_pieces.json]
 """
 
 from __future__ import annotations
@@ -101,6 +108,34 @@ def collect(out: Path, stage: str, evaluate: bool, candidate: bool = False
             if result is not None:
                 cells.setdefault((method, int(pct)), {}).setdefault(fold, {})[int(seed)] = fold_values(result)
     return cells
+
+
+def merge_record(cells: dict, record: Path, stage: str, candidate: bool) -> int:
+    """Add the pieces of ``record`` (written by an earlier run of this script) that ``cells`` lacks;
+    returns how many were added."""
+    if not record.is_file():
+        return 0
+    added = 0
+    for row in json.loads(record.read_text())["pieces"]:
+        if row["stage"] != stage or (row["method"] == "cand" and not candidate):
+            continue
+        by_seed = cells.setdefault((row["method"], row["pct"]), {}).setdefault(row["fold"], {})
+        if row["seed"] not in by_seed:
+            by_seed[row["seed"]] = row["values"]
+            added += 1
+    return added
+
+
+def write_record(record: Path, all_cells: dict[str, dict]) -> None:
+    """Every piece's values, one row per (stage, method, pool, fold, seed); written atomically."""
+    rows = [{"stage": stage, "method": m, "pct": pct, "fold": fold, "seed": seed, "values": vals}
+            for stage, cells in all_cells.items()
+            for (m, pct), folds in sorted(cells.items())
+            for fold, seeds in sorted(folds.items())
+            for seed, vals in sorted(seeds.items())]
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"written_by": "experiments/pool_table.py", "pieces": rows}, indent=1) + "\n")
+    tmp.replace(record)
 
 
 def seed_mean(by_seed: dict[int, dict], key: str) -> list[float]:
@@ -216,15 +251,30 @@ def main() -> None:
     ap.add_argument("--no-evaluate", action="store_true", help="only read results.json already written")
     ap.add_argument("--with-candidate", action="store_true",
                     help="add the part-3 candidate (cand_s*) to the full-recipe table: reads its test folds")
+    ap.add_argument("--record", type=Path, default=Path("docs/results_pool_pieces.json"),
+                    help="per-piece values: read (pieces the runs folder lacks) and rewritten")
     args = ap.parse_args()
     check_folds(args.runs)
     text = ""
+    all_cells: dict[str, dict] = {}
     for stage, title in (("unary", "Unary stage (16 epochs) for both methods"),
                          ("all", "The full recipe (`--stage all`: unary, CRF, joint); li2018 as trained (unary)")):
         cells = collect(args.runs, stage, not args.no_evaluate, args.with_candidate)
+        added = merge_record(cells, args.record, stage, args.with_candidate)
+        if added:
+            print(f"{stage}: {added} pieces from {args.record}", file=sys.stderr)
+        all_cells[stage] = cells
         if any(m == "m" for m, _ in cells):
             text += f"### {title}\n\n" + report(cells) + "\n"
     print(text)
+    if args.record:
+        if args.record.is_file() and not args.with_candidate:  # keep the candidate's recorded rows
+            old = json.loads(args.record.read_text())["pieces"]
+            for row in old:
+                if row["method"] == "cand":
+                    all_cells[row["stage"]].setdefault(("cand", row["pct"]), {}).setdefault(
+                        row["fold"], {}).setdefault(row["seed"], row["values"])
+        write_record(args.record, all_cells)
     if args.out:
         args.out.write_text("# The unboxed pool on real data: tables (issue 19, part 1)\n\nWritten by `python "
                             f"experiments/pool_table.py {args.runs}` from the pieces finished so far (see "

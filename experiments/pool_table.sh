@@ -14,7 +14,8 @@
 # Pieces are ordered so that the most informative cells finish first.
 #
 # Usage: bash experiments/pool_table.sh OUT_DIR QUEUE   (QUEUE a or b: two queues, one core each;
-#        c: everything on one core, the unary table first; queues may run together, a piece at a time)
+#        c: everything on one core, the unary table first; d: seed 1 at 50 % and 0 % (unary);
+#        queues may run together, a piece at a time)
 #        python experiments/pool_table.py OUT_DIR        (the tables from whatever has finished)
 set -euo pipefail
 OUT=${1:-runs/pool}
@@ -68,6 +69,10 @@ elif [ "$QUEUE" = c ]; then  # one core: what a and b have left, the 2-seed unar
   run m_u100_s1 unary u100 1 m; run li_u0_s1 unary u0 1 li; run li_u100_s1 unary u100 1 li
   run li_u50_s0 unary u50 0 li; run m_u50_s0 unary u50 0 m; run li_u50_s1 unary u50 1 li
   run m_u50_s1 unary u50 1 m; run m_u100_s0 all u100 0 m; run m_u100_s1 all u100 1 m
+elif [ "$QUEUE" = d ]; then  # the second seed at 50 %, then its 0 % partners (2026-12-07: the runs
+  # folder of 12-06 did not survive; its pieces' values are in docs/results_pool_pieces.json)
+  run li_u50_s1 unary u50 1 li; run m_u50_s1 unary u50 1 m; run li_u0_s1 unary u0 1 li
+  run m_u0_s1 unary u0 1 m
 else
-  echo "QUEUE must be a, b or c, got $QUEUE" >&2; exit 2
+  echo "QUEUE must be a, b, c or d, got $QUEUE" >&2; exit 2
 fi
