@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrloc import __version__
+from cxrloc import __version__, precision
 from cxrloc.config import Config, make_config
 from cxrloc.data.pretrain_augment import ViewSpec, make_views
 from cxrloc.data.pretrain_images import ImageCache, build_cache, find_pretrain_images
@@ -139,20 +139,13 @@ def learning_rate(opts: PretrainOptions, step: int, steps_per_epoch: int) -> flo
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast: ``amp=bf16``, or ``auto`` where the device computes bf16 natively; else float32."""
+    """bf16 autocast: ``amp=bf16``, or ``auto`` where the device computes bf16 natively (the rule of
+    :func:`cxrloc.precision.autocast_dtype`, as for ``train``); else float32. A GPU without bf16 gets
+    float32 here, not fp16: SimCLR's loss would need loss scaling."""
     if cfg.amp == "fp16":
         raise CxrlocError("pretrain supports amp=bf16, auto or off (fp16 would need loss scaling); use --set amp=bf16.")
-    if cfg.amp == "bf16":
-        return torch.bfloat16
-    if cfg.amp == "off":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
-    except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else None
+    dtype = precision.autocast_dtype(cfg.amp, device)
+    return dtype if dtype == torch.bfloat16 else None
 
 
 def build_simclr(cfg: Config, opts: PretrainOptions) -> SimCLRNet:
