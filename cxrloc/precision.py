@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cxrloc.utils import CxrlocError
+from cxrloc.utils import CxrlocError, console
 
 
 @functools.cache
@@ -53,7 +53,19 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if amp == "fp16" and device.type != "cuda":
         raise CxrlocError("amp=fp16 needs CUDA; on CPU use amp=bf16 or amp=off.")
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        _warn_emulated_bf16()
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    """Once per process: forced bf16 on a CPU that emulates it is many times slower than float32."""
+    console.print(
+        "[yellow]Warning:[/yellow] amp=bf16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): "
+        "bfloat16 is emulated here, about 12x slower than float32 on an AVX2 CPU (docs/training.md, "
+        '"Mixed precision"). Use --set amp=auto (float32 on this CPU) unless you mean to test bf16.'
+    )
 
 
 def use_channels_last(setting: str, device: torch.device) -> bool:

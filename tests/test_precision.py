@@ -54,6 +54,23 @@ def test_native_bf16_detection_agrees_with_proc_cpuinfo() -> None:
     assert cpu_has_native_bf16() == want
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_forced_bf16_warns_once_only_where_it_is_emulated(native: bool, monkeypatch, capsys) -> None:
+    """On an AVX2 CPU bf16 autocast measured 12x slower than float32 (docs/results.md): forcing it
+    there is almost always a mistake, so it says so, once per process; ``auto`` and native CPUs are
+    silent."""
+    import cxrloc.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    precision._warn_emulated_bf16.cache_clear()
+    assert precision.autocast_dtype("bf16", CPU) == torch.bfloat16
+    assert precision.autocast_dtype("bf16", CPU) == torch.bfloat16
+    assert precision.autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    err = capsys.readouterr().err
+    assert err.count("amp=bf16 on a CPU without native bfloat16") == (0 if native else 1)
+    precision._warn_emulated_bf16.cache_clear()
+
+
 def test_amp_and_channels_last_rules() -> None:
     assert autocast_dtype("auto", CPU) == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert autocast_dtype("off", CPU) is None
