@@ -110,13 +110,17 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(prep: P
     moved = sum(not torch.equal(init[k], b[k]) for k in params if k.startswith("unary."))
     assert moved > 10, "training did not change the weights: the comparison would be vacuous"
     # Adam normalises each gradient, so float reductions summed in another order (two processes,
-    # other thread counts) can move a weight whose gradient is ~0 by up to lr per step. Compare the
-    # disagreement with the training's own movement: without gradient averaging the two runs
-    # would differ by about as much as they moved.
+    # other thread counts, another CPU's kernels) can move a weight whose gradient is ~0 by up to lr
+    # per step. Compare the disagreement with the training's own movement, tensor by tensor, as a
+    # norm (one such weight must not decide it; on an AVX2 CPU one element of a layer-4 kernel
+    # differed by 5.5 % of that kernel's largest move) and, looser, element-wise: without gradient
+    # averaging the two runs would differ by about as much as they moved.
     for k in params:
+        moved_norm, diff_norm = (b[k] - init[k]).norm().item(), (a[k] - b[k]).norm().item()
         update = (b[k] - init[k]).abs().max().item()
         diff = (a[k] - b[k]).abs().max().item()
-        assert diff <= 1e-5 + 0.05 * update, f"{k}: processes disagree by {diff:.2e}, moved {update:.2e}"
+        assert diff_norm <= 1e-5 + 0.05 * moved_norm, f"{k}: processes disagree by {diff_norm:.2e}, moved {moved_norm:.2e}"
+        assert diff <= 1e-5 + 0.25 * update, f"{k}: an element differs by {diff:.2e}, the largest move {update:.2e}"
     run = json.loads((tmp_path / "ddp" / "fold_0" / "run.json").read_text())
     assert run["world_size"] == 2
 
