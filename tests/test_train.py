@@ -119,7 +119,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(prep: P
         moved_norm, diff_norm = (b[k] - init[k]).norm().item(), (a[k] - b[k]).norm().item()
         update = (b[k] - init[k]).abs().max().item()
         diff = (a[k] - b[k]).abs().max().item()
-        assert diff_norm <= 1e-5 + 0.05 * moved_norm, f"{k}: processes disagree by {diff_norm:.2e}, moved {moved_norm:.2e}"
+        assert diff_norm <= 1e-5 + 0.05 * moved_norm, f"{k}: disagree by {diff_norm:.2e}, moved {moved_norm:.2e}"
         assert diff <= 1e-5 + 0.25 * update, f"{k}: an element differs by {diff:.2e}, the largest move {update:.2e}"
     run = json.loads((tmp_path / "ddp" / "fold_0" / "run.json").read_text())
     assert run["world_size"] == 2
