@@ -110,13 +110,16 @@ def collect(out: Path, stage: str, evaluate: bool, candidate: bool = False
     return cells
 
 
-def merge_record(cells: dict, record: Path, stage: str, candidate: bool) -> int:
-    """Add the pieces of ``record`` (written by an earlier run of this script) that ``cells`` lacks;
+def read_record(record: Path) -> list[dict]:
+    """The rows written by an earlier run of this script (:func:`write_record`); none without the file."""
+    return json.loads(record.read_text())["pieces"] if record.is_file() else []
+
+
+def merge_record(cells: dict, rows: list[dict], stage: str, candidate: bool) -> int:
+    """Add the recorded pieces of ``stage`` that ``cells`` lacks (the candidate's only with ``candidate``);
     returns how many were added."""
-    if not record.is_file():
-        return 0
     added = 0
-    for row in json.loads(record.read_text())["pieces"]:
+    for row in rows:
         if row["stage"] != stage or (row["method"] == "cand" and not candidate):
             continue
         by_seed = cells.setdefault((row["method"], row["pct"]), {}).setdefault(row["fold"], {})
@@ -255,26 +258,21 @@ def main() -> None:
                     help="per-piece values: read (pieces the runs folder lacks) and rewritten")
     args = ap.parse_args()
     check_folds(args.runs)
+    rows = read_record(args.record)
     text = ""
     all_cells: dict[str, dict] = {}
     for stage, title in (("unary", "Unary stage (16 epochs) for both methods"),
                          ("all", "The full recipe (`--stage all`: unary, CRF, joint); li2018 as trained (unary)")):
         cells = collect(args.runs, stage, not args.no_evaluate, args.with_candidate)
-        added = merge_record(cells, args.record, stage, args.with_candidate)
+        added = merge_record(cells, rows, stage, args.with_candidate)
         if added:
             print(f"{stage}: {added} pieces from {args.record}", file=sys.stderr)
-        all_cells[stage] = cells
         if any(m == "m" for m, _ in cells):
             text += f"### {title}\n\n" + report(cells) + "\n"
+        merge_record(cells, rows, stage, candidate=True)  # the record keeps the candidate's rows either way
+        all_cells[stage] = cells
     print(text)
-    if args.record:
-        if args.record.is_file() and not args.with_candidate:  # keep the candidate's recorded rows
-            old = json.loads(args.record.read_text())["pieces"]
-            for row in old:
-                if row["method"] == "cand":
-                    all_cells[row["stage"]].setdefault(("cand", row["pct"]), {}).setdefault(
-                        row["fold"], {}).setdefault(row["seed"], row["values"])
-        write_record(args.record, all_cells)
+    write_record(args.record, all_cells)
     if args.out:
         args.out.write_text("# The unboxed pool on real data: tables (issue 19, part 1)\n\nWritten by `python "
                             f"experiments/pool_table.py {args.runs}` from the pieces finished so far (see "
