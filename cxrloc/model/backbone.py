@@ -16,7 +16,7 @@ from torchvision.models import resnet as tv_resnet
 
 from cxrloc.config import OUTPUT_STRIDES
 from cxrloc.model.blurpool import BlurConv2d, BlurPool2d
-from cxrloc.model.stem_conv import StemConv2d
+from cxrloc.model.cpu_conv import use_cpu_convs
 from cxrloc.utils import CxrlocError
 
 _ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
@@ -55,8 +55,7 @@ class ResNetBackbone(nn.Module):
         self.output_stride = output_stride
         block, layers = _ARCHS[arch]
         self.inplanes = width
-        # StemConv2d: an nn.Conv2d whose weight gradient is faster on a CPU (cxrloc/model/stem_conv.py).
-        self.conv1 = StemConv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -232,4 +231,6 @@ def create_backbone(
     # Anti-aliasing is applied after loading: it keeps every parameter and only adds fixed filters.
     if antialias:
         make_antialiased(net, blur_size)
+    # Faster weight gradients when training on a CPU; a plain nn.Conv2d elsewhere (cxrloc/model/cpu_conv.py).
+    use_cpu_convs(net)
     return net, net.out_channels

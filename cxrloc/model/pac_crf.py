@@ -34,8 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrloc.model.stem_conv import StemConv2d
-
 
 def _windows_last(x: torch.Tensor, window: int) -> torch.Tensor:
     """The ``window x window`` neighbourhoods of every position, channels last, as a strided view.
@@ -72,10 +70,8 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
-    # On the image (one channel, no gradient) the weight gradient is faster as im2col + GEMM on a CPU.
-    conv = StemConv2d if cin == 1 else nn.Conv2d
     return nn.Sequential(
-        conv(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
