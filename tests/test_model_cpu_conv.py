@@ -13,10 +13,9 @@ from PIL import Image
 from torch import nn
 
 from cxrloc.config import make_config
-from cxrloc.model import cpu_conv
 from cxrloc.model.backbone import create_backbone
 from cxrloc.model.blurpool import BlurConv2d
-from cxrloc.model.cpu_conv import ALGORITHMS, CpuConv2d, use_cpu_convs, weight_gradient
+from cxrloc.model.cpu_conv import THIN_INPUT, CpuConv2d, use_cpu_convs, weight_gradient
 from cxrloc.model.net import build_model
 
 REAL_IMAGE = next((Path(__file__).resolve().parent / "fixtures" / "real" / "tbx11k" / "imgs").rglob("*.png"))
@@ -46,29 +45,10 @@ def _torch_grads(x: torch.Tensor, conv: nn.Conv2d, go: torch.Tensor) -> tuple[to
     return torch.autograd.grad(y, (x, conv.weight), go)
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(16, 12, 12, 24), (5, 9, 14, 3)])  # (C, H, W, O); odd, non-square
-def test_every_3x3_weight_gradient_algorithm_matches_torch(name: str, channels_last: bool, shape: tuple) -> None:
-    c, h, w, o = shape
-    conv = nn.Conv2d(c, o, 3, padding=1, bias=False)
-    x = _real_features(c, h, w)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        conv.to(memory_format=torch.channels_last)
-    go = torch.randn(x.shape[0], o, h, w, generator=torch.Generator().manual_seed(3))
-    if channels_last:
-        go = go.contiguous(memory_format=torch.channels_last)
-    _, want = _torch_grads(x, conv, go)
-    got = ALGORITHMS[name](x, go, conv.weight.detach(), ((1, 1), (1, 1), (1, 1), 1))
-    assert got.shape == want.shape
-    # Sums of B*H*W float32 products in another order: bounded relative to the gradient's scale.
-    assert (got - want).abs().max() <= 2e-5 * want.abs().max()
-
-
 def test_weight_gradient_against_a_float64_sum() -> None:
     """An independent computation: d/dw sum(go * conv(x, w)) = sum over b, y, x of go times the input
-    patch, with explicit float64 patches; for the thin-input path (stride 2) and each 3x3 algorithm."""
+    patch, with explicit float64 patches; for the thin-input path (im2col + GEMM) at strides 1 and 2, and
+    for oneDNN's path (the same function on a wider input)."""
     x = _real_features(3, 9, 7)
     go = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(2))
     xp = F.pad(x.double(), (1, 1, 1, 1))
@@ -78,9 +58,12 @@ def test_weight_gradient_against_a_float64_sum() -> None:
             for j in range(7):
                 want += go[b, :, i, j].double()[:, None, None, None] * xp[b, None, :, i : i + 3, j : j + 3]
     weight = torch.zeros(4, 3, 3, 3)
-    for name, fn in ALGORITHMS.items():
-        got = fn(x, go, weight, ((1, 1), (1, 1), (1, 1), 1))
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    got = weight_gradient(x, go, weight, ((1, 1), (1, 1), (1, 1), 1))  # 3 channels <= THIN_INPUT
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # Above THIN_INPUT, oneDNN's kernel: the same sum with the channels repeated.
+    reps = THIN_INPUT // 3 + 1
+    wide = weight_gradient(x.repeat(1, reps, 1, 1), go, weight.repeat(1, reps, 1, 1), ((1, 1), (1, 1), (1, 1), 1))
+    torch.testing.assert_close(wide.double(), want.repeat(1, reps, 1, 1), rtol=1e-5, atol=1e-5)
     # The thin-input path, stride 2: every second output of the same sum.
     go2 = go[:, :, ::2, ::2].contiguous()
     want2 = torch.zeros_like(want)
@@ -89,7 +72,7 @@ def test_weight_gradient_against_a_float64_sum() -> None:
             for j in range(4):
                 patch = xp[b, None, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]
                 want2 += go2[b, :, i, j].double()[:, None, None, None] * patch
-    got2 = weight_gradient(x, go2, weight, ((2, 2), (1, 1), (1, 1), 1))  # 3 channels <= THIN_INPUT
+    got2 = weight_gradient(x, go2, weight, ((2, 2), (1, 1), (1, 1), 1))
     torch.testing.assert_close(got2.double(), want2, rtol=1e-5, atol=1e-5)
 
 
@@ -117,13 +100,16 @@ def test_cpu_conv_step_matches_nn_conv2d(conv_kw: dict, channels_last: bool) -> 
         plain.to(memory_format=torch.channels_last)
     xa, xb = x.clone().requires_grad_(needs_input_grad), x.clone().requires_grad_(needs_input_grad)
     y_fast, y_plain = fast(xa), plain(xb)
-    assert "CpuConvFunction" in type(y_fast.grad_fn).__name__
+    thin = c <= THIN_INPUT  # only those take the fast path; the others are plain convolutions
+    assert ("CpuConvFunction" in type(y_fast.grad_fn).__name__) == thin
     torch.testing.assert_close(y_fast, y_plain, rtol=0, atol=0)  # the same F.conv2d forward
     w = torch.randn(y_plain.shape, generator=torch.Generator().manual_seed(1))
     (w * y_fast.tanh()).sum().backward()
     (w * y_plain.tanh()).sum().backward()
     g_fast, g_plain = fast.weight.grad, plain.weight.grad
     assert (g_fast - g_plain).abs().max() <= 2e-5 * g_plain.abs().max()
+    if not thin:
+        assert torch.equal(g_fast, g_plain)
     assert g_fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if needs_input_grad:
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6 * float(xb.grad.abs().max()))
@@ -136,42 +122,15 @@ def test_cpu_conv_step_matches_nn_conv2d(conv_kw: dict, channels_last: bool) -> 
         assert ((plain.bias.grad.double() - want).abs() <= size + 1e-12).all()
 
 
-def test_autotuning_picks_once_per_shape_and_not_when_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: dict[str, int] = {}
-
-    def counting(name: str, fn):  # noqa: ANN001, ANN202
-        def wrapped(*args):  # noqa: ANN002, ANN202
-            calls[name] = calls.get(name, 0) + 1
-            return fn(*args)
-
-        return wrapped
-
-    monkeypatch.setattr(cpu_conv, "ALGORITHMS", {n: counting(n, f) for n, f in ALGORITHMS.items()})
-    monkeypatch.setattr(cpu_conv, "_CHOICES", {})
-    conv = CpuConv2d(8, 8, 3, padding=1, bias=False)
-    x = _real_features(8, 10)
-    conv(x).sum().backward()
-    assert len(cpu_conv._CHOICES) == 1
-    (choice,) = cpu_conv._CHOICES.values()
-    assert choice in ALGORITHMS
-    assert all(calls[n] >= 4 for n in ALGORITHMS) and calls[choice] >= 5  # timed, then used
-    before = dict(calls)
-    conv(x).sum().backward()  # the same shape: no more timing, only the choice runs
-    assert {n: calls[n] - before[n] for n in calls} == {n: int(n == choice) for n in calls}
-    # Deterministic algorithms: oneDNN's gradient, bit for bit, and no timing.
-    before = dict(calls)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+def test_thin_input_weight_gradient_is_deterministic() -> None:
+    conv = CpuConv2d(1, 8, kernel_size=7, stride=2, padding=3, bias=False)
+    x = _real_batch(40)
+    grads = []
+    for _ in range(2):
         conv.weight.grad = None
-        conv(_real_features(8, 12)).sum().backward()  # a new shape
-    finally:
-        torch.use_deterministic_algorithms(prev)
-    assert calls == before and len(cpu_conv._CHOICES) == 1
-    plain = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-    plain.load_state_dict(conv.state_dict())
-    plain(_real_features(8, 12)).sum().backward()
-    assert torch.equal(conv.weight.grad, plain.weight.grad)
+        conv(x).tanh().sum().backward()
+        grads.append(conv.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_plain_convolution_where_the_fast_path_does_not_apply() -> None:
@@ -197,8 +156,9 @@ def test_plain_convolution_where_the_fast_path_does_not_apply() -> None:
 def test_networks_use_cpu_convs_with_unchanged_state_dicts() -> None:
     net = build_model(make_config("tiny"))
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(isinstance(m, CpuConv2d) for m in convs)
-    assert any(isinstance(m, BlurConv2d) for m in convs)
+    thin = [m for m in convs if m.in_channels <= THIN_INPUT]
+    assert thin == [net.unary.backbone.conv1, net.crf.branch.stages[0][0]]  # the two convolutions on the image
+    assert all(isinstance(m, CpuConv2d) for m in convs if not isinstance(m, BlurConv2d))
     backbone, _ = create_backbone("resnet18", width=8, init="scratch", antialias=False)
     assert isinstance(backbone.conv1, CpuConv2d) and "conv1.weight" in backbone.state_dict()
     # use_cpu_convs changes the class only: the same state dict, idempotent.

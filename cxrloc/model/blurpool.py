@@ -32,8 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cxrloc.model.cpu_conv import CpuConv2d
-
 
 def binomial_filter(size: int) -> torch.Tensor:
     """1-D binomial filter of ``size`` taps, normalised to sum 1 (row ``size - 1`` of Pascal's triangle).
@@ -245,12 +243,11 @@ class BlurPool2d(nn.Module):
         return f"channels={self.channels}, filt_size={self.filt_size}, stride={self.stride}, pad_mode={self.pad_mode}"
 
 
-class BlurConv2d(CpuConv2d):
+class BlurConv2d(nn.Conv2d):
     """A ``Conv2d`` that first blur-pools its input with ``stride`` and then convolves with stride 1.
 
     It takes the place of an existing convolution while keeping its parameter names (``weight``,
-    ``bias``), so torchvision state dicts load unchanged. Its convolution is a
-    :class:`~cxrloc.model.cpu_conv.CpuConv2d` (a faster weight gradient when training on a CPU).
+    ``bias``), so torchvision state dicts load unchanged.
     """
 
     def __init__(self, conv: nn.Conv2d, stride: int = 2, filt_size: int = 3, pad_mode: str = "reflect") -> None:

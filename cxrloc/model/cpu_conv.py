@@ -1,31 +1,26 @@
-"""Convolutions whose weight gradient is computed faster on a CPU.
+"""Convolutions on the image with a faster weight gradient on a CPU.
 
-oneDNN's CPU convolutions run the forward pass and the input gradient near a core's GEMM speed, but
-the weight gradient at about half of it, and the stem's (one input channel) at a tenth
-(``bench/bench_conv_shapes.py``: on an AVX2 core 60-85 GFLOP/s forward, 25-55 for the weight
-gradient, 4-6 for the stem's, against 60-80 for MKL's GEMM). The weight gradients were half of the
-convolutions' time in a ``cpu``-preset training step. :class:`CpuConv2d` is an ``nn.Conv2d`` (same
-parameters, same state dict) whose backward, when it trains in float32 on a CPU, computes:
+oneDNN's CPU convolutions run the forward pass and the input gradient near a core's GEMM speed, the
+weight gradient at about half of it, and the weight gradient of a convolution whose input has a
+single channel (the ResNet stem on the X-ray, the PAC-CRF's guidance branch) at a tenth
+(``bench/bench_conv_shapes.py``; on an AVX2 core: 60-85 GFLOP/s forward, 25-55 for a 3x3 layer's
+weight gradient, 4-6 for the stem's, against 60-80 for MKL's GEMM): the stem's weight gradient was
+20-24 ms of a 330-390 ms `cpu`-preset training step at 128 px. :class:`CpuConv2d` is an
+``nn.Conv2d`` (same parameters, same state dict) that, when it trains in float32 on a CPU with an
+input of at most :data:`THIN_INPUT` channels, computes that weight gradient as im2col
+(``F.unfold``) + a batched GEMM (about 2x faster: 20.6 -> 9.9 ms for the stem at 128 px) and the input
+gradient, when one is needed, with oneDNN as before. The forward is ``F.conv2d`` in every case.
+Every other convolution, and every ``CpuConv2d`` under autocast, on CUDA, in inference, in ONNX
+export, under ``torch.compile`` or tracing, is a plain ``nn.Conv2d``. The result equals oneDNN's up
+to the order of float32 sums (``tests/test_model_cpu_conv.py``); the algorithm is fixed, so runs stay
+deterministic.
 
-- the input gradient with oneDNN, as before (when the input needs one);
-- the weight gradient of a convolution on few input channels (the stem and the PAC-CRF's guidance
-  branch, on the image) as im2col (``F.unfold``) + a batched GEMM, about twice as fast;
-- the weight gradient of a 3x3, stride-1 convolution by the fastest of oneDNN's kernel and two GEMM
-  formulations (im2col of all nine taps; three GEMMs over column-shifted rows), each timed on this
-  machine at the first backward of each shape, as ``torch.backends.cudnn.benchmark`` does on CUDA.
-  With ``torch.use_deterministic_algorithms`` (``--set deterministic=true``) no timing decides:
-  oneDNN's kernel is used, so that a run is the same bit for bit from one process to the next;
-- everything else with oneDNN.
-
-The forward is ``F.conv2d`` in every case. Everywhere else (CUDA, autocast, inference, ONNX export,
-``torch.compile``, tracing) a ``CpuConv2d`` is a plain ``nn.Conv2d``. The GEMM formulations equal
-oneDNN's gradient up to the order of float32 sums (``tests/test_model_cpu_conv.py``).
+Also measured and not kept (docs/results.md, "Weight gradients on a CPU"): GEMM formulations of the
+3x3 layers' weight gradients, faster than oneDNN's alone on small maps (up to 1.3-1.5x at 8 x 8 with
+128-256 channels) but not in whole training steps (``bench/bench_cpu_conv.py`` keeps them).
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +28,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 THIN_INPUT = 4
-"""Input channels up to which the weight gradient is always im2col + GEMM (oneDNN's kernel for a
-one-channel input ran at 4-6 GFLOP/s on an AVX2 core, the GEMM path at 10-15)."""
-
-_CHOICES: dict[tuple, str] = {}
-"""Weight-gradient algorithm per (input shape and strides, weight shape) of a 3x3 stride-1
-convolution, chosen by timing at its first backward (:func:`_autotuned`)."""
+"""Input channels up to which :class:`CpuConv2d` computes the weight gradient as im2col + GEMM (oneDNN's
+kernel for a one-channel input ran at 4-6 GFLOP/s on an AVX2 core, the GEMM path at 10-15)."""
 
 
 def _onednn(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, conf: tuple) -> torch.Tensor:
@@ -57,79 +48,12 @@ def _unfold_gemm(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, conf
     return torch.bmm(cols, g).sum(0).t().reshape(weight.shape)
 
 
-def _nhwc_padded(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a contiguous ``(B, H + 2, W + 2, C)`` tensor, zero-padded by one pixel."""
-    return F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).contiguous()
-
-
-def _im2col_gemm(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, conf: tuple) -> torch.Tensor:
-    """3x3, stride 1, padding 1: the nine taps of every pixel as one ``(B*H*W, 9*C)`` matrix, one GEMM."""
-    b, c, h, w = x.shape
-    out_ch = weight.shape[0]
-    xp = _nhwc_padded(x)
-    s = xp.stride()
-    cols = xp.as_strided((b, h, w, 3, 3, c), (s[0], s[1], s[2], s[1], s[2], 1)).reshape(b * h * w, 9 * c)
-    g = grad.permute(0, 2, 3, 1).reshape(-1, out_ch)
-    return (g.t() @ cols).view(out_ch, 3, 3, c).permute(0, 3, 1, 2)
-
-
-def _row_gemm(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, conf: tuple) -> torch.Tensor:
-    """3x3, stride 1, padding 1: three GEMMs, one per kernel row ``i``, over a matrix of the three
-    column-shifted copies of every padded row (3x the input instead of im2col's 9x).
-
-    Row ``(b, y', x)`` of ``cols`` holds ``xp[b, y', x + j, :]`` for ``j = 0..2``; kernel row ``i`` pairs
-    output row ``y`` with padded row ``y + i``, i.e. ``cols`` shifted by ``i * W`` rows, provided the
-    gradient gets two zero rows below each image (the K dimension runs over ``B * (H + 2) * W``).
-    """
-    b, c, h, w = x.shape
-    out_ch = weight.shape[0]
-    xp = _nhwc_padded(x)
-    s = xp.stride()
-    cols = xp.as_strided((b, h + 2, w, 3, c), (s[0], s[1], s[2], s[2], 1)).reshape(b * (h + 2) * w, 3 * c)
-    cols = torch.cat([cols, cols.new_zeros(2 * w, 3 * c)])
-    k = b * (h + 2) * w
-    g = F.pad(grad.permute(0, 2, 3, 1), (0, 0, 0, 0, 0, 2)).reshape(k, out_ch).t()
-    out = torch.empty(out_ch, 3, 3 * c, dtype=x.dtype)
-    for i in range(3):
-        torch.mm(g, cols[i * w : i * w + k], out=out[:, i])
-    return out.view(out_ch, 3, 3, c).permute(0, 3, 1, 2)
-
-
-ALGORITHMS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]] = {
-    "onednn": _onednn,
-    "im2col": _im2col_gemm,
-    "rows": _row_gemm,
-}
-"""The weight-gradient algorithms a 3x3 stride-1 convolution chooses from (name -> function)."""
-
-
-def _autotuned(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, conf: tuple) -> str:
-    """The fastest algorithm for this shape on this machine: each timed three times, alternating
-    (process time, as ``bench/``), the smallest median wins; decided once per shape and process."""
-    key = (tuple(x.shape), x.stride(), tuple(grad.stride()), tuple(weight.shape), torch.get_num_threads())
-    name = _CHOICES.get(key)
-    if name is None:
-        times: dict[str, list[float]] = {n: [] for n in ALGORITHMS}
-        for _ in range(4):
-            for n, fn in ALGORITHMS.items():
-                t0 = time.process_time()
-                fn(x, grad, weight, conf)
-                times[n].append(time.process_time() - t0)
-        name = min(times, key=lambda n: sorted(times[n][1:])[1])  # the first run of each is a warm-up
-        _CHOICES[key] = name
-    return name
-
-
 def weight_gradient(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, conf: tuple) -> torch.Tensor:
-    """The gradient of ``F.conv2d(x, weight, None, *conf)`` for the output gradient ``grad`` (float32, CPU)."""
-    stride, padding, dilation, groups = conf
+    """The gradient of ``F.conv2d(x, weight, None, *conf)`` for the output gradient ``grad`` (float32, CPU):
+    im2col + GEMM for a thin input (``groups == 1``, no dilation), oneDNN's otherwise."""
+    _, _, dilation, groups = conf
     if groups == 1 and dilation == (1, 1) and x.shape[1] <= THIN_INPUT:
         gw = _unfold_gemm(x, grad, weight, conf)
-    elif (
-        groups == 1 and dilation == (1, 1) and stride == (1, 1) and padding == (1, 1) and weight.shape[2:] == (3, 3)
-        and not torch.are_deterministic_algorithms_enabled()
-    ):
-        gw = ALGORITHMS[_autotuned(x, grad, weight, conf)](x, grad, weight, conf)
     else:
         gw = _onednn(x, grad, weight, conf)
     return gw.contiguous(memory_format=torch.channels_last if _is_channels_last(weight) else torch.contiguous_format)
@@ -178,7 +102,7 @@ class _CpuConvFunction(torch.autograd.Function):
 
 class CpuConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) with a faster weight gradient when it trains in
-    float32 on a CPU; see the module docstring for how and where."""
+    float32 on a CPU on an input of at most :data:`THIN_INPUT` channels; see the module docstring."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_path(x):
@@ -194,6 +118,9 @@ class CpuConv2d(nn.Conv2d):
             and torch.is_grad_enabled()
             and self.weight.requires_grad
             and x.dim() == 4
+            and self.in_channels <= THIN_INPUT
+            and self.groups == 1
+            and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
             and isinstance(self.padding, tuple)
             and not torch.is_autocast_enabled("cpu")
