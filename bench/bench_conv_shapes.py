@@ -9,6 +9,11 @@ alternation as every convolution (a machine whose speed drifts moves both alike)
 figure reads as a fraction of this core's practical peak. Last, the sums: milliseconds per step for each
 part and what the step's convolutions would take at the reference speed.
 
+Each tensor has the layout a training step gives it (weights as ``model.to(memory_format)`` makes
+them, the image as the training loop's ``.contiguous(memory_format)``): for a one-channel tensor the
+two differ in the strides of the size-1 dimension, and a stem weight with NCHW strides beside a
+channels-last gradient made oneDNN's weight gradient 5x slower than in training.
+
 Repetitions alternate between the parts (``--reps`` rounds, the first two dropped as warm-up) and
 each figure is the median, in process time (``time.process_time``): with one thread (the script
 sets it), that is the time of one core, nearly unaffected by other jobs on the machine.
@@ -89,9 +94,14 @@ def main() -> None:
     total = {"forward": 0.0, "input grad": 0.0, "weight grad": 0.0}
     total_gflop = 0.0
     for c in conv_shapes(args.preset, args.size, args.batch, args.overrides):
-        x = torch.randn(c["input"]).contiguous(memory_format=fmt)
-        w = (torch.randn(c["weight"]) * 0.05).contiguous(memory_format=fmt)
-        go = torch.randn(c["output"]).contiguous(memory_format=fmt)
+        # The layouts training gives them: the weights through module.to(memory_format) (so a one-channel
+        # weight gets channels-last strides; .contiguous() would keep NCHW strides, which sends oneDNN's
+        # weight gradient down a path 5x slower), the image through .contiguous(memory_format) as the
+        # training loop does, activations and gradients as the convolutions write them.
+        x = torch.randn(c["input"])
+        x = x.contiguous(memory_format=fmt) if c["input"][1] == 1 else x.to(memory_format=fmt)
+        w = (torch.randn(c["weight"]) * 0.05).to(memory_format=fmt)
+        go = torch.randn(c["output"]).to(memory_format=fmt)
         conv = dict(stride=c["stride"], padding=c["padding"], groups=c["groups"])
         kw = [list(c["stride"]), list(c["padding"]), [1, 1], False, [0, 0], c["groups"]]
         first = c["input"][1] == 1  # the stem: its image needs no gradient

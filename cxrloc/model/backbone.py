@@ -16,7 +16,6 @@ from torchvision.models import resnet as tv_resnet
 
 from cxrloc.config import OUTPUT_STRIDES
 from cxrloc.model.blurpool import BlurConv2d, BlurPool2d
-from cxrloc.model.cpu_conv import use_cpu_convs
 from cxrloc.utils import CxrlocError
 
 _ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
@@ -231,6 +230,4 @@ def create_backbone(
     # Anti-aliasing is applied after loading: it keeps every parameter and only adds fixed filters.
     if antialias:
         make_antialiased(net, blur_size)
-    # Faster weight gradients when training on a CPU; a plain nn.Conv2d elsewhere (cxrloc/model/cpu_conv.py).
-    use_cpu_convs(net)
     return net, net.out_channels

@@ -10,7 +10,6 @@ from torch import nn
 from cxrloc.classes import CLASSES
 from cxrloc.config import Config
 from cxrloc.model.backbone import create_backbone
-from cxrloc.model.cpu_conv import use_cpu_convs
 from cxrloc.model.head import PatchHead
 from cxrloc.model.pac_crf import PacCrf
 from cxrloc.thresholds import ThresholdBuffers
@@ -99,6 +98,4 @@ def build_model(cfg: Config) -> CXRLocNet:
             feature_dim=cfg.crf_feature_dim,
             branch_channels=cfg.crf_branch_channels,
         )
-    net = CXRLocNet(UnaryModel(backbone, head), crf, cfg.patch_grid, cfg.classes)
-    # Every convolution a CpuConv2d: faster weight gradients when training on a CPU, plain elsewhere.
-    return use_cpu_convs(net)
+    return CXRLocNet(UnaryModel(backbone, head), crf, cfg.patch_grid, cfg.classes)
