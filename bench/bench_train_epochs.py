@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -170,8 +171,12 @@ def main() -> None:
 
     import torch
 
+    from cxrloc.precision import cpu_has_native_bf16
+
     ref = versions[0][0]
-    print(f"\n{time.strftime('%Y-%m-%d')} torch {torch.__version__}, one thread, process time; {args.prepared} "
+    print(f"\n{time.strftime('%Y-%m-%d')} {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, native bf16: "
+          f"{'yes' if cpu_has_native_bf16() else 'no'}), torch {torch.__version__}, one thread, process time; "
+          f"{args.prepared} "
           f"fold {args.fold}, preset {args.preset} {' '.join(args.overrides)}, stage {args.stage}, "
           f"{args.epochs} epochs of "
           f"{args.max_steps} steps, {args.rounds} rounds; medians")
@@ -194,6 +199,17 @@ def main() -> None:
     print(f"unary-stage training step: {gflop:.2f} GFLOP per image (torch.utils.flop_counter, forward + backward); "
           + ", ".join(f"{label} {gflop * statistics.median(rates[label]['steps']):.0f} GFLOP/s in its steps"
                       for label, _, _ in versions))
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), for the record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _unary_step_gflop(args: argparse.Namespace) -> float:
