@@ -21,6 +21,7 @@ sets it), that is the time of one core, nearly unaffected by other jobs on the m
 Example:
     python bench/bench_conv_shapes.py --preset cpu --size 128 --batch 8
     python bench/bench_conv_shapes.py --preset cpu --size 256 --batch 8 --channels-last off
+    python bench/bench_conv_shapes.py --preset cpu --size 128 --dtype bf16   # a CPU with AVX-512 BF16 / AMX
 """
 
 from __future__ import annotations
@@ -79,16 +80,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--channels-last", choices=["on", "off"], default="on")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                    help="bf16: what training under CPU autocast runs (on a CPU with native bf16)")
     ap.add_argument("--gemm", type=int, default=512, help="side of the reference float32 GEMM")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(1)
     fmt = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
-    a, b = torch.randn(args.gemm, args.gemm), torch.randn(args.gemm, args.gemm)
+    dtype = {"float32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    a, b = torch.randn(args.gemm, args.gemm, dtype=dtype), torch.randn(args.gemm, args.gemm, dtype=dtype)
     gemm_ms: list[float] = []
     print(f"{platform.machine()} torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), one "
           f"thread, process time; preset {args.preset} {' '.join(args.overrides)}, {args.size} px, batch "
-          f"{args.batch}, channels-last {args.channels_last}; GFLOP/s in brackets\n")
+          f"{args.batch}, {args.dtype}, channels-last {args.channels_last}; GFLOP/s in brackets\n")
     print("| convolution | input | weight | GFLOP | forward ms (GFLOP/s) | input grad | weight grad |")
     print("|---|---|---|---|---|---|---|")
     total = {"forward": 0.0, "input grad": 0.0, "weight grad": 0.0}
@@ -98,10 +102,10 @@ def main() -> None:
         # weight gets channels-last strides; .contiguous() would keep NCHW strides, which sends oneDNN's
         # weight gradient down a path 5x slower), the image through .contiguous(memory_format) as the
         # training loop does, activations and gradients as the convolutions write them.
-        x = torch.randn(c["input"])
+        x = torch.randn(c["input"], dtype=dtype)
         x = x.contiguous(memory_format=fmt) if c["input"][1] == 1 else x.to(memory_format=fmt)
-        w = (torch.randn(c["weight"]) * 0.05).to(memory_format=fmt)
-        go = torch.randn(c["output"]).to(memory_format=fmt)
+        w = (torch.randn(c["weight"], dtype=dtype) * 0.05).to(memory_format=fmt)
+        go = torch.randn(c["output"], dtype=dtype).to(memory_format=fmt)
         conv = dict(stride=c["stride"], padding=c["padding"], groups=c["groups"])
         kw = [list(c["stride"]), list(c["padding"]), [1, 1], False, [0, 0], c["groups"]]
         first = c["input"][1] == 1  # the stem: its image needs no gradient
@@ -129,7 +133,7 @@ def main() -> None:
               f"{gflop:.3f} | " + " | ".join(cells) + " |")
     conv_ms = sum(total.values())
     peak = 2 * args.gemm**3 / statistics.median(gemm_ms) / 1e6
-    print(f"\nreference: float32 GEMM {args.gemm}^3 (torch.mm, MKL) {peak:.1f} GFLOP/s (median of its "
+    print(f"\nreference: {args.dtype} GEMM {args.gemm}^3 (torch.mm) {peak:.1f} GFLOP/s (median of its "
           f"{len(gemm_ms)} medians, from {2 * args.gemm**3 / max(gemm_ms) / 1e6:.1f} to "
           f"{2 * args.gemm**3 / min(gemm_ms) / 1e6:.1f})")
     print(f"per step: forward {total['forward']:.1f} ms, input gradients {total['input grad']:.1f} ms, "
