@@ -317,3 +317,53 @@ def test_checkpoint_inference_on_a_cpu_follows_the_runs_precision(
                            amp=torch.bfloat16, channels_last=True)
     assert z16.dtype == np.float32 and z16.shape == z32.shape
     assert 0 < np.abs(z16 - z32).max() < 0.03
+
+
+def _stem_output_layouts(model: torch.nn.Module) -> list[bool]:
+    """Whether each forward of ``model``'s stem writes a channels-last map (recorded by a hook)."""
+    seen: list[bool] = []
+
+    def hook(_m: torch.nn.Module, _a: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+
+    model.unary.backbone.conv1.register_forward_hook(hook)
+    return seen
+
+
+def test_channels_last_inference_converts_the_network_not_only_the_image(tmp_path: Path) -> None:
+    """A one-channel image is the same tensor in both layouts (``.contiguous(channels_last)`` keeps its
+    strides), so channels-last inference must convert the weights, as training does; else every layer
+    runs in NCHW (1.4x slower on an AVX2 core, docs/results.md). Both inference paths, and the same z."""
+    from cxrloc.checkpoint import make_meta, save_checkpoint
+    from cxrloc.inference.backends import TorchPredictor
+    from cxrloc.inference.batch import predict_prepared
+    from cxrloc.thresholds import Thresholds
+
+    torch.manual_seed(0)
+    model = build_model(make_config("tiny")).eval()
+    x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    with torch.no_grad():
+        ref = model(x)[0]
+
+    class Images:  # what batched inference reads of a prepared folder
+        def image(self, image_id: str) -> np.ndarray:
+            return ((x[int(image_id), 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+
+    ids = ["0", "1", "2"]
+    seen = _stem_output_layouts(model)
+    z_nchw = predict_prepared(model, Images(), ids, image_size=64, batch_size=3, progress=False)
+    z_cl = predict_prepared(model, Images(), ids, image_size=64, batch_size=3, progress=False, channels_last=True)
+    assert seen == [False, True]
+    np.testing.assert_allclose(z_cl, z_nchw, rtol=0, atol=1e-5)
+
+    cfg = make_config("tiny", ["amp=off", "channels_last=on"])
+    path = tmp_path / "best.pt"
+    fresh = build_model(cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    save_checkpoint(path, {"config": cfg.to_dict(), "model": fresh.state_dict(),
+                           "meta": make_meta(cfg, Thresholds.initial(cfg.patch_grid).to_json())})
+    predictor = TorchPredictor(path)
+    seen = _stem_output_layouts(predictor.model)
+    z = torch.from_numpy(predictor.run(x.numpy())[0])
+    assert seen == [True]
+    torch.testing.assert_close(z, ref, rtol=0, atol=1e-5)

@@ -268,8 +268,11 @@ class TorchPredictor(Predictor):
         model, meta, cfg = load_model(ckpt, device=device, thresholds_file=thresholds_file)
         self.model = model
         self.device = device
-        # On a CPU, the run's precision and layout (bf16 where the CPU has it, channels-last).
+        # On a CPU, the run's precision and layout (bf16 where the CPU has it, channels-last: the weights
+        # too, since the one-channel input alone does not switch any layer to channels-last).
         self.options = inference_options(cfg, device)
+        if self.options["channels_last"]:
+            model.to(memory_format=torch.channels_last)
         super().__init__(ckpt, meta, meta["thresholds"])
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

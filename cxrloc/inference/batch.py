@@ -106,6 +106,10 @@ def iter_predictions(
     ids = list(image_ids)
     device = torch.device(device)
     model.eval()
+    if channels_last:
+        # The weights too (in place, as training does): for a one-channel image `.contiguous(channels_last)`
+        # changes nothing, so a network left in NCHW would run every layer in NCHW (1.4x slower on a CPU).
+        model.to(memory_format=torch.channels_last)
     with progress_bar(enabled=progress and len(ids) > 0, transient=True) as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(ids))
         for start in range(0, len(ids), batch_size):
@@ -149,7 +153,8 @@ def predict_prepared(
         tta: test-time views averaged (:func:`forward_tta`; 1 = none).
         amp: autocast dtype of the network (``None``: float32); ``z`` is float32 in any case.
             :func:`cxrloc.precision.inference_options` gives this and ``channels_last`` from a run's config.
-        channels_last: give the network its input in the channels-last memory format.
+        channels_last: run the network in the channels-last memory format (``model`` is converted in
+            place, as training converts it).
 
     Returns:
         ``(N, 14, P, P)`` float32 array of ``z``.
