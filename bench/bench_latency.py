@@ -2,8 +2,10 @@
 
 Builds the paper-preset network from scratch (weights do not change the cost), saves it as a
 checkpoint, exports it with ``cxrloc.inference.export.export_onnx`` (which also checks onnxruntime
-against torch), then times one 512 px image: the median of ``--repeats`` runs after one
-warm-up, with 2 threads for both backends. Finally runs ``cxrloc predict`` on a real image
+against torch), then times one 512 px image: the median of ``--repeats`` runs after one warm-up,
+with 2 threads for every backend: torch twice (the bare module in NCHW float32, and the checkpoint
+through ``TorchPredictor`` as ``cxrloc predict`` runs it: the run's CPU precision and channels-last)
+and onnxruntime. Finally runs ``cxrloc predict`` on a real image
 (or a generated one) in a child process per backend and reads its peak resident memory
 (``ru_maxrss``, measured through a small launcher process).
 
@@ -29,7 +31,7 @@ import torch
 from cxrloc.checkpoint import make_meta, save_checkpoint
 from cxrloc.config import make_config
 from cxrloc.data.synthetic import healthy_chest
-from cxrloc.inference.backends import open_session
+from cxrloc.inference.backends import TorchPredictor, open_session
 from cxrloc.inference.export import default_check_image, export_onnx
 from cxrloc.inference.inputs import preprocess
 from cxrloc.model.net import build_model
@@ -100,12 +102,20 @@ def main() -> None:
             with torch.inference_mode():
                 model(xt)
 
+        # What `cxrloc predict --model RUN` runs: the checkpoint through TorchPredictor, with the run's
+        # CPU precision and layout (bf16 where the CPU has it, the network in channels-last).
+        predictor = TorchPredictor(run)
+
+        def predictor_once() -> None:
+            predictor.run(x)
+
         sess = open_session(report.path, device="cpu", threads=args.threads)
 
         def ort_once() -> None:
             sess.run(["z", "unary_logits"], {"image": x})
 
         torch_ms, torch_all = _median_ms(torch_once, args.repeats)
+        pred_ms, pred_all = _median_ms(predictor_once, args.repeats)
         ort_ms, ort_all = _median_ms(ort_once, args.repeats)
 
         image_path = real if real is not None else tmp / "chest.png"
@@ -129,6 +139,9 @@ def main() -> None:
           f"max |dz| torch vs onnxruntime = {report.max_abs_diff_z:.2g}")
     print(f"torch eager, {args.threads} threads: median {torch_ms:.0f} ms over {args.repeats} runs "
           f"({', '.join(f'{t:.0f}' for t in torch_all)})")
+    print(f"torch, the checkpoint as `cxrloc predict` runs it (TorchPredictor: the run's CPU precision and "
+          f"layout), {args.threads} threads: median {pred_ms:.0f} ms over {args.repeats} runs "
+          f"({', '.join(f'{t:.0f}' for t in pred_all)})")
     print(f"onnxruntime CPU, {args.threads} threads: median {ort_ms:.0f} ms over {args.repeats} runs "
           f"({', '.join(f'{t:.0f}' for t in ort_all)})")
     print(f"cxrloc predict (onnx) process: peak RSS {rss_onnx:.0f} MiB, wall {wall_onnx:.1f} s, exit {rc_onnx}")
