@@ -268,8 +268,8 @@ class TorchPredictor(Predictor):
         model, meta, cfg = load_model(ckpt, device=device, thresholds_file=thresholds_file)
         self.model = model
         self.device = device
-        # On a CPU, the run's precision and layout (bf16 where the CPU has it, channels-last: the weights
-        # too, since the one-channel input alone does not switch any layer to channels-last).
+        # On a CPU, the run's precision and layout (bf16 where the CPU has it, the network in channels-last,
+        # as training puts it).
         self.options = inference_options(cfg, device)
         if self.options["channels_last"]:
             model.to(memory_format=torch.channels_last)
@@ -279,9 +279,8 @@ class TorchPredictor(Predictor):
         import torch
 
         amp = self.options["amp"]
+        # One channel: the same tensor in either layout, so the network's own layout (__init__) decides.
         batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        if self.options["channels_last"]:
-            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             z, unary = self.model(batch)
         return z.float().cpu().numpy(), unary.float().cpu().numpy()
